@@ -1,0 +1,87 @@
+"""``python -m data_tools {demo,verify,stats}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from iais_scale.data.demo import make_demo
+    from iais_scale.data.format import MANIFEST_FILE
+
+    start = time.perf_counter()
+    out = make_demo(
+        args.out,
+        seed=args.seed,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        n_swap_groups=args.n_swap_groups,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+    )
+    splits = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))["splits"]
+    counts = ", ".join(f"{name} {n}" for name, n in splits.items())
+    print(f"demo data set in {out} ({counts}) ready in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    return 1 if verify(args.dir, workers=args.workers) else 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .stats import compute_stats, format_table
+
+    stats, n_problems = compute_stats(args.dir, workers=args.workers)
+    print(json.dumps(stats, indent=2) if args.json else format_table(stats))
+    if n_problems:
+        print(f"warning: {n_problems} problem(s) met; run `python -m data_tools verify {args.dir}`", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="generate the synthetic demo data set")
+    demo.add_argument("--out", required=True, help="output folder")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--n-train", type=int, default=3000)
+    demo.add_argument("--n-val", type=int, default=100)
+    demo.add_argument("--n-test", type=int, default=100)
+    demo.add_argument("--n-swap-groups", type=int, default=100)
+    demo.add_argument("--shard-size", type=int, default=500)
+    demo.add_argument("--overwrite", action="store_true", help="replace demo data made with other parameters")
+    demo.set_defaults(func=_demo)
+
+    for name, func, help_text in (
+        ("verify", _verify, "decode and check every sample; exit 1 on any problem"),
+        ("stats", _stats, "per-split counts and caption / region statistics"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("dir", help="data set folder, or one split folder")
+        p.add_argument("--workers", type=int, default=1, help="processes reading shards in parallel")
+        if name == "stats":
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Typed experiment configuration: YAML -> nested dataclasses, validated before anything starts.
+
+Every problem in a config (unknown key, wrong type, bad value, impossible batch arithmetic, missing
+files) is collected and reported at once, naming the field, so a user fixes a config in one pass and
+no process group is ever created for a run that cannot work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config; ``problems`` lists them all."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/demo"  # folder with {split}/shard-*.tar, sizes.json, tokenizer/
+    make_demo: bool = True  # generate the demo shards into `root` when they are missing
+    train_split: str = "train"
+    eval_split: str = "test"
+    swap_split: str | None = "swap"  # relation-swap (Winoground-format) split, None to skip
+    tokenizer: str | None = None  # tokenizer folder; default: {root}/tokenizer
+    max_text_len: int = 40  # tokens including [CLS] and [SEP]
+    max_regions: int = 36
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    max_bad_fraction: float = 0.01  # abort when more of the samples seen are bad
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"  # tiny | base | large | xl, or explicit dims below
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    intermediate_size: int | None = None
+    dropout: float = 0.1
+    region_feature_dim: int | None = None  # default: read from the data set's manifest
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class IaisConfig:
+    enabled: bool = True
+    alignment: Literal["singular", "distributed", "congruence"] = "singular"
+    # "alternate": L on text-anchored groups, V on image-anchored ones (the reference recipe).
+    direction: Literal["alternate", "L", "V", "both"] = "alternate"
+    layers: list[int] = field(default_factory=lambda: [-1])  # layer indices, loss averaged
+    weight: float = 1.0  # coefficient in front of the schedule
+    schedule: Literal["constant", "linear", "exp", "log"] = "exp"
+
+
+@dataclass
+class ObjectiveConfig:
+    mlm_weight: float = 1.0  # masked language modelling, conditioned on the image
+    mlm_prob: float = 0.15
+    mlm_only_steps: int = 0  # warm-up steps with MLM alone before ranking starts
+    rank_weight: float = 1.0
+    margin: float = 0.2  # hinge margin on sigmoid scores
+    num_candidates: int = 15  # negatives sampled per anchor and scored without gradient
+    num_hard: int = 3  # hardest of those kept in the group
+    iais: IaisConfig = field(default_factory=IaisConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    grad_clip: float = 2.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    micro_batch_size: int = 32  # pairs per rank per micro-step
+    grad_accum: int = 1
+    seed: int = 0
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    output_dir: str = "runs/demo"
+    log_every: int = 10
+    threads_per_rank: int | None = None  # torch intra-op threads; default: cores / local ranks
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 512  # pairs per inference micro-batch
+    max_images: int | None = None  # evaluate on the first N images only (all by default)
+    isd_alignments: list[str] = field(
+        default_factory=lambda: ["singular", "distributed", "congruence"]
+    )
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> list[str]:
+        """Value checks across fields; returns the problems (empty when fine)."""
+        p: list[str] = []
+        o, t = self.objectives, self.train
+        for name, value in (
+            ("train.steps", t.steps),
+            ("train.micro_batch_size", t.micro_batch_size),
+            ("train.grad_accum", t.grad_accum),
+            ("data.max_text_len", self.data.max_text_len - 2),
+            ("data.max_regions", self.data.max_regions),
+            ("eval.batch_size", self.eval.batch_size),
+        ):
+            if value < 1:
+                p.append(f"{name}: must be at least 1 (got {value})")
+        if not 0 < o.mlm_prob < 1:
+            p.append(f"objectives.mlm_prob: must lie in (0, 1) (got {o.mlm_prob})")
+        if o.num_hard < 1 or o.num_hard > o.num_candidates:
+            p.append(
+                f"objectives.num_hard: must lie in [1, num_candidates={o.num_candidates}]"
+                f" (got {o.num_hard})"
+            )
+        if o.num_candidates > t.micro_batch_size - 1:
+            p.append(
+                f"objectives.num_candidates: negatives are drawn from the other pairs of the"
+                f" micro-batch, so at most train.micro_batch_size - 1 = {t.micro_batch_size - 1}"
+                f" (got {o.num_candidates})"
+            )
+        if o.mlm_only_steps >= t.steps and o.rank_weight > 0:
+            p.append(f"objectives.mlm_only_steps: must be below train.steps={t.steps}")
+        if not self.objectives.iais.layers:
+            p.append("objectives.iais.layers: name at least one layer")
+        for a in self.eval.isd_alignments:
+            if a not in ("singular", "distributed", "congruence"):
+                p.append(f"eval.isd_alignments: unknown alignment {a!r}")
+        if not 0 <= self.data.max_bad_fraction <= 1:
+            p.append("data.max_bad_fraction: must lie in [0, 1]")
+        if self.model.size not in MODEL_SIZES and self.model.size != "custom":
+            p.append(f"model.size: one of {sorted(MODEL_SIZES)} or 'custom' (got {self.model.size!r})")
+        if self.model.size == "custom":
+            for dim in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+                if getattr(self.model, dim) is None:
+                    p.append(f"model.{dim}: required when model.size is 'custom'")
+        return p
+
+
+# name -> (hidden, layers, heads, intermediate)
+MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (128, 4, 4, 512),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+    "xl": (2048, 24, 16, 8192),  # ~1.3B parameters
+}
+
+
+# --------------------------------------------------------------------------- YAML -> dataclasses
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Convert a YAML value to ``tp``, appending a problem (and returning None) when it does not fit."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            return None
+        return _build(tp, value, path, problems)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], path, problems)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{path}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{path}: expected a list, got {type(value).__name__}")
+            return None
+        if origin is tuple and len(value) != len(args):
+            problems.append(f"{path}: expected {len(args)} items, got {len(value)}")
+            return None
+        item_types = args if origin is tuple else [args[0]] * len(value)
+        items = [_convert(v, t, f"{path}[{i}]", problems) for i, (v, t) in enumerate(zip(value, item_types))]
+        return tuple(items) if origin is tuple else items
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        problems.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            problems.append(f"{path}: unknown key (valid: {', '.join(sorted(names))})")
+            continue
+        converted = _convert(value, hints[key], path, problems)
+        if converted is not None or value is None:
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _set_override(data: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"{dotted}: {k} is not a section"])
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config, apply ``key.sub=value`` overrides, validate, or raise ConfigError."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"])
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping"])
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([f"override {item!r}: expected key.sub=value"])
+        key, raw = item.split("=", 1)
+        _set_override(data, key.strip(), raw)
+    problems: list[str] = []
+    cfg = _build(ExperimentConfig, data, "", problems)
+    if not problems:
+        problems = cfg.validate()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""Data: the shard format, the synthetic demo data set and (elsewhere) the loader."""

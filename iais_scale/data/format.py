@@ -1,0 +1,359 @@
+"""The on-disk shard format ``iais_scale-shards-v1`` and its writer.
+
+A data set is a folder ``DIR`` with one sub-folder per split holding WebDataset
+tar shards ``shard-{i:06d}.tar`` and a ``sizes.json`` ({shard file name: sample
+count}, the file OpenCLIP reads). One sample is one image with all its captions.
+The complete specification is ``docs/data-format.md``; this module is its
+reference implementation on the write side, plus the schema checks that the
+writer and ``data_tools verify`` share.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import numpy as np
+
+FORMAT_NAME = "iais_scale-shards-v1"
+
+MANIFEST_FILE = "manifest.json"
+SIZES_FILE = "sizes.json"
+TOKENIZER_DIR = "tokenizer"
+
+SHARD_PREFIX = "shard-"
+SHARD_SUFFIX = ".tar"
+TMP_SUFFIX = ".tmp"
+SHARD_RE = re.compile(r"^shard-(\d{6,})\.tar$")
+
+# Member extensions: a member is named "{key}.{ext}". Keys contain no dots, so
+# everything after the first dot is the extension (the WebDataset convention).
+JSON_EXT = "json"
+IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "webp")
+FEAT_EXT = "feat.npy"
+BOXES_EXT = "boxes.npy"
+MEMBER_EXTS: tuple[str, ...] = (JSON_EXT, *IMAGE_EXTS, FEAT_EXT, BOXES_EXT)
+
+FEAT_DTYPES: tuple[np.dtype, ...] = (np.dtype("<f2"), np.dtype("<f4"))
+BOXES_DTYPE = np.dtype("<f4")
+
+# USTAR stores names of at most 100 bytes without a "/"; keep a margin for the
+# longest extension so that every member name of a valid key fits.
+MAX_KEY_LEN = 100 - 1 - max(len(e) for e in MEMBER_EXTS)
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+# Fixed tar header fields make shards byte-identical for identical samples.
+TAR_MTIME = 0
+TAR_USER = ""
+TAR_GROUP = ""
+TAR_MODE = 0o444
+
+# Boxes may poke out of the image by rounding; anything beyond is a bug
+# (for example normalised instead of pixel coordinates on the wrong side).
+BOX_SLACK_PX = 1.0
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` inside a split folder."""
+    return f"{SHARD_PREFIX}{index:06d}{SHARD_SUFFIX}"
+
+
+def sample_key(split: str, index: int) -> str:
+    """The conventional key of sample ``index`` of ``split``: ``{split}-{index:06d}``."""
+    return f"{split}-{index:06d}"
+
+
+def validate_key(key: str) -> None:
+    """Raise ValueError unless ``key`` is a valid sample key (letters, digits, ``-``, ``_``)."""
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ValueError(f"key {key!r}: must be non-empty and use only letters, digits, '-' and '_'")
+    if len(key) > MAX_KEY_LEN:
+        raise ValueError(f"key {key!r}: longer than {MAX_KEY_LEN} characters")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is a subclass of int, but True is no width.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_sample(meta: Mapping[str, Any]) -> None:
+    """Check the ``{key}.json`` schema; raise ValueError naming the offending key.
+
+    Unknown keys are allowed (readers ignore them) so that producers may add
+    provenance; everything listed in docs/data-format.md is checked.
+    """
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"json: must be an object, got {type(meta).__name__}")
+    for name in ("image_id", "split"):
+        if name not in meta:
+            raise ValueError(f"{name}: missing")
+        if not isinstance(meta[name], str) or not meta[name]:
+            raise ValueError(f"{name}: must be a non-empty string, got {meta[name]!r}")
+    for name in ("width", "height"):
+        if name not in meta:
+            raise ValueError(f"{name}: missing")
+        if not _is_int(meta[name]) or meta[name] <= 0:
+            raise ValueError(f"{name}: must be a positive integer, got {meta[name]!r}")
+    if "captions" not in meta:
+        raise ValueError("captions: missing")
+    captions = meta["captions"]
+    if not isinstance(captions, list) or not captions:
+        raise ValueError("captions: must be a non-empty list of strings")
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"captions[{i}]: must be a non-empty string, got {caption!r}")
+    if "swap" in meta:
+        swap = meta["swap"]
+        if not isinstance(swap, Mapping):
+            raise ValueError("swap: must be an object {group, index}")
+        if not _is_int(swap.get("group")) or swap["group"] < 0:
+            raise ValueError(f"swap.group: must be a non-negative integer, got {swap.get('group')!r}")
+        if not _is_int(swap.get("index")) or swap["index"] not in (0, 1):
+            raise ValueError(f"swap.index: must be 0 or 1, got {swap.get('index')!r}")
+        if len(captions) != 1:
+            raise ValueError("captions: a swap sample has exactly one caption")
+    if "phrases" in meta and not isinstance(meta["phrases"], list):
+        raise ValueError("phrases: must be a list (reserved for phrase-box annotations)")
+
+
+def validate_regions(feat: np.ndarray, boxes: np.ndarray, width: int, height: int) -> None:
+    """Check region features ``[n, D]`` and pixel boxes ``[n, 4]`` of one image; raise ValueError."""
+    if feat.ndim != 2 or feat.shape[0] < 1 or feat.shape[1] < 1:
+        raise ValueError(f"feat: must have shape [n >= 1, D >= 1], got {list(feat.shape)}")
+    if feat.dtype.kind != "f" or feat.dtype.itemsize not in (2, 4):
+        raise ValueError(f"feat: dtype must be float16 or float32, got {feat.dtype}")
+    if not np.isfinite(feat).all():
+        raise ValueError("feat: contains NaN or inf")
+    if boxes.shape != (feat.shape[0], 4):
+        raise ValueError(f"boxes: shape {list(boxes.shape)} does not match feat rows, expected [{feat.shape[0]}, 4]")
+    if boxes.dtype != BOXES_DTYPE:
+        raise ValueError(f"boxes: dtype must be float32, got {boxes.dtype}")
+    if not np.isfinite(boxes).all():
+        raise ValueError("boxes: contains NaN or inf")
+    x1, y1, x2, y2 = boxes.T
+    if (x2 < x1).any() or (y2 < y1).any():
+        raise ValueError("boxes: need x1 <= x2 and y1 <= y2")
+    lo, hx, hy = -BOX_SLACK_PX, width + BOX_SLACK_PX, height + BOX_SLACK_PX
+    if (x1 < lo).any() or (y1 < lo).any() or (x2 > hx).any() or (y2 > hy).any():
+        raise ValueError(f"boxes: outside the {width}x{height} image")
+
+
+def encode_json(meta: Mapping[str, Any]) -> bytes:
+    """Canonical JSON bytes (sorted keys, compact, UTF-8) so equal metadata gives equal bytes."""
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """``np.save`` bytes of a little-endian, C-contiguous copy of ``array`` (never pickled)."""
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """Inverse of :func:`encode_npy`; refuses object arrays instead of unpickling them."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def read_sizes(split_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """Read ``split_dir/sizes.json`` as {shard file name: sample count}, in shard order."""
+    path = Path(split_dir) / SIZES_FILE
+    with path.open(encoding="utf-8") as f:
+        sizes = json.load(f)
+    if not isinstance(sizes, dict) or not all(_is_int(v) and v >= 0 for v in sizes.values()):
+        raise ValueError(f"{path}: must map shard names to non-negative sample counts")
+    return {name: sizes[name] for name in sorted(sizes)}
+
+
+def list_shards(split_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete shards of a split folder in index order (``.tmp`` leftovers excluded)."""
+    return sorted(p for p in Path(split_dir).iterdir() if SHARD_RE.match(p.name))
+
+
+def _tar_member_bytes(size: int) -> int:
+    # One 512-byte header plus the data padded to whole 512-byte blocks.
+    return 512 + 512 * math.ceil(size / 512)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool = True) -> None:
+    """Write ``obj`` as indented JSON via a ``.tmp`` file and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Write the samples of one split into ``out_dir/shard-{i:06d}.tar`` plus ``sizes.json``.
+
+    Each shard is written as ``shard-{i:06d}.tar.tmp`` and renamed when complete,
+    so a killed run leaves no truncated ``.tar``; ``sizes.json`` is written last,
+    on :meth:`close`, so its presence marks a complete split. A new shard starts
+    after ``shard_size`` samples, or before a sample that would push the shard
+    past ``max_shard_bytes`` (counting member headers and data; the tar's end
+    padding adds up to 10 KiB; a single larger sample gets a shard of its own). The folder name is the split name and every sample's ``split`` must
+    equal it.
+
+    Use as a context manager: on an exception the unfinished shard is deleted
+    and no ``sizes.json`` is written.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        shard_size: int = 1000,
+        max_shard_bytes: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if max_shard_bytes is not None and max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes must be >= 1 or None, got {max_shard_bytes}")
+        self.out_dir = Path(out_dir)
+        self.split = self.out_dir.name
+        self.shard_size = shard_size
+        self.max_shard_bytes = max_shard_bytes
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        existing = [p for p in self.out_dir.iterdir() if SHARD_RE.match(p.name) or p.name == SIZES_FILE]
+        if existing and not overwrite:
+            raise FileExistsError(f"{self.out_dir} already holds shards; pass overwrite=True to replace them")
+        for p in self.out_dir.iterdir():
+            # Leftover .tmp files come from a killed writer and are garbage by construction.
+            if p in existing or (p.name.endswith(TMP_SUFFIX) and p.name.startswith(SHARD_PREFIX)):
+                p.unlink()
+
+        self.sizes: dict[str, int] = {}
+        self.n_samples = 0
+        self._closed = False
+        self._index = 0
+        self._file: BinaryIO | None = None
+        self._tar: Any = None  # webdataset.TarWriter, imported lazily
+        self._count = 0
+        self._bytes = 0
+        self._keys: set[str] = set()
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        """Paths of the shards completed so far."""
+        return [self.out_dir / name for name in self.sizes]
+
+    def write(
+        self,
+        key: str,
+        meta: Mapping[str, Any],
+        *,
+        image: bytes | None = None,
+        image_ext: str = "png",
+        feat: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+    ) -> None:
+        """Validate and append one sample; ``image`` is already-encoded file bytes."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        validate_key(key)
+        validate_sample(meta)
+        if meta["split"] != self.split:
+            raise ValueError(f"split: {meta['split']!r} does not match the split folder {self.split!r}")
+        members: dict[str, bytes] = {JSON_EXT: encode_json(meta)}
+        if image is not None:
+            if image_ext not in IMAGE_EXTS:
+                raise ValueError(f"image_ext: must be one of {IMAGE_EXTS}, got {image_ext!r}")
+            if not image:
+                raise ValueError("image: empty bytes")
+            members[image_ext] = bytes(image)
+        if (feat is None) != (boxes is None):
+            raise ValueError("feat and boxes must be given together")
+        if feat is not None and boxes is not None:
+            feat = np.asarray(feat)
+            boxes = np.asarray(boxes, dtype=BOXES_DTYPE)
+            validate_regions(feat, boxes, meta["width"], meta["height"])
+            members[FEAT_EXT] = encode_npy(feat)
+            members[BOXES_EXT] = encode_npy(boxes)
+
+        nbytes = sum(_tar_member_bytes(len(v)) for v in members.values())
+        full = self._count >= self.shard_size or (
+            self.max_shard_bytes is not None and self._count > 0 and self._bytes + nbytes > self.max_shard_bytes
+        )
+        # WebDataset groups consecutive members by key, so a repeated key in one
+        # shard would silently merge two samples.
+        if not full and key in self._keys:
+            raise ValueError(f"key {key!r}: written twice to {shard_name(self._index)}")
+        if self._tar is not None and full:
+            self._finish_shard()
+        if self._tar is None:
+            self._open_shard()
+        assert self._tar is not None
+        self._tar.write({"__key__": key, **members})
+        self._keys.add(key)
+        self._count += 1
+        self._bytes += nbytes
+        self.n_samples += 1
+
+    def _open_shard(self) -> None:
+        tmp = self.out_dir / (shard_name(self._index) + TMP_SUFFIX)
+        # Imported here: importing webdataset imports torch (over a second), which
+        # readers of this module (verify, stats) do not need.
+        from webdataset import TarWriter
+
+        self._file = tmp.open("wb")
+        # encoder=False: members are bytes already, encoded canonically above.
+        self._tar = TarWriter(self._file, encoder=False, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, mtime=TAR_MTIME)
+        self._count = 0
+        self._bytes = 0
+        self._keys = set()
+
+    def _finish_shard(self) -> None:
+        assert self._tar is not None and self._file is not None
+        self._tar.close()  # writes the end-of-archive blocks
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        name = shard_name(self._index)
+        os.replace(self.out_dir / (name + TMP_SUFFIX), self.out_dir / name)
+        self.sizes[name] = self._count
+        self._tar, self._file = None, None
+        self._index += 1
+
+    def close(self) -> dict[str, int]:
+        """Finish the last shard, write ``sizes.json`` and return it."""
+        if not self._closed:
+            if self._tar is not None:
+                self._finish_shard()
+            write_json_atomic(self.out_dir / SIZES_FILE, self.sizes)
+            self._closed = True
+        return dict(self.sizes)
+
+    def abort(self) -> None:
+        """Drop the unfinished shard without writing ``sizes.json``."""
+        if self._tar is not None:
+            # Close the tar stream before its file, or its finaliser writes to a closed file.
+            self._tar.close()
+        if self._file is not None:
+            self._file.close()
+            (self.out_dir / (shard_name(self._index) + TMP_SUFFIX)).unlink(missing_ok=True)
+        self._tar, self._file = None, None
+        self._closed = True
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,325 @@
+"""IAIS: relation matrices, the three alignments, the loss and the ISD metric.
+
+Pure tensor functions, batched over image-text pairs, exactly as ``docs/iais-spec.md`` (the project's
+copy of the method spec) defines them. Nothing here knows about models, data or DeepSpeed, so the
+encoder, the trainer, the evaluator and the benchmarks all call this one implementation.
+
+Shapes: B pairs, H heads, N sequence positions, d head size; T (V) = the compacted number of word
+(region) slots, an upper bound on the valid words (regions) of any pair. Slot t of pair b holds that
+pair's t-th valid word in sequence order; slots past a pair's count are padding, masked, and 0.
+
+No function here synchronises with the host (no ``.item()``, ``.tolist()``, boolean indexing or
+data-dependent shapes), so they can run inside CUDA graphs and never stall the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Alignment = Literal["singular", "distributed", "congruence"]
+Direction = Literal["L", "V", "both"]
+ALIGNMENTS: tuple[str, ...] = ("singular", "distributed", "congruence")
+DIRECTIONS: tuple[str, ...] = ("L", "V", "both")
+
+# The reference adds this inside the log of the soft (distributed/congruence) modes only.
+_SOFT_EPS = 1e-6
+
+
+@dataclass
+class RelationMatrices:
+    """The four head-averaged relation matrices of a batch of pairs (float32, compacted)."""
+
+    s_l: Tensor  # [B, T, T] linguistic relations  A[W->W]
+    s_v: Tensor  # [B, V, V] visual relations      A[R->R]
+    t2i: Tensor  # [B, T, V] word-to-region        A[W->R]
+    i2t: Tensor  # [B, V, T] region-to-word        A[R->W]
+    word_mask: Tensor  # [B, T] bool, valid word slots
+    region_mask: Tensor  # [B, V] bool, valid region slots
+    word_pos: Tensor  # [B, T] long, sequence position of each word slot (0 where invalid)
+    region_pos: Tensor  # [B, V] long
+
+    @property
+    def pair_mask(self) -> Tensor:
+        """[B] bool: pairs with at least one valid word and one valid region."""
+        return self.word_mask.any(1) & self.region_mask.any(1)
+
+
+# --------------------------------------------------------------------------- relation matrices
+
+
+def _compact(mask: Tensor, size: int | None, what: str) -> tuple[Tensor, Tensor]:
+    """Positions of the valid entries of each row, in order, packed to the front of ``size`` slots."""
+    n = mask.shape[1]
+    size = n if size is None else min(int(size), n)
+    if size < 1:
+        raise ValueError(f"max_{what} must be at least 1, got {size}")
+    # A stable sort of "is invalid" puts valid positions first, in sequence order: no host sync.
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :size]
+    valid = mask.gather(1, order)
+    torch._assert_async(
+        (mask.sum(1) <= size).all(), f"a pair has more valid {what} than max_{what}={size}"
+    )
+    return torch.where(valid, order, 0), valid
+
+
+def _gather_tokens(x: Tensor, pos: Tensor) -> Tensor:
+    """x [B, H, N, d], pos [B, K] -> [B, H, K, d]."""
+    b, h, _, d = x.shape
+    return x.gather(2, pos[:, None, :, None].expand(b, h, pos.shape[1], d))
+
+
+def _masked_mean_softmax(scores: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Softmax of [B, H, R, C] scores over the valid columns, mean over heads, invalid rows/cols 0."""
+    # A finite fill (not -inf) keeps fully masked rows NaN-free; they are zeroed below.
+    scores = scores.masked_fill(~cols[:, None, None, :], torch.finfo(scores.dtype).min)
+    probs = scores.softmax(-1).mean(1)
+    return probs * (rows[:, :, None] & cols[:, None, :])
+
+
+def relation_matrices(
+    query: Tensor,
+    key: Tensor,
+    text_mask: Tensor,
+    image_mask: Tensor,
+    *,
+    max_words: int | None = None,
+    max_regions: int | None = None,
+) -> RelationMatrices:
+    """Spec section 1 from a layer's own projections ``query``/``key`` [B, H, N, d].
+
+    ``text_mask``/``image_mask`` [B, N] bool mark the valid word / region positions (anywhere in the
+    sequence). Each of the four blocks is scored on the compacted positions only: (T + V)^2 score
+    entries instead of 4 N^2. ``max_words``/``max_regions`` are static upper bounds on the per-pair
+    counts (the collator knows them); without them the bound is N, correct but not compact.
+    """
+    if query.shape != key.shape or query.dim() != 4:
+        raise ValueError(f"query and key must both be [B, H, N, d], got {query.shape}, {key.shape}")
+    if text_mask.shape != query.shape[:1] + query.shape[2:3] or image_mask.shape != text_mask.shape:
+        raise ValueError(f"masks must be [B, N] = {tuple(query.shape[:1] + query.shape[2:3])}")
+    word_pos, word_mask = _compact(text_mask.bool(), max_words, "words")
+    region_pos, region_mask = _compact(image_mask.bool(), max_regions, "regions")
+
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    q, k = query.float(), key.float()
+    q_w, q_r = _gather_tokens(q, word_pos) * scale, _gather_tokens(q, region_pos) * scale
+    k_w, k_r = _gather_tokens(k, word_pos), _gather_tokens(k, region_pos)
+
+    def block(q_x: Tensor, k_y: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        return _masked_mean_softmax(q_x @ k_y.transpose(-1, -2), rows, cols)
+
+    return RelationMatrices(
+        s_l=block(q_w, k_w, word_mask, word_mask),
+        s_v=block(q_r, k_r, region_mask, region_mask),
+        t2i=block(q_w, k_r, word_mask, region_mask),
+        i2t=block(q_r, k_w, region_mask, word_mask),
+        word_mask=word_mask,
+        region_mask=region_mask,
+        word_pos=word_pos,
+        region_pos=region_pos,
+    )
+
+
+def relation_matrices_from_probs(
+    probs: Tensor,
+    text_mask: Tensor,
+    image_mask: Tensor,
+    *,
+    max_words: int | None = None,
+    max_regions: int | None = None,
+) -> RelationMatrices:
+    """Spec section 1 from materialised attention probabilities [B, H, N, N] (eager attention).
+
+    Restricting a softmax to a key subset and renormalising equals a fresh softmax over that subset,
+    so each block is the per-head renormalised crop of ``probs``: no second ``q k^T``.
+    """
+    if probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
+        raise ValueError(f"probs must be [B, H, N, N], got {tuple(probs.shape)}")
+    word_pos, word_mask = _compact(text_mask.bool(), max_words, "words")
+    region_pos, region_mask = _compact(image_mask.bool(), max_regions, "regions")
+    p = probs.float()
+    b, h, n, _ = p.shape
+
+    def block(row_pos: Tensor, col_pos: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        r, c = row_pos.shape[1], col_pos.shape[1]
+        crop = p.gather(2, row_pos[:, None, :, None].expand(b, h, r, n))
+        crop = crop.gather(3, col_pos[:, None, None, :].expand(b, h, r, c))
+        crop = crop * cols[:, None, None, :]
+        crop = crop / crop.sum(-1, keepdim=True).clamp_min(torch.finfo(crop.dtype).tiny)
+        return crop.mean(1) * (rows[:, :, None] & cols[:, None, :])
+
+    return RelationMatrices(
+        s_l=block(word_pos, word_pos, word_mask, word_mask),
+        s_v=block(region_pos, region_pos, region_mask, region_mask),
+        t2i=block(word_pos, region_pos, word_mask, region_mask),
+        i2t=block(region_pos, word_pos, region_mask, word_mask),
+        word_mask=word_mask,
+        region_mask=region_mask,
+        word_pos=word_pos,
+        region_pos=region_pos,
+    )
+
+
+# --------------------------------------------------------------------------- mapped matrices
+
+
+def _take(m: Tensor, index: Tensor) -> Tensor:
+    """m [B, K, K], index [B, R] -> m[b, index[b, i], index[b, j]] of shape [B, R, R]."""
+    b, k, _ = m.shape
+    r = index.shape[1]
+    rows = m.gather(1, index[:, :, None].expand(b, r, k))
+    return rows.gather(2, index[:, None, :].expand(b, r, r))
+
+
+def _masked_softmax(x: Tensor, valid2d: Tensor) -> Tensor:
+    x = x.masked_fill(~valid2d, torch.finfo(x.dtype).min)
+    return x.softmax(-1) * valid2d
+
+
+def _mapped(rel: RelationMatrices, alignment: str, direction: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(S_X, P_X, row mask) of one direction X in {L, V} (spec section 2)."""
+    if direction == "L":
+        s_x, s_y, x2y, y2x, rows = rel.s_l, rel.s_v, rel.t2i, rel.i2t, rel.word_mask
+    else:
+        s_x, s_y, x2y, y2x, rows = rel.s_v, rel.s_l, rel.i2t, rel.t2i, rel.region_mask
+    valid2d = rows[:, :, None] & rows[:, None, :]
+    if alignment == "singular":
+        # Hard alignment: the index carries no gradient (argmax), the values gathered through it do.
+        index = x2y.argmax(-1)
+        p_x = _masked_softmax(_take(s_y, index), valid2d)
+    elif alignment == "distributed":
+        p_x = x2y @ y2x
+    elif alignment == "congruence":
+        p_x = x2y @ s_y @ y2x
+    else:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    return s_x, p_x, rows
+
+
+def _symmetric_kl(s: Tensor, p: Tensor, rows: Tensor, pair_ok: Tensor, eps: float) -> Tensor:
+    """Per pair: (1/n) sum over the n valid rows of KL(P row || S row) + KL(S row || P row).
+
+    Matches ``KLDivLoss(batchmean)(log(S + eps), P) + KLDivLoss(batchmean)(log(P + eps), S)`` on the
+    cropped matrices. Masked entries are set to 1 before any log and masked after, so no 0 * log 0
+    reaches autograd (spec section 6).
+    """
+    rows = rows & pair_ok[:, None]
+    valid2d = rows[:, :, None] & rows[:, None, :]
+    s = torch.where(valid2d, s, 1.0)
+    p = torch.where(valid2d, p, 1.0)
+    kl = torch.xlogy(p, p) - p * torch.log(s + eps) + torch.xlogy(s, s) - s * torch.log(p + eps)
+    n_rows = rows.sum(1).clamp_min(1)
+    return (kl * valid2d).sum((1, 2)) / n_rows
+
+
+def _check(alignment: str, direction: str) -> None:
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def _reduce(per_pair: Tensor, pair_ok: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return per_pair
+    if reduction == "mean":
+        return per_pair.sum() / pair_ok.sum().clamp_min(1)
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+# --------------------------------------------------------------------------- loss and metric
+
+
+def iais_loss(
+    rel: RelationMatrices,
+    *,
+    alignment: Alignment,
+    direction: Direction,
+    reduction: Literal["mean", "none"] = "mean",
+) -> Tensor:
+    """Spec section 3: symmetric KL between intra-modal and mapped relations, float32.
+
+    ``reduction="none"`` gives [B] (0 for pairs without a valid word or region); ``"mean"`` the mean
+    over the valid pairs. Call it on the matched (positive) pairs only.
+    """
+    _check(alignment, direction)
+    eps = 0.0 if alignment == "singular" else _SOFT_EPS
+    pair_ok = rel.pair_mask
+    per_pair = rel.s_l.new_zeros(rel.s_l.shape[0])
+    for x in ("L", "V") if direction == "both" else (direction,):
+        s_x, p_x, rows = _mapped(rel, alignment, x)
+        per_pair = per_pair + _symmetric_kl(s_x, p_x, rows, pair_ok, eps)
+    return _reduce(per_pair, pair_ok, reduction)
+
+
+@torch.no_grad()
+def isd(rel: RelationMatrices, *, alignment: Alignment, direction: Direction) -> Tensor:
+    """Spec section 4: Intra-modal Self-attention Distance per pair [B], no gradient."""
+    return iais_loss(rel, alignment=alignment, direction=direction, reduction="none").detach()
+
+
+def _renormalise(m: Tensor, valid2d: Tensor) -> Tensor:
+    m = m * valid2d
+    return m / m.sum(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
+
+
+@torch.no_grad()
+def isd_annotated(rel: RelationMatrices, word_to_region: Tensor, *, direction: Direction) -> Tensor:
+    """ISDa per pair [B]: singular alignment taken from phrase-box annotations (spec section 4).
+
+    ``word_to_region`` [B, N] gives, at each word's sequence position, the sequence position of its
+    annotated region (-1: none). Our reading: direction L uses the annotated words as rows and
+    columns, S_L renormalised over them; direction V uses the regions some annotated word points to,
+    each mapped back to the first (lowest-position) such word, S_V renormalised over them. An
+    annotation that points at no valid region counts as none. Pairs with no annotation give 0.
+    """
+    _check("singular", direction)
+    target = word_to_region.long().gather(1, rel.word_pos)  # [B, T] annotated region position
+    # hits[b, t, v]: word slot t is annotated with region slot v.
+    hits = (rel.region_pos[:, None, :] == target[:, :, None]) & rel.region_mask[:, None, :]
+    hits = hits & (rel.word_mask & (target >= 0))[:, :, None]
+    words = hits.any(2)  # [B, T] annotated words
+    regions = hits.any(1)  # [B, V] regions some annotated word points to
+    pair_ok = words.any(1)
+
+    per_pair = rel.s_l.new_zeros(rel.s_l.shape[0])
+    for x in ("L", "V") if direction == "both" else (direction,):
+        if x == "L":
+            rows, s_x, s_y = words, rel.s_l, rel.s_v
+            index = hits.float().argmax(2)  # a(i): the region slot of word slot i
+        else:
+            rows, s_x, s_y = regions, rel.s_v, rel.s_l
+            index = hits.float().argmax(1)  # b(r): the first word slot annotated with region r
+        valid2d = rows[:, :, None] & rows[:, None, :]
+        s_x = _renormalise(s_x, valid2d)
+        p_x = _masked_softmax(_take(s_y, index), valid2d)
+        per_pair = per_pair + _symmetric_kl(s_x, p_x, rows, pair_ok, 0.0)
+    return per_pair
+
+
+@torch.no_grad()
+def attention_entropy(rel: RelationMatrices) -> dict[str, Tensor]:
+    """Normalised row entropy (1 = uniform) of S_L, S_V, A_t2i, A_i2t, per pair [B].
+
+    A low ISD is meaningless when the rows are uniform (spec section 7), so reports show this beside
+    it. Rows with fewer than two columns have no defined value; a pair without any such row is NaN
+    (aggregate with ``nanmean``).
+    """
+    out = {}
+    for name, m, rows, cols in (
+        ("S_L", rel.s_l, rel.word_mask, rel.word_mask),
+        ("S_V", rel.s_v, rel.region_mask, rel.region_mask),
+        ("A_t2i", rel.t2i, rel.word_mask, rel.region_mask),
+        ("A_i2t", rel.i2t, rel.region_mask, rel.word_mask),
+    ):
+        n_cols = cols.sum(1, keepdim=True).float()  # [B, 1]
+        entropy = -torch.xlogy(m, m).sum(-1) / n_cols.clamp_min(2).log()  # [B, R]
+        rows = rows & (n_cols > 1) & rel.pair_mask[:, None]
+        count = rows.sum(1)
+        value = (entropy * rows).sum(1) / count.clamp_min(1)
+        out[name] = torch.where(count > 0, value, float("nan"))
+    return out

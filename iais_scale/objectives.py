@@ -1,0 +1,189 @@
+"""Training objectives: ranking with hard-negative groups plus IAIS (spec section 5), and MLM.
+
+A batch holds B matched pairs (text i belongs to image i). Ranking builds, for every anchor, a group
+of its positive and its hardest negatives among sampled candidates of the batch, scored without
+gradient first. Text-anchored groups (negative images) carry IAIS direction L, image-anchored groups
+(negative texts) direction V, as the reference fine-tuning alternates them. IAIS is computed on the
+positive row of each group only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import IaisConfig, ObjectiveConfig
+from .model import CrossModalModel, IaisRequest
+
+TEXT_KEYS = ("text_ids", "text_attention")
+IMAGE_KEYS = ("region_features", "region_geometry", "region_attention")
+
+
+def iais_weight(step: int, total: int, cfg: IaisConfig) -> float:
+    """``weight * schedule(t / T)``; exp is the reference ``exp(5 (t/T - 1))``, rising from e^-5 to 1."""
+    if not cfg.enabled:
+        return 0.0
+    t = min(max(step / max(total, 1), 0.0), 1.0)
+    schedule = {
+        "constant": 1.0,
+        "linear": t,
+        "exp": math.exp(5.0 * (t - 1.0)),
+        "log": math.log1p((math.e - 1.0) * t),  # concave, 0 -> 1
+    }[cfg.schedule]
+    return cfg.weight * schedule
+
+
+def pair_inputs(batch: dict, text_idx: Tensor, image_idx: Tensor) -> dict[str, Tensor]:
+    """Model inputs for the pairs (text_idx[p], image_idx[p]) of a batch."""
+    out = {k: batch[k].index_select(0, text_idx) for k in TEXT_KEYS}
+    out.update({k: batch[k].index_select(0, image_idx) for k in IMAGE_KEYS})
+    return out
+
+
+@torch.no_grad()
+def score_pairs(model: CrossModalModel, batch: dict, text_idx: Tensor, image_idx: Tensor, chunk: int) -> Tensor:
+    """ITM logits of many pairs, in inference micro-batches of ``chunk`` pairs."""
+    scores = []
+    for s in range(0, text_idx.numel(), chunk):
+        out = model(**pair_inputs(batch, text_idx[s : s + chunk], image_idx[s : s + chunk]))
+        scores.append(model.itm_logit(out))
+    return torch.cat(scores)
+
+
+@torch.no_grad()
+def hardest_negatives(
+    model: CrossModalModel,
+    batch: dict,
+    *,
+    anchor: str,
+    num_candidates: int,
+    num_hard: int,
+    generator: torch.Generator,
+    chunk: int = 1024,
+) -> Tensor:
+    """[B, num_hard] indices of the hardest of ``num_candidates`` random in-batch negatives per anchor.
+
+    ``anchor="text"`` mines negative images for each text, ``"image"`` negative texts for each image.
+    """
+    b = batch["text_ids"].shape[0]
+    noise = torch.rand(b, b, generator=generator)
+    noise.fill_diagonal_(-1.0)  # never the positive itself
+    candidates = noise.topk(num_candidates, dim=1).indices  # a uniform random subset per anchor
+    anchors = torch.arange(b)[:, None].expand_as(candidates)
+    texts, images = (anchors, candidates) if anchor == "text" else (candidates, anchors)
+    was_training = model.training
+    model.eval()  # no dropout noise in the choice of negatives
+    try:
+        scores = score_pairs(model, batch, texts.reshape(-1), images.reshape(-1), chunk).view(b, num_candidates)
+    finally:
+        model.train(was_training)
+    return candidates.gather(1, scores.topk(num_hard, dim=1).indices)
+
+
+@dataclass
+class GroupLoss:
+    rank: Tensor  # hinge loss, scalar
+    iais: Tensor  # IAIS on the positives, scalar (0 when off)
+    stats: dict[str, Tensor]  # detached diagnostics of the positives
+
+
+def group_loss(
+    model: CrossModalModel,
+    batch: dict,
+    negatives: Tensor,
+    *,
+    anchor: str,
+    margin: float,
+    iais: IaisRequest | None,
+) -> GroupLoss:
+    """Hinge ``max(0, margin + s_neg - s_pos)`` on sigmoid scores of groups [positive, negatives...]."""
+    b, k = negatives.shape
+    anchors = torch.arange(b)[:, None].expand(b, k + 1)
+    others = torch.cat([torch.arange(b)[:, None], negatives], 1)
+    texts, images = (anchors, others) if anchor == "text" else (others, anchors)
+    if iais is not None:
+        iais = IaisRequest(rows=torch.arange(b) * (k + 1), alignment=iais.alignment, direction=iais.direction)
+    out = model(**pair_inputs(batch, texts.reshape(-1), images.reshape(-1)), iais_request=iais)
+    scores = torch.sigmoid(model.itm_logit(out)).view(b, k + 1)
+    rank = F.relu(margin + scores[:, 1:] - scores[:, :1]).mean()
+    stats = {"score_pos": scores[:, 0].mean().detach(), "score_neg": scores[:, 1:].mean().detach()}
+    if out.iais_loss is None:
+        return GroupLoss(rank, rank.new_zeros(()), stats)
+    valid = (model.word_mask(batch["text_ids"], batch["text_attention"]).any(1)
+             & batch["region_attention"].any(1)).float()
+    iais_loss = (out.iais_loss * valid).sum() / valid.sum().clamp_min(1)
+    stats["isd"] = iais_loss.detach()
+    stats.update({f"entropy_{n}": v.nanmean() for n, v in out.relation_stats.items()})
+    return GroupLoss(rank, iais_loss, stats)
+
+
+def mask_words(batch: dict, model: CrossModalModel, prob: float, mask_id: int, vocab_size: int,
+               generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """BERT masking of the word positions: (masked ids, labels with -100 where not predicted)."""
+    ids = batch["text_ids"]
+    words = model.word_mask(ids, batch["text_attention"])
+    chosen = (torch.rand(ids.shape, generator=generator) < prob) & words
+    # Every caption predicts at least one word, so no row is wasted.
+    first = torch.rand(ids.shape, generator=generator).masked_fill(~words, -1).argmax(1)
+    chosen[torch.arange(ids.shape[0]), first] |= words.any(1)
+    labels = ids.masked_fill(~chosen, -100)
+    roll = torch.rand(ids.shape, generator=generator)
+    masked = ids.clone()
+    masked[chosen & (roll < 0.8)] = mask_id
+    random_words = chosen & (roll >= 0.8) & (roll < 0.9)
+    masked[random_words] = torch.randint(vocab_size, ids.shape, generator=generator)[random_words]
+    return masked, labels
+
+
+def mlm_loss(model: CrossModalModel, batch: dict, prob: float, mask_id: int, generator: torch.Generator) -> Tensor:
+    """Masked language modelling of the captions, conditioned on their images."""
+    masked, labels = mask_words(batch, model, prob, mask_id, model.config.vocab_size, generator)
+    out = model(text_ids=masked, **{k: batch[k] for k in ("text_attention", *IMAGE_KEYS)})
+    logits = model.mlm_logits(out, masked.shape[1])
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def training_loss(
+    model: CrossModalModel,
+    batch: dict,
+    cfg: ObjectiveConfig,
+    *,
+    step: int,
+    total_steps: int,
+    mask_id: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, dict[str, float | Tensor]]:
+    """The loss of one micro-batch and its logged parts."""
+    parts: dict[str, float | Tensor] = {}
+    loss = torch.zeros(())
+    if cfg.mlm_weight > 0:
+        mlm = mlm_loss(model, batch, cfg.mlm_prob, mask_id, generator)
+        loss = loss + cfg.mlm_weight * mlm
+        parts["mlm"] = mlm.detach()
+    if step < cfg.mlm_only_steps or cfg.rank_weight == 0:
+        return loss, parts
+
+    ranked_steps = total_steps - cfg.mlm_only_steps
+    w = iais_weight(step - cfg.mlm_only_steps, ranked_steps, cfg.iais)
+    parts["iais_weight"] = w
+    for anchor, direction in (("text", "L"), ("image", "V")):
+        if cfg.iais.direction != "alternate":
+            direction = cfg.iais.direction
+        request = IaisRequest(torch.empty(0), cfg.iais.alignment, direction) if cfg.iais.enabled else None
+        negatives = hardest_negatives(
+            model, batch, anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard,
+            generator=generator,
+        )
+        g = group_loss(model, batch, negatives, anchor=anchor, margin=cfg.margin, iais=request)
+        # Each group kind is one reference batch: rank + w * IAIS; the two kinds are averaged.
+        loss = loss + 0.5 * (cfg.rank_weight * g.rank + w * g.iais)
+        parts[f"rank_{anchor}"] = g.rank.detach()
+        if cfg.iais.enabled:
+            parts[f"iais_{direction}_{anchor}"] = g.iais.detach()
+        for name, value in g.stats.items():
+            parts[f"{name}_{anchor}"] = value
+    return loss, parts

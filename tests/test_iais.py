@@ -1,0 +1,507 @@
+"""Tests of the batched IAIS library (iais_scale.iais) against the plain per-sample reference in
+tests/iais_reference.py (written independently from /work/shared/docs/iais-spec.md)."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (_HERE, os.path.dirname(_HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import iais_reference as ref  # noqa: E402
+from iais_scale import iais  # noqa: E402
+
+COMBOS = [(a, d) for a in ref.ALIGNMENTS for d in ref.DIRECTIONS]
+MATRIX_NAMES = ("s_l", "s_v", "t2i", "i2t")
+
+# main batch: pair 1 has one word, pair 2 one region, pair 3 no region, pair 5 no word
+WORDS = [6, 1, 5, 4, 9, 0, 7]
+REGIONS = [4, 3, 1, 0, 8, 3, 5]
+VALID = [t > 0 and v > 0 for t, v in zip(WORDS, REGIONS)]
+B, H, N, D = len(WORDS), 3, 32, 8
+
+
+def make_batch(word_counts=WORDS, region_counts=REGIONS, n=N, h=H, d=D, seed=1234, dtype=torch.float32,
+               scale=1.5):
+    g = torch.Generator().manual_seed(seed)
+    text, image = ref.scattered_masks(word_counts, region_counts, n, g)
+    b = len(word_counts)
+    q = (scale * torch.randn(b, h, n, d, generator=g, dtype=torch.float64)).to(dtype)
+    k = (scale * torch.randn(b, h, n, d, generator=g, dtype=torch.float64)).to(dtype)
+    return q, k, text, image
+
+
+def padded_reference(mats, name, t_slots=None, v_slots=None):
+    """Stack the reference's cropped per-pair matrices into the library's compacted layout
+    (``t_slots``/``v_slots`` slots, default the largest counts of the batch; extra slots are 0)."""
+    t_max = t_slots if t_slots is not None else max(m.word_pos.numel() for m in mats)
+    v_max = v_slots if v_slots is not None else max(m.region_pos.numel() for m in mats)
+    rows, cols = {"s_l": (t_max, t_max), "s_v": (v_max, v_max), "t2i": (t_max, v_max),
+                  "i2t": (v_max, t_max)}[name]
+    dt = getattr(mats[0], name).dtype
+    out = torch.zeros(len(mats), rows, cols, dtype=dt)
+    for b, m in enumerate(mats):
+        x = getattr(m, name)
+        out[b, :x.shape[0], :x.shape[1]] = x
+    return out
+
+
+def assert_rel_matches(rel, mats, rtol=1e-5, atol=1e-7, n=None):
+    """T (V) may be any static upper bound on the word (region) counts, at most N: the library avoids
+    data-dependent shapes (no host sync, spec section 6), so without ``max_words`` it uses T = N.
+    The slots past each pair's count must be masked, position 0, and hold 0 in every matrix."""
+    bsz = len(mats)
+    t_max = max(m.word_pos.numel() for m in mats)
+    v_max = max(m.region_pos.numel() for m in mats)
+    t_slots, v_slots = rel.word_mask.shape[1], rel.region_mask.shape[1]
+    assert t_slots >= t_max and v_slots >= v_max
+    if n is not None:
+        assert t_slots <= n and v_slots <= n
+    assert rel.word_mask.shape == (bsz, t_slots) and rel.word_pos.shape == (bsz, t_slots)
+    assert rel.region_mask.shape == (bsz, v_slots) and rel.region_pos.shape == (bsz, v_slots)
+    assert rel.s_l.shape == (bsz, t_slots, t_slots)
+    assert rel.s_v.shape == (bsz, v_slots, v_slots)
+    assert rel.t2i.shape == (bsz, t_slots, v_slots)
+    assert rel.i2t.shape == (bsz, v_slots, t_slots)
+    for name in MATRIX_NAMES:
+        x = getattr(rel, name)
+        assert x.dtype == torch.float32
+        assert torch.isfinite(x).all(), name
+        want = padded_reference(mats, name, t_slots, v_slots).to(torch.float32)
+        torch.testing.assert_close(x, want, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+    word_mask = torch.zeros(bsz, t_slots, dtype=torch.bool)
+    region_mask = torch.zeros(bsz, v_slots, dtype=torch.bool)
+    word_pos = torch.zeros(bsz, t_slots, dtype=torch.long)
+    region_pos = torch.zeros(bsz, v_slots, dtype=torch.long)
+    for b, m in enumerate(mats):
+        t, v = m.word_pos.numel(), m.region_pos.numel()
+        word_mask[b, :t] = True
+        region_mask[b, :v] = True
+        word_pos[b, :t] = m.word_pos
+        region_pos[b, :v] = m.region_pos
+    assert rel.word_mask.dtype == torch.bool and rel.region_mask.dtype == torch.bool
+    assert rel.word_pos.dtype == torch.long and rel.region_pos.dtype == torch.long
+    assert torch.equal(rel.word_mask, word_mask)
+    assert torch.equal(rel.region_mask, region_mask)
+    assert torch.equal(rel.word_pos, word_pos)
+    assert torch.equal(rel.region_pos, region_pos)
+
+
+def lib_loss(q, k, text, image, alignment, direction, reduction):
+    rel = iais.relation_matrices(q, k, text, image)
+    return iais.iais_loss(rel, alignment=alignment, direction=direction, reduction=reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# the reference itself (hand checks, independent of the library)
+
+
+def test_reference_rows_are_distributions_and_kl_of_identical_is_zero():
+    q, k, text, image = make_batch()
+    for m in ref.reference_matrices(q, k, text, image):
+        for name in MATRIX_NAMES:
+            x = getattr(m, name)
+            if x.numel():
+                torch.testing.assert_close(x.sum(1), torch.ones(x.shape[0]), rtol=0, atol=1e-6)
+        if m.valid:
+            for a in ref.ALIGNMENTS:
+                for x in "LV":
+                    p = ref.mapped_matrix(m, a, x)
+                    torch.testing.assert_close(p.sum(1), torch.ones(p.shape[0]), rtol=0, atol=1e-5)
+            assert abs(ref.symmetric_kl(m.s_l, m.s_l, 0.0).item()) < 1e-6
+            assert abs(ref.symmetric_kl(m.s_v, m.s_v, 0.0).item()) < 1e-6
+
+
+def test_reference_hand_computed_cases():
+    # H=1, d=1: words at 1, 3; regions at 2, 4; q, k chosen by hand
+    q = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5]).view(1, 1, 5, 1)
+    k = torch.tensor([0.0, 0.3, 1.0, -0.7, 0.2]).view(1, 1, 5, 1)
+    text = torch.tensor([[False, True, False, True, False]])
+    image = torch.tensor([[False, False, True, False, True]])
+    s = (q[0, 0] @ k[0, 0].T)[:, :]  # d = 1
+    w, r = [1, 3], [2, 4]
+
+    def sm(rows, cols):
+        return torch.softmax(s[rows][:, cols], dim=1)
+
+    s_l, s_v, t2i, i2t = sm(w, w), sm(r, r), sm(w, r), sm(r, w)
+    (m,) = ref.reference_matrices(q, k, text, image)
+    for name, want in zip(MATRIX_NAMES, (s_l, s_v, t2i, i2t)):
+        torch.testing.assert_close(getattr(m, name), want)
+
+    def skl(a, b, eps):
+        return ((b * (b.log() - (a + eps).log())).sum() + (a * (a.log() - (b + eps).log())).sum()) / a.shape[0]
+
+    a_idx = t2i.argmax(1)
+    b_idx = i2t.argmax(1)
+    want = {
+        ("singular", "L"): skl(s_l, torch.softmax(s_v[a_idx][:, a_idx], 1), 0.0),
+        ("singular", "V"): skl(s_v, torch.softmax(s_l[b_idx][:, b_idx], 1), 0.0),
+        ("distributed", "L"): skl(s_l, t2i @ i2t, 1e-6),
+        ("distributed", "V"): skl(s_v, i2t @ t2i, 1e-6),
+        ("congruence", "L"): skl(s_l, t2i @ s_v @ i2t, 1e-6),
+        ("congruence", "V"): skl(s_v, i2t @ s_l @ t2i, 1e-6),
+    }
+    for (a, x), v in want.items():
+        got = ref.reference_loss(q, k, text, image, alignment=a, direction=x)
+        torch.testing.assert_close(got, v, rtol=1e-5, atol=1e-7)
+    got = ref.reference_loss(q, k, text, image, alignment="congruence", direction="both")
+    torch.testing.assert_close(got, want["congruence", "L"] + want["congruence", "V"], rtol=1e-5, atol=1e-7)
+
+    # one word, one region: every matrix is [[1]] and the singular loss is exactly 0
+    text1 = torch.tensor([[False, True, False, False, False]])
+    image1 = torch.tensor([[False, False, False, False, True]])
+    assert ref.reference_loss(q, k, text1, image1, alignment="singular", direction="both").item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the library against the reference
+
+
+def test_relation_matrices_match_reference():
+    q, k, text, image = make_batch()
+    rel = iais.relation_matrices(q, k, text, image)
+    assert_rel_matches(rel, ref.reference_matrices(q, k, text, image), n=N)
+
+
+@pytest.mark.parametrize("alignment,direction", COMBOS)
+def test_loss_matches_reference(alignment, direction):
+    q, k, text, image = make_batch()
+    rel = iais.relation_matrices(q, k, text, image)
+    got_none = iais.iais_loss(rel, alignment=alignment, direction=direction, reduction="none")
+    want_none = ref.reference_loss(q, k, text, image, alignment=alignment, direction=direction, reduction="none")
+    assert got_none.shape == (B,)
+    assert got_none.dtype == torch.float32
+    assert torch.isfinite(got_none).all()
+    torch.testing.assert_close(got_none, want_none, rtol=1e-5, atol=1e-7)
+    for b, ok in enumerate(VALID):
+        if not ok:
+            assert got_none[b].item() == 0.0
+    got_mean = iais.iais_loss(rel, alignment=alignment, direction=direction, reduction="mean")
+    want_mean = ref.reference_loss(q, k, text, image, alignment=alignment, direction=direction, reduction="mean")
+    assert got_mean.shape == ()
+    torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-7)
+    # the mean runs over the valid pairs only
+    torch.testing.assert_close(got_mean, got_none[torch.tensor(VALID)].mean(), rtol=1e-6, atol=1e-7)
+
+
+def test_default_reduction_is_mean():
+    q, k, text, image = make_batch()
+    rel = iais.relation_matrices(q, k, text, image)
+    torch.testing.assert_close(iais.iais_loss(rel, alignment="distributed", direction="both"),
+                               iais.iais_loss(rel, alignment="distributed", direction="both", reduction="mean"))
+
+
+def test_no_valid_pair_gives_zero_mean():
+    q, k, text, image = make_batch(word_counts=[3, 0, 2], region_counts=[0, 4, 0], n=12)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    rel = iais.relation_matrices(q, k, text, image)
+    for a, d in COMBOS:
+        mean = iais.iais_loss(rel, alignment=a, direction=d, reduction="mean")
+        assert mean.shape == () and mean.item() == 0.0
+        none = iais.iais_loss(rel, alignment=a, direction=d, reduction="none")
+        assert torch.equal(none.detach(), torch.zeros(3))
+        if mean.requires_grad:
+            gq, gk = torch.autograd.grad(mean, (q, k), allow_unused=True, retain_graph=True)
+            for g in (gq, gk):
+                assert g is None or (torch.isfinite(g).all() and (g == 0).all())
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 inputs
+
+
+@pytest.mark.parametrize("alignment,direction", COMBOS)
+def test_bf16_inputs(alignment, direction):
+    q, k, text, image = make_batch()
+    qb, kb = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    rel = iais.relation_matrices(qb, kb, text, image)
+    for name in MATRIX_NAMES:
+        assert getattr(rel, name).dtype == torch.float32
+    got = iais.iais_loss(rel, alignment=alignment, direction=direction, reduction="none")
+    assert got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    # same bf16 values, upcast: the library must compute in float32
+    want_up = ref.reference_loss(qb.float(), kb.float(), text, image, alignment=alignment, direction=direction,
+                                 reduction="none")
+    torch.testing.assert_close(got, want_up, rtol=1e-5, atol=1e-6)
+    # float32 originals: only bf16 input rounding apart
+    want_32 = ref.reference_loss(q, k, text, image, alignment=alignment, direction=direction, reduction="none")
+    torch.testing.assert_close(got, want_32, rtol=1e-2, atol=1e-4)
+    mean = iais.iais_loss(rel, alignment=alignment, direction=direction, reduction="mean")
+    assert torch.isfinite(mean)
+
+
+def test_bf16_relation_matrices():
+    q, k, text, image = make_batch()
+    qb, kb = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    rel = iais.relation_matrices(qb, kb, text, image)
+    assert_rel_matches(rel, ref.reference_matrices(qb.float(), kb.float(), text, image), rtol=1e-5, atol=1e-6)
+    assert_rel_matches(rel, ref.reference_matrices(q, k, text, image), rtol=1e-2, atol=5e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients
+
+# B=2, N=7: pair 0 words {1, 3, 5}, regions {2, 6}, padding {4}; pair 1 words {2, 3}, regions {1, 4, 5}
+SMALL_TEXT = torch.tensor([[0, 1, 0, 1, 0, 1, 0], [0, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+SMALL_IMAGE = torch.tensor([[0, 0, 1, 0, 0, 0, 1], [0, 1, 0, 0, 1, 1, 0]], dtype=torch.bool)
+
+
+def small_qk(dtype=torch.float64, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, 7, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    k = torch.randn(2, 2, 7, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    return q, k
+
+
+@pytest.mark.parametrize("alignment,direction", COMBOS)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_gradcheck_float64(alignment, direction, reduction):
+    # singular included: the argmax index is piecewise constant, so the finite differences of a
+    # generic point agree with the analytical gradient (the index is detached).
+    q, k = small_qk()
+
+    def f(q_, k_):
+        return lib_loss(q_, k_, SMALL_TEXT, SMALL_IMAGE, alignment, direction, reduction)
+
+    assert torch.autograd.gradcheck(f, (q, k), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ref.DIRECTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_singular_gradients_match_reference(direction, dtype):
+    q, k = small_qk(dtype)
+    got = torch.autograd.grad(lib_loss(q, k, SMALL_TEXT, SMALL_IMAGE, "singular", direction, "mean"), (q, k))
+    want = torch.autograd.grad(ref.reference_loss(q, k, SMALL_TEXT, SMALL_IMAGE, alignment="singular",
+                                                  direction=direction, reduction="mean"), (q, k))
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert g.abs().max() > 0
+        if dtype == torch.float64:
+            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10)
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("alignment,direction", COMBOS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradients_match_reference_on_main_batch(alignment, direction, dtype):
+    q, k, text, image = make_batch(dtype=dtype)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    got = torch.autograd.grad(lib_loss(q, k, text, image, alignment, direction, "mean"), (q, k))
+    want = torch.autograd.grad(ref.reference_loss(q, k, text, image, alignment=alignment, direction=direction),
+                               (q, k))
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        if dtype == torch.float64:
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("alignment,direction", COMBOS)
+def test_gradient_finite_with_masked_entries(alignment, direction):
+    # main batch: padding positions, a pair with no region, a pair with no word, one-word/one-region pairs
+    q, k, text, image = make_batch()
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    loss = lib_loss(q, k, text, image, alignment, direction, "mean")
+    assert torch.isfinite(loss)
+    loss.backward()
+    for g in (q.grad, k.grad):
+        assert g is not None and torch.isfinite(g).all()
+        # positions that are neither word nor region ([CLS], padding) take no part
+        neither = ~(text | image)  # [B, N]
+        assert (g.permute(0, 2, 1, 3)[neither] == 0).all()
+        # pairs without words or without regions contribute nothing
+        for b, ok in enumerate(VALID):
+            if not ok:
+                assert (g[b] == 0).all()
+        assert g[torch.tensor(VALID)].abs().sum() > 0
+
+
+def test_gradient_finite_with_near_one_hot_attention():
+    # very peaked attention: masked entries next to entries close to 0 must not produce NaN
+    q, k, text, image = make_batch(scale=6.0)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    for a in ("distributed", "congruence"):
+        for d in ref.DIRECTIONS:
+            loss = lib_loss(q, k, text, image, a, d, "mean")
+            gq, gk = torch.autograd.grad(loss, (q, k))
+            assert torch.isfinite(loss) and torch.isfinite(gq).all() and torch.isfinite(gk).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# relation_matrices_from_probs
+
+
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_from_probs_equals_relation_matrices(mask_padding):
+    q, k, text, image = make_batch()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+    if mask_padding:
+        key_ok = text | image
+        key_ok[:, 0] = True  # [CLS]
+        scores = scores.masked_fill(~key_ok[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    rel_p = iais.relation_matrices_from_probs(probs, text, image)
+    rel_q = iais.relation_matrices(q, k, text, image)
+    for name in MATRIX_NAMES:
+        torch.testing.assert_close(getattr(rel_p, name), getattr(rel_q, name), rtol=1e-5, atol=1e-6)
+    for name in ("word_mask", "region_mask", "word_pos", "region_pos"):
+        assert torch.equal(getattr(rel_p, name), getattr(rel_q, name))
+    assert_rel_matches(rel_p, ref.reference_matrices(q, k, text, image), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# ISD and ISDa
+
+
+@pytest.mark.parametrize("alignment,direction", COMBOS)
+def test_isd_equals_loss_without_grad(alignment, direction):
+    q, k, text, image = make_batch()
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    rel = iais.relation_matrices(q, k, text, image)
+    got = iais.isd(rel, alignment=alignment, direction=direction)
+    assert got.shape == (B,)
+    assert got.grad_fn is None and not got.requires_grad
+    loss = iais.iais_loss(rel, alignment=alignment, direction=direction, reduction="none")
+    torch.testing.assert_close(got, loss.detach(), rtol=1e-6, atol=1e-8)
+    want = ref.reference_isd(q, k, text, image, alignment=alignment, direction=direction)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+# (word slot -> region slot) annotations of the main batch, by pair; pair 4 (valid) has none.
+# Pair 0: regions in sequence order are slots 0, 2, 3 while their first words are slots 1, 0, 2, and
+# region slot 0 is pointed to by two words (b(r) = the lower position); words 3 and 5 are unannotated.
+ANNOTATIONS = {0: {0: 2, 1: 0, 2: 3, 4: 0}, 1: {0: 1}, 2: {1: 0, 4: 0}, 6: {1: 1, 3: 0, 5: 4, 6: 1}}
+
+
+def make_word_to_region(text, image):
+    w2r = torch.full(text.shape, -1, dtype=torch.long)
+    for b, ann in ANNOTATIONS.items():
+        words = torch.nonzero(text[b]).flatten()
+        regions = torch.nonzero(image[b]).flatten()
+        for t, v in ann.items():
+            w2r[b, words[t]] = regions[v]
+    return w2r
+
+
+@pytest.mark.parametrize("direction", ref.DIRECTIONS)
+def test_isd_annotated_matches_reference(direction):
+    q, k, text, image = make_batch()
+    w2r = make_word_to_region(text, image)
+    rel = iais.relation_matrices(q, k, text, image)
+    got = iais.isd_annotated(rel, w2r, direction=direction)
+    want = ref.reference_isd_annotated(q, k, text, image, w2r, direction=direction)
+    assert got.shape == (B,)
+    assert not got.requires_grad
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert got[4].item() == 0.0  # valid pair, no annotated word
+    for b, ok in enumerate(VALID):
+        if not ok:
+            assert got[b].item() == 0.0
+    assert (got[torch.tensor([0, 6])] > 1e-4).all()
+
+
+def test_isd_annotated_ignores_values_at_non_word_positions():
+    q, k, text, image = make_batch()
+    w2r = make_word_to_region(text, image)
+    stray = w2r.clone()
+    neither = ~text
+    region0 = torch.nonzero(image[0]).flatten()[1]
+    stray[0][neither[0]] = region0  # annotations only count at word positions
+    rel = iais.relation_matrices(q, k, text, image)
+    for d in ref.DIRECTIONS:
+        torch.testing.assert_close(iais.isd_annotated(rel, stray, direction=d),
+                                   iais.isd_annotated(rel, w2r, direction=d), rtol=0, atol=0)
+
+
+def test_isd_annotated_v_uses_lowest_position_word():
+    # pair 0, direction V by hand: regions (sequence order) slots 0, 2, 3 <- first words 1, 0, 2
+    q, k, text, image = make_batch()
+    (m,) = ref.reference_matrices(q[:1], k[:1], text[:1], image[:1])
+    rp = torch.tensor([0, 2, 3])
+    bw = torch.tensor([1, 0, 2])
+    s = m.s_v[rp][:, rp]
+    s = s / s.sum(1, keepdim=True)
+    p = torch.softmax(m.s_l[bw][:, bw], dim=1)
+    want = ((p * (p / s).log()).sum() + (s * (s / p).log()).sum()) / 3
+    rel = iais.relation_matrices(q, k, text, image)
+    got = iais.isd_annotated(rel, make_word_to_region(text, image), direction="V")
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-7)
+
+
+def test_isd_annotated_all_words_annotated_one_to_one_is_singular_like():
+    # with every word annotated to a distinct region, the L part uses exactly the word rows of S_L
+    q, k, text, image = make_batch(word_counts=[3, 4], region_counts=[5, 6], n=16, seed=3)
+    w2r = torch.full(text.shape, -1, dtype=torch.long)
+    for b in range(2):
+        words = torch.nonzero(text[b]).flatten()
+        regions = torch.nonzero(image[b]).flatten()
+        w2r[b, words] = regions[torch.randperm(regions.numel(), generator=torch.Generator().manual_seed(b))
+                                [:words.numel()]]
+    rel = iais.relation_matrices(q, k, text, image)
+    for d in ref.DIRECTIONS:
+        torch.testing.assert_close(iais.isd_annotated(rel, w2r, direction=d),
+                                   ref.reference_isd_annotated(q, k, text, image, w2r, direction=d),
+                                   rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# batching hygiene
+
+
+def big_batch(seed=11):
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(0, 14, (64,), generator=g).tolist()
+    regions = torch.randint(0, 10, (64,), generator=g).tolist()
+    return make_batch(word_counts=words, region_counts=regions, n=26, h=2, d=8, seed=seed)
+
+
+def test_batch_of_64_in_one_call():
+    q, k, text, image = big_batch()
+    rel = iais.relation_matrices(q, k, text, image)
+    assert rel.s_l.shape[0] == 64
+    for a, d in (("singular", "both"), ("distributed", "both"), ("congruence", "both")):
+        got = iais.iais_loss(rel, alignment=a, direction=d, reduction="none")
+        assert got.shape == (64,) and torch.isfinite(got).all()
+        want = ref.reference_loss(q, k, text, image, alignment=a, direction=d, reduction="none")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_results_permute_with_the_batch():
+    q, k, text, image = big_batch()
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    rel = iais.relation_matrices(q, k, text, image)
+    rel_p = iais.relation_matrices(q[perm], k[perm], text[perm], image[perm])
+    for name in MATRIX_NAMES + ("word_mask", "region_mask", "word_pos", "region_pos"):
+        torch.testing.assert_close(getattr(rel_p, name), getattr(rel, name)[perm], rtol=1e-6, atol=1e-8)
+    for a, d in COMBOS:
+        torch.testing.assert_close(iais.iais_loss(rel_p, alignment=a, direction=d, reduction="none"),
+                                   iais.iais_loss(rel, alignment=a, direction=d, reduction="none")[perm],
+                                   rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(iais.iais_loss(rel_p, alignment=a, direction=d),
+                                   iais.iais_loss(rel, alignment=a, direction=d), rtol=1e-5, atol=1e-7)
+
+
+def test_pair_result_does_not_depend_on_other_pairs():
+    q, k, text, image = big_batch()
+    rel = iais.relation_matrices(q, k, text, image)
+    full = {(a, d): iais.iais_loss(rel, alignment=a, direction=d, reduction="none") for a, d in COMBOS}
+    for b in range(0, 64, 9):
+        sl = slice(b, b + 1)
+        rel_b = iais.relation_matrices(q[sl], k[sl], text[sl], image[sl])
+        for a, d in COMBOS:
+            got = iais.iais_loss(rel_b, alignment=a, direction=d, reduction="none")
+            torch.testing.assert_close(got, full[a, d][sl], rtol=1e-5, atol=1e-7)
