@@ -68,15 +68,22 @@ def _compact(mask: Tensor, size: int | None, what: str) -> tuple[Tensor, Tensor]
 
 
 def _gather_tokens(x: Tensor, pos: Tensor) -> Tensor:
-    """x [B, H, N, d], pos [B, K] -> [B, H, K, d]."""
-    b, h, _, d = x.shape
-    return x.gather(2, pos[:, None, :, None].expand(b, h, pos.shape[1], d))
+    """x [B, H, N, d], pos [B, K] -> [B, H, K, d].
+
+    Rows are picked from the [B * N, H * d] layout that linear projections produce (x is then a
+    free transposed view of it): whole contiguous rows in, an index_add of rows in backward.
+    """
+    b, h, n, d = x.shape
+    flat = (pos + torch.arange(b, device=pos.device)[:, None] * n).reshape(-1)
+    rows = x.transpose(1, 2).reshape(b * n, h * d).index_select(0, flat)
+    return rows.view(b, pos.shape[1], h, d).transpose(1, 2).contiguous()
 
 
 def _masked_mean_softmax(scores: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """Softmax of [B, H, R, C] scores over the valid columns, mean over heads, invalid rows/cols 0."""
     # A finite fill (not -inf) keeps fully masked rows NaN-free; they are zeroed below.
-    scores = scores.masked_fill(~cols[:, None, None, :], torch.finfo(scores.dtype).min)
+    # In place: the product's backward does not need its output.
+    scores = scores.masked_fill_(~cols[:, None, None, :], torch.finfo(scores.dtype).min)
     probs = scores.softmax(-1).mean(1)
     return probs * (rows[:, :, None] & cols[:, None, :])
 
@@ -93,8 +100,8 @@ def relation_matrices(
     """Spec section 1 from a layer's own projections ``query``/``key`` [B, H, N, d].
 
     ``text_mask``/``image_mask`` [B, N] bool mark the valid word / region positions (anywhere in the
-    sequence). Each of the four blocks is scored on the compacted positions only: (T + V)^2 score
-    entries instead of 4 N^2. ``max_words``/``max_regions`` are static upper bounds on the per-pair
+    sequence). The scores are computed once, on the compacted positions only: (T + V)^2 entries
+    instead of 4 N^2, and the four blocks are views of them. ``max_words``/``max_regions`` are static upper bounds on the per-pair
     counts (the collator knows them); without them the bound is N, correct but not compact.
     """
     if query.shape != key.shape or query.dim() != 4:
@@ -104,10 +111,11 @@ def relation_matrices(
     word_pos, word_mask = _compact(text_mask.bool(), max_words, "words")
     region_pos, region_mask = _compact(image_mask.bool(), max_regions, "regions")
 
+    # Float32 at least (bf16 cannot resolve these KLs); float64 stays float64 (gradcheck).
+    dtype = torch.promote_types(query.dtype, torch.float32)
     scale = 1.0 / math.sqrt(query.shape[-1])
-    q, k = query.float(), key.float()
-    q_w, q_r = _gather_tokens(q, word_pos) * scale, _gather_tokens(q, region_pos) * scale
-    k_w, k_r = _gather_tokens(k, word_pos), _gather_tokens(k, region_pos)
+    q_w, q_r = _gather_tokens(query.to(dtype), word_pos) * scale, _gather_tokens(query.to(dtype), region_pos) * scale
+    k_w, k_r = _gather_tokens(key.to(dtype), word_pos), _gather_tokens(key.to(dtype), region_pos)
 
     def block(q_x: Tensor, k_y: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         return _masked_mean_softmax(q_x @ k_y.transpose(-1, -2), rows, cols)
@@ -141,7 +149,7 @@ def relation_matrices_from_probs(
         raise ValueError(f"probs must be [B, H, N, N], got {tuple(probs.shape)}")
     word_pos, word_mask = _compact(text_mask.bool(), max_words, "words")
     region_pos, region_mask = _compact(image_mask.bool(), max_regions, "regions")
-    p = probs.float()
+    p = probs.to(torch.promote_types(probs.dtype, torch.float32))
     b, h, n, _ = p.shape
 
     def block(row_pos: Tensor, col_pos: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

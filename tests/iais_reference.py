@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 
@@ -72,7 +71,7 @@ def pair_matrices(q: torch.Tensor, k: torch.Tensor, text_mask: torch.Tensor, ima
     )
 
 
-def reference_matrices(query, key, text_mask, image_mask) -> List[PairMatrices]:
+def reference_matrices(query, key, text_mask, image_mask) -> list[PairMatrices]:
     """Per-pair cropped matrices for a batch: query/key [B, H, N, d], masks [B, N]."""
     return [pair_matrices(query[b], key[b], text_mask[b], image_mask[b]) for b in range(query.shape[0])]
 
@@ -100,7 +99,7 @@ def mapped_matrix(m: PairMatrices, alignment: str, direction: str) -> torch.Tens
     raise ValueError(f"unknown alignment {alignment!r}")
 
 
-def pair_loss(m: PairMatrices, alignment: str, direction: str) -> Optional[torch.Tensor]:
+def pair_loss(m: PairMatrices, alignment: str, direction: str) -> torch.Tensor | None:
     """loss of one pair (spec section 3); None for a pair without words or without regions."""
     if alignment not in ALIGNMENTS:
         raise ValueError(alignment)
@@ -119,7 +118,7 @@ def pair_loss(m: PairMatrices, alignment: str, direction: str) -> Optional[torch
     return total
 
 
-def _reduce(per_pair: List[Optional[torch.Tensor]], dtype, device, reduction: str) -> torch.Tensor:
+def _reduce(per_pair: list[torch.Tensor | None], dtype, device, reduction: str) -> torch.Tensor:
     zero = torch.zeros((), dtype=dtype, device=device)
     if reduction == "none":
         return torch.stack([zero if v is None else v for v in per_pair])
@@ -147,7 +146,7 @@ def _renormalise(s: torch.Tensor) -> torch.Tensor:
     return s / s.sum(dim=1, keepdim=True)
 
 
-def pair_isd_annotated(m: PairMatrices, word_to_region: torch.Tensor, direction: str) -> Optional[torch.Tensor]:
+def pair_isd_annotated(m: PairMatrices, word_to_region: torch.Tensor, direction: str) -> torch.Tensor | None:
     """ISDa of one pair. word_to_region: [N] long, the region's sequence position at each word's
     position (-1 = no annotation). None when the pair has no annotated word (or no word/region)."""
     if not m.valid:

@@ -13,6 +13,7 @@ for _p in (_HERE, os.path.dirname(_HERE)):
         sys.path.insert(0, _p)
 
 import iais_reference as ref  # noqa: E402
+
 from iais_scale import iais  # noqa: E402
 
 COMBOS = [(a, d) for a in ref.ALIGNMENTS for d in ref.DIRECTIONS]
