@@ -69,6 +69,7 @@ class ObjectiveConfig:
     mlm_prob: float = 0.15
     mlm_only_steps: int = 0  # warm-up steps with MLM alone before ranking starts
     rank_weight: float = 1.0
+    rank_loss: Literal["hinge", "bce", "softmax"] = "hinge"  # hinge: the paper's recipe; bce: UNITER's ITM
     margin: float = 0.2  # hinge margin on sigmoid scores
     num_candidates: int = 15  # negatives sampled per anchor and scored without gradient
     num_hard: int = 3  # hardest of those kept in the group
@@ -206,6 +207,12 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept the number it plainly means.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         problems.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
         return None

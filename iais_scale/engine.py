@@ -184,9 +184,10 @@ def run(cfg: ExperimentConfig) -> dict:
     logger = MetricsLogger(out_dir, rank)
 
     engine.train()
-    t_log, samples = time.perf_counter(), 0
+    # Loss parts are averaged over the micro-steps of a logging window (keys missing in some steps,
+    # e.g. before ranking starts, average over the steps that have them).
+    t_log, samples, window = time.perf_counter(), 0, {}
     for step in range(cfg.train.steps):
-        parts_sum: dict[str, float] = {}
         for _ in range(cfg.train.grad_accum):
             batch = next(batches)
             bad.merge(*batch.pop("sample_counts"))
@@ -201,10 +202,11 @@ def run(cfg: ExperimentConfig) -> dict:
             samples += batch["text_ids"].shape[0]
             parts["loss"] = loss.detach()
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / cfg.train.grad_accum
+                total, count = window.get(k, (0.0, 0))
+                window[k] = (total + float(v), count + 1)
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             elapsed = time.perf_counter() - t_log
-            record = dict(parts_sum)  # same keys on every rank, so the all-reduce lines up
+            record = {k: total / count for k, (total, count) in window.items()}  # same keys on every rank
             record.update(
                 step=step + 1,
                 lr=scheduler.get_last_lr()[0],
@@ -213,7 +215,7 @@ def run(cfg: ExperimentConfig) -> dict:
                 bad_samples=sum(bad.bad.values()),
             )
             logger.log(_all_reduce_mean(record, world))
-            t_log, samples = time.perf_counter(), 0
+            t_log, samples, window = time.perf_counter(), 0, {}
 
     ckpt_dir = out_dir / "checkpoints"
     engine.save_checkpoint(str(ckpt_dir), tag=f"step{cfg.train.steps}", client_state={"step": cfg.train.steps})
@@ -274,7 +276,7 @@ class MetricsLogger:
         if self.rank != 0:
             return
         step = record["step"]
-        main = ("loss", "mlm", "rank_text", "rank_image", "iais_weight", "isd_text", "entropy_S_L_text")
+        main = ("loss", "mlm", "rank", "iais", "iais_weight", "entropy_S_L", "entropy_S_V")
         shown = "  ".join(f"{k}={record[k]:.4g}" for k in main if k in record)
         log.info("step %d  %s  %.0f samples/s", step, shown, record["samples_per_s"])
         self.jsonl.write(json.dumps(record) + "\n")

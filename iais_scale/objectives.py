@@ -67,12 +67,16 @@ def hardest_negatives(
 ) -> Tensor:
     """[B, num_hard] indices of the hardest of ``num_candidates`` random in-batch negatives per anchor.
 
+    With ``num_hard == num_candidates`` the negatives are random and nothing is scored.
+
     ``anchor="text"`` mines negative images for each text, ``"image"`` negative texts for each image.
     """
     b = batch["text_ids"].shape[0]
     noise = torch.rand(b, b, generator=generator)
     noise.fill_diagonal_(-1.0)  # never the positive itself
     candidates = noise.topk(num_candidates, dim=1).indices  # a uniform random subset per anchor
+    if num_hard == num_candidates:  # keeping them all: plain random negatives, nothing to score
+        return candidates
     anchors = torch.arange(b)[:, None].expand_as(candidates)
     texts, images = (anchors, candidates) if anchor == "text" else (candidates, anchors)
     was_training = model.training
@@ -99,8 +103,12 @@ def group_loss(
     anchor: str,
     margin: float,
     iais: IaisRequest | None,
+    kind: str = "hinge",
 ) -> GroupLoss:
-    """Hinge ``max(0, margin + s_neg - s_pos)`` on sigmoid scores of groups [positive, negatives...]."""
+    """Ranking loss of groups [positive, negatives...]: the reference hinge
+    ``max(0, margin + s_neg - s_pos)`` on sigmoid scores; binary cross-entropy (UNITER's ITM),
+    positives and negatives weighted equally; or the softmax cross-entropy of the positive against
+    its group (a listwise loss with a stronger gradient on hard groups)."""
     b, k = negatives.shape
     anchors = torch.arange(b)[:, None].expand(b, k + 1)
     others = torch.cat([torch.arange(b)[:, None], negatives], 1)
@@ -108,8 +116,14 @@ def group_loss(
     if iais is not None:
         iais = IaisRequest(rows=torch.arange(b) * (k + 1), alignment=iais.alignment, direction=iais.direction)
     out = model(**pair_inputs(batch, texts.reshape(-1), images.reshape(-1)), iais_request=iais)
-    scores = torch.sigmoid(model.itm_logit(out)).view(b, k + 1)
-    rank = F.relu(margin + scores[:, 1:] - scores[:, :1]).mean()
+    logits = model.itm_logit(out).view(b, k + 1)
+    scores = torch.sigmoid(logits)
+    if kind == "hinge":
+        rank = F.relu(margin + scores[:, 1:] - scores[:, :1]).mean()
+    elif kind == "bce":
+        rank = 0.5 * (F.softplus(-logits[:, 0]).mean() + F.softplus(logits[:, 1:]).mean())
+    else:  # "softmax": cross-entropy of the positive against its group
+        rank = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
     stats = {"score_pos": scores[:, 0].mean().detach(), "score_neg": scores[:, 1:].mean().detach()}
     if out.iais_loss is None:
         return GroupLoss(rank, rank.new_zeros(()), stats)
@@ -170,20 +184,18 @@ def training_loss(
     ranked_steps = total_steps - cfg.mlm_only_steps
     w = iais_weight(step - cfg.mlm_only_steps, ranked_steps, cfg.iais)
     parts["iais_weight"] = w
-    for anchor, direction in (("text", "L"), ("image", "V")):
-        if cfg.iais.direction != "alternate":
-            direction = cfg.iais.direction
-        request = IaisRequest(torch.empty(0), cfg.iais.alignment, direction) if cfg.iais.enabled else None
-        negatives = hardest_negatives(
-            model, batch, anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard,
-            generator=generator,
-        )
-        g = group_loss(model, batch, negatives, anchor=anchor, margin=cfg.margin, iais=request)
-        # Each group kind is one reference batch: rank + w * IAIS; the two kinds are averaged.
-        loss = loss + 0.5 * (cfg.rank_weight * g.rank + w * g.iais)
-        parts[f"rank_{anchor}"] = g.rank.detach()
-        if cfg.iais.enabled:
-            parts[f"iais_{direction}_{anchor}"] = g.iais.detach()
-        for name, value in g.stats.items():
-            parts[f"{name}_{anchor}"] = value
+    # As in the reference fine-tuning, steps alternate between text-anchored groups (negative
+    # images, IAIS direction L) and image-anchored groups (negative texts, direction V).
+    anchor, direction = ("text", "L") if step % 2 == 0 else ("image", "V")
+    if cfg.iais.direction != "alternate":
+        direction = cfg.iais.direction
+    request = IaisRequest(torch.empty(0), cfg.iais.alignment, direction) if cfg.iais.enabled else None
+    negatives = hardest_negatives(
+        model, batch, anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard, generator=generator
+    )
+    g = group_loss(model, batch, negatives, anchor=anchor, margin=cfg.margin, iais=request, kind=cfg.rank_loss)
+    loss = loss + cfg.rank_weight * g.rank + w * g.iais
+    parts["rank"] = g.rank.detach()
+    parts["iais"] = g.iais.detach()
+    parts.update(g.stats)
     return loss, parts

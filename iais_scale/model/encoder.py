@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel
 from transformers.models.bert.modeling_bert import (
     BertEmbeddings,
     BertLayer,
     BertOnlyMLMHead,
     BertPooler,
+    BertPreTrainedModel,
 )
 
 from .. import iais
@@ -46,7 +46,9 @@ class IaisRequest:
     direction: str = "L"
 
 
-class CrossModalModel(PreTrainedModel):
+class CrossModalModel(BertPreTrainedModel):
+    """Inherits BERT's weight initialisation (incl. the embeddings' position-id buffers on load)."""
+
     config_class = CrossModalConfig
     base_model_prefix = "cross_modal"
     supports_gradient_checkpointing = True
