@@ -1,4 +1,4 @@
-"""``python -m data_tools {demo,verify,stats}``."""
+"""``python -m data_tools {demo,verify,stats,karpathy,coco,table,features}``."""
 
 from __future__ import annotations
 
@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.set_defaults(func=func)
+
+    from . import coco, features, karpathy, table
+
+    for module in (karpathy, coco, table, features):
+        module.add_parser(sub)
     return parser
 
 

@@ -4,12 +4,21 @@ Shared by ``verify`` (which reports the problems) and ``stats`` (which reports
 the numbers). Tar files are read with :mod:`tarfile` rather than WebDataset so
 that truncation and malformed members surface as precise messages; nothing is
 ever unpickled (``.npy`` is loaded with ``allow_pickle=False``).
+
+Besides the ``iais_scale-shards-v1`` layout, a folder of img2dataset output
+(``00000.tar``, ``00000_stats.json``, ...; samples ``{key}.jpg`` + ``{key}.txt``
++ ``{key}.json``) is read as one split as it is: the caption comes from the
+``.txt`` member, the ``.json`` is img2dataset's own metadata (its ``width`` /
+``height``, when present, are checked against the image), and sample counts are
+checked against ``successes`` of each ``{shard}_stats.json`` instead of a
+``sizes.json``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +39,7 @@ from iais_scale.data.format import (
     MEMBER_EXTS,
     SHARD_PREFIX,
     SHARD_RE,
+    SHARD_SUFFIX,
     SIZES_FILE,
     TMP_SUFFIX,
     TOKENIZER_DIR,
@@ -42,6 +52,13 @@ from iais_scale.data.format import (
 from iais_scale.data.tokenizer import SPECIAL_TOKENS
 
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+# A JPEG with appended images (camera MPO files) is still a JPEG to every decoder.
+_PIL_ALIASES = {"MPO": "JPEG"}
+
+IAIS_LAYOUT = "iais_scale-shards-v1"
+IMG2DATASET_LAYOUT = "img2dataset"
+IMG2DATASET_EXTS: tuple[str, ...] = (*IMAGE_EXTS, "txt", JSON_EXT)
+STATS_SUFFIX = "_stats.json"
 _END_OF_ARCHIVE = 1024  # two zero blocks close every complete tar
 
 
@@ -89,6 +106,7 @@ class Report:
     keys: list[tuple[str, str]] = field(default_factory=list)  # (key, shard)
     swap: list[tuple[int, int, str]] = field(default_factory=list)  # (group, index, key)
     problems: list[str] = field(default_factory=list)
+    layout: str = IAIS_LAYOUT
 
     def merge(self, other: Report) -> None:
         self.shards += other.shards
@@ -107,6 +125,42 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"non-standard JSON number {name}")
 
 
+def _img2dataset_meta(members: dict[str, bytes], split: str, bad: Callable[[str], None]) -> dict[str, Any] | None:
+    """The sample's metadata in our schema, from img2dataset's ``.txt`` caption and ``.json``."""
+    extra: dict[str, Any] = {}
+    if JSON_EXT in members:
+        try:
+            extra = json.loads(members[JSON_EXT].decode("utf-8"))  # img2dataset may write NaN: allowed here
+        except (UnicodeDecodeError, ValueError) as e:
+            bad(f".{JSON_EXT}: invalid JSON ({e})")
+        if not isinstance(extra, dict):
+            bad(f".{JSON_EXT}: must be an object")
+            extra = {}
+    if extra.get("status", "success") != "success":
+        bad(f".{JSON_EXT}: status {extra.get('status')!r} ({extra.get('error_message')})")
+    if "txt" not in members:
+        bad("missing .txt (the caption)")
+        return None
+    try:
+        caption = members["txt"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad(f".txt: not UTF-8 ({e})")
+        return None
+    if not caption.strip():
+        bad(".txt: empty caption")
+        return None
+    meta: dict[str, Any] = {"split": split, "captions": [caption]}
+    for name in ("width", "height"):
+        value = extra.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue  # not recorded: nothing to compare the image with
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            bad(f".{JSON_EXT}: {name} must be a positive integer, got {value!r}")
+            continue
+        meta[name] = value
+    return meta
+
+
 def _check_sample(
     report: Report,
     where: str,
@@ -115,6 +169,7 @@ def _check_sample(
     split: str,
     feature_dim: int | None,
     decode_images: bool,
+    layout: str = IAIS_LAYOUT,
 ) -> None:
     """Check one sample, append ``where:key: reason`` problems and add its statistics."""
 
@@ -129,7 +184,9 @@ def _check_sample(
         bad(str(e))
 
     meta: dict[str, Any] | None = None
-    if JSON_EXT not in members:
+    if layout == IMG2DATASET_LAYOUT:
+        meta = _img2dataset_meta(members, split, bad)
+    elif JSON_EXT not in members:
         bad(f"missing .{JSON_EXT}")
     else:
         try:
@@ -161,10 +218,12 @@ def _check_sample(
         try:
             with Image.open(io.BytesIO(members[ext])) as img:
                 img.load()  # full decode: catches truncated image data
-                if img.format != _PIL_FORMATS[ext]:
+                # img2dataset names every image .jpg whatever its encode format; decoders sniff the content.
+                if layout == IAIS_LAYOUT and _PIL_ALIASES.get(img.format, img.format) != _PIL_FORMATS[ext]:
                     bad(f".{ext}: holds a {img.format} image")
-                if meta is not None and img.size != (meta["width"], meta["height"]):
-                    bad(f".{ext}: size {img.size[0]}x{img.size[1]} != json {meta['width']}x{meta['height']}")
+                size = (meta.get("width", img.size[0]), meta.get("height", img.size[1])) if meta else img.size
+                if img.size != size:
+                    bad(f".{ext}: size {img.size[0]}x{img.size[1]} != json {size[0]}x{size[1]}")
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
             bad(f".{ext}: cannot decode image ({type(e).__name__}: {e})")
 
@@ -173,7 +232,9 @@ def _check_sample(
         bad(f".{BOXES_EXT} without .{FEAT_EXT}")
     if has_feat and not has_boxes:
         bad(f".{FEAT_EXT} without .{BOXES_EXT}")
-    if not images and not has_feat:
+    if layout == IMG2DATASET_LAYOUT and not images:
+        bad("no image member (.jpg, .png or .webp)")
+    elif not images and not has_feat:
         bad("neither an image nor region features")
     if has_feat and has_boxes:
         try:
@@ -183,7 +244,7 @@ def _check_sample(
             bad(f"npy: cannot decode ({type(e).__name__}: {e})")
             return
         try:
-            width, height = (meta["width"], meta["height"]) if meta is not None else (np.inf, np.inf)
+            width, height = (meta.get("width", np.inf), meta.get("height", np.inf)) if meta else (np.inf, np.inf)
             validate_regions(feat, boxes, width, height)
         except ValueError as e:
             bad(str(e))
@@ -194,7 +255,9 @@ def _check_sample(
         report.regions.add(int(feat.shape[0]))
 
 
-def _iter_samples(tf: tarfile.TarFile, where: str, problems: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _iter_samples(
+    tf: tarfile.TarFile, where: str, problems: list[str], allowed: tuple[str, ...] = MEMBER_EXTS
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group consecutive members into samples by key (everything before the first dot)."""
     key: str | None = None
     members: dict[str, bytes] = {}
@@ -214,7 +277,7 @@ def _iter_samples(tf: tarfile.TarFile, where: str, problems: list[str]) -> Itera
             if key is not None:
                 yield key, members
             key, members = k, {}
-        if ext not in MEMBER_EXTS:
+        if ext not in allowed:
             problems.append(f"{where}:{k}: unknown member extension .{ext}")
         elif ext in members:
             problems.append(f"{where}:{k}: duplicate member .{ext}")
@@ -224,17 +287,25 @@ def _iter_samples(tf: tarfile.TarFile, where: str, problems: list[str]) -> Itera
         yield key, members
 
 
-def scan_shard(path: Path, where: str, split: str, feature_dim: int | None, decode_images: bool = True) -> Report:
+def scan_shard(
+    path: Path,
+    where: str,
+    split: str,
+    feature_dim: int | None,
+    decode_images: bool = True,
+    layout: str = IAIS_LAYOUT,
+) -> Report:
     """Check every sample of one shard; ``where`` prefixes problem lines."""
-    report = Report(shards=1)
+    report = Report(shards=1, layout=layout)
+    allowed = IMG2DATASET_EXTS if layout == IMG2DATASET_LAYOUT else MEMBER_EXTS
     # A sample is only known to be complete once the next one starts or the
     # archive ends properly, so the last one is held back until then.
     pending: tuple[str, dict[str, bytes]] | None = None
     try:
         with tarfile.open(path, "r:") as tf:
-            for sample in _iter_samples(tf, where, report.problems):
+            for sample in _iter_samples(tf, where, report.problems, allowed):
                 if pending is not None:
-                    _check_sample(report, where, *pending, split, feature_dim, decode_images)
+                    _check_sample(report, where, *pending, split, feature_dim, decode_images, layout)
                 pending = sample
             end = tf.offset
         # tarfile stops quietly when a file is cut at a block boundary; only the
@@ -249,11 +320,11 @@ def scan_shard(path: Path, where: str, split: str, feature_dim: int | None, deco
     except (tarfile.TarError, EOFError, OSError) as e:
         report.problems.append(f"{where}: truncated or unreadable tar ({type(e).__name__}: {e})")
     if pending is not None:
-        _check_sample(report, where, *pending, split, feature_dim, decode_images)
+        _check_sample(report, where, *pending, split, feature_dim, decode_images, layout)
     return report
 
 
-def _scan_shard_args(args: tuple[Path, str, str, int | None, bool]) -> Report:
+def _scan_shard_args(args: tuple[Path, str, str, int | None, bool, str]) -> Report:
     return scan_shard(*args)
 
 
@@ -268,20 +339,26 @@ def scan_split(
 ) -> Report:
     """Check all shards of one split folder against each other and ``sizes.json``."""
     split = split_dir.name
-    report = Report()
-    shards = sorted(p for p in split_dir.iterdir() if SHARD_RE.match(p.name))
+    layout = split_layout(split_dir)
+    report = Report(layout=layout or IAIS_LAYOUT)
     split_problems: list[str] = []
-    for p in sorted(split_dir.iterdir()):
-        if p.name.startswith(SHARD_PREFIX) and p.name.endswith(TMP_SUFFIX):
-            split_problems.append(f"{where}/{p.name}: leftover temporary file (interrupted write)")
     sizes: dict[str, int] | None = None
-    try:
-        sizes = read_sizes(split_dir)
-    except FileNotFoundError:
-        split_problems.append(f"{where}/{SIZES_FILE}: missing")
-    except (ValueError, OSError) as e:
-        split_problems.append(f"{where}/{SIZES_FILE}: unreadable ({e})")
-    if sizes is not None:
+    if layout == IMG2DATASET_LAYOUT:
+        shards = sorted(p for p in split_dir.iterdir() if p.name.endswith(SHARD_SUFFIX) and p.is_file())
+        sizes = _img2dataset_sizes(split_dir, where, split_problems)
+    else:
+        shards = sorted(p for p in split_dir.iterdir() if SHARD_RE.match(p.name))
+        for p in sorted(split_dir.iterdir()):
+            if p.name.startswith(SHARD_PREFIX) and p.name.endswith(TMP_SUFFIX):
+                split_problems.append(f"{where}/{p.name}: leftover temporary file (interrupted write)")
+        try:
+            sizes = read_sizes(split_dir)
+        except FileNotFoundError:
+            split_problems.append(f"{where}/{SIZES_FILE}: missing")
+        except (ValueError, OSError) as e:
+            split_problems.append(f"{where}/{SIZES_FILE}: unreadable ({e})")
+    counts_file = "its _stats.json" if layout == IMG2DATASET_LAYOUT else SIZES_FILE
+    if sizes is not None and layout != IMG2DATASET_LAYOUT:
         on_disk = {p.name for p in shards}
         split_problems += [f"{where}/{n}: listed in {SIZES_FILE} but missing" for n in sizes if n not in on_disk]
         split_problems += [f"{where}/{n}: not listed in {SIZES_FILE}" for n in sorted(on_disk - set(sizes))]
@@ -289,7 +366,7 @@ def scan_split(
     emit = on_problem or (lambda _line: None)
     for line in split_problems:
         emit(line)
-    jobs = [(p, f"{where}/{p.name}", split, feature_dim, decode_images) for p in shards]
+    jobs = [(p, f"{where}/{p.name}", split, feature_dim, decode_images, report.layout) for p in shards]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_scan_shard_args, jobs))
@@ -299,7 +376,7 @@ def scan_split(
         path, shard_where = job[0], job[1]
         if sizes is not None and path.name in sizes and sizes[path.name] != shard_report.samples:
             shard_report.problems.append(
-                f"{shard_where}: {SIZES_FILE} says {sizes[path.name]} samples, found {shard_report.samples}"
+                f"{shard_where}: {counts_file} says {sizes[path.name]} samples, found {shard_report.samples}"
             )
         for line in shard_report.problems:
             emit(line)
@@ -329,13 +406,41 @@ def scan_split(
     return report
 
 
+def split_layout(path: Path) -> str | None:
+    """``iais_scale-shards-v1`` or ``img2dataset`` for a split folder, None for any other folder."""
+    if not path.is_dir():
+        return None
+    names = [p.name for p in path.iterdir()]
+    if any(
+        n == SIZES_FILE or SHARD_RE.match(n) or (n.startswith(SHARD_PREFIX) and n.endswith(TMP_SUFFIX)) for n in names
+    ):
+        return IAIS_LAYOUT
+    if any(n.endswith(SHARD_SUFFIX) or n.endswith(STATS_SUFFIX) for n in names):
+        return IMG2DATASET_LAYOUT
+    return None
+
+
 def _is_split_dir(path: Path) -> bool:
-    return path.is_dir() and any(
-        p.name == SIZES_FILE
-        or SHARD_RE.match(p.name)
-        or (p.name.startswith(SHARD_PREFIX) and p.name.endswith(TMP_SUFFIX))
-        for p in path.iterdir()
-    )
+    return split_layout(path) is not None
+
+
+def _img2dataset_sizes(split_dir: Path, where: str, problems: list[str]) -> dict[str, int]:
+    """{shard: successes} from the ``{shard}_stats.json`` files that img2dataset writes beside each tar."""
+    sizes: dict[str, int] = {}
+    for p in sorted(split_dir.glob(f"*{STATS_SUFFIX}")):
+        shard = p.name[: -len(STATS_SUFFIX)] + SHARD_SUFFIX
+        try:
+            successes = json.loads(p.read_text(encoding="utf-8")).get("successes")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            problems.append(f"{where}/{p.name}: unreadable ({e})")
+            continue
+        if not isinstance(successes, int) or isinstance(successes, bool) or successes < 0:
+            problems.append(f"{where}/{p.name}: no sample count ('successes')")
+        elif not (split_dir / shard).is_file():
+            problems.append(f"{where}/{p.name}: its shard {shard} is missing")
+        else:
+            sizes[shard] = successes
+    return sizes
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .scan import scan_dataset
+from .scan import IAIS_LAYOUT, scan_dataset
 
 
 def compute_stats(path: str | Path, *, workers: int = 1) -> tuple[dict[str, dict[str, Any]], int]:
@@ -19,6 +19,8 @@ def compute_stats(path: str | Path, *, workers: int = 1) -> tuple[dict[str, dict
             "caption_words": r.caption_words.as_dict(),
             "regions": r.regions.as_dict(),
             "images": r.images,
+            # Only named when it is not our own format, so existing consumers see the same keys.
+            **({"layout": r.layout} if r.layout != IAIS_LAYOUT else {}),
         }
         for name, r in scan.splits.items()
     }
@@ -46,6 +48,10 @@ def format_table(stats: dict[str, dict[str, Any]]) -> str:
         ]
         for name, s in stats.items()
     ]
+    if any("layout" in s for s in stats.values()):
+        header.append("layout")
+        for row, s in zip(rows, stats.values(), strict=True):
+            row.append(s.get("layout", IAIS_LAYOUT))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .scan import scan_dataset
+from .scan import IMG2DATASET_LAYOUT, scan_dataset
 
 
 def verify(path: str | Path, *, workers: int = 1, out: Callable[[str], None] = print) -> int:
@@ -13,6 +13,8 @@ def verify(path: str | Path, *, workers: int = 1, out: Callable[[str], None] = p
     scan = scan_dataset(path, decode_images=True, workers=workers, on_problem=out)
     for name, report in scan.splits.items():
         status = "ok" if not report.problems else f"{len(report.problems)} problem(s)"
+        if report.layout == IMG2DATASET_LAYOUT:
+            status += " (img2dataset layout: captions from .txt, counts from *_stats.json, no sizes.json)"
         out(f"{name}: {report.shards} shard(s), {report.samples} samples, {report.captions} captions: {status}")
     n_samples = sum(r.samples for r in scan.splits.values())
     n_shards = sum(r.shards for r in scan.splits.values())

@@ -95,6 +95,11 @@ class TrainConfig:
     output_dir: str = "runs/demo"
     log_every: int = 10
     threads_per_rank: int | None = None  # torch intra-op threads; default: cores / local ranks
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end and on a signal)
+    keep_checkpoints: int = 3  # newest complete step checkpoints kept (the best one is kept apart)
+    resume: str = "none"  # "none", "auto" (newest complete checkpoint in output_dir) or a path
+    eval_every: int = 0  # steps between evaluations (0: only at the end); the best RSUM is kept
+    max_nonfinite_steps: int = 5  # abort after this many non-finite steps in a row
 
 
 @dataclass
@@ -127,6 +132,8 @@ class ExperimentConfig:
             ("data.max_text_len", self.data.max_text_len - 2),
             ("data.max_regions", self.data.max_regions),
             ("eval.batch_size", self.eval.batch_size),
+            ("train.keep_checkpoints", self.train.keep_checkpoints),
+            ("train.max_nonfinite_steps", self.train.max_nonfinite_steps),
         ):
             if value < 1:
                 p.append(f"{name}: must be at least 1 (got {value})")
@@ -145,6 +152,9 @@ class ExperimentConfig:
             )
         if o.mlm_only_steps >= t.steps and o.rank_weight > 0:
             p.append(f"objectives.mlm_only_steps: must be below train.steps={t.steps}")
+        for name in ("checkpoint_every", "eval_every"):
+            if getattr(t, name) < 0:
+                p.append(f"train.{name}: must be 0 (off) or positive (got {getattr(t, name)})")
         if not self.objectives.iais.layers:
             p.append("objectives.iais.layers: name at least one layer")
         for a in self.eval.isd_alignments:

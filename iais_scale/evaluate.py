@@ -1,15 +1,30 @@
-"""Retrieval evaluation: all-pairs scoring sharded over ranks, recall metrics, ISD, relation swaps.
+"""Retrieval evaluation: all-pairs scoring and top-k re-ranking sharded over ranks, recall metrics,
+ISD beside attention entropies, relation swaps, and loading of trained checkpoints.
 
 Runs without the trainer: it needs a model, a collator and the evaluation sets. Every rank scores an
 equal slice of the (image, caption) pairs in inference micro-batches (equal, so ZeRO-3's collective
-parameter gathers stay in step), and the score matrix is gathered on all ranks.
+parameter gathers stay in step), and the results are gathered on all ranks, so every rank returns
+the same report. Without a process group it is a single rank.
+
+Two scoring protocols:
+
+- **all pairs**: the cross-encoder (ITM head) scores every image with every caption.
+- **re-ranking** (ALBEF/BLIP): the contrastive (ITC) embeddings of the model's text-only and
+  image-only passes shortlist the top k candidates of every query; the cross-encoder scores only
+  the union of the shortlisted pairs (a pair shortlisted by both directions is scored once).
+  Candidates outside a query's shortlist score -inf, so they rank after every shortlisted one and,
+  since ties count against the query, a right answer outside the shortlist is never credited
+  within the top k.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +36,18 @@ from .data.collate import Collator
 from .data.retrieval import RetrievalSet, SwapGroup
 from .model import CrossModalModel, IaisRequest
 
+log = logging.getLogger(__name__)
+
 RECALL_KS = (1, 5, 10)
+METRIC_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
+ENTROPY_NAMES = ("S_L", "S_V", "A_t2i", "A_i2t")
+# Mean normalised entropies of all four matrices above this: the attention of that layer is
+# (near) uniform and its ISD is trivially low (spec section 7).
+DEGENERATE_ENTROPY = 0.98
+# Histogram bin edges of the per-pair statistics in the JSON report; values beyond either end are
+# counted in the end bins. ISD spans decades, so its bins are logarithmic.
+ENTROPY_BINS = [i / 20 for i in range(21)]
+ISD_BINS = [0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -65,6 +91,18 @@ def retrieval_metrics(scores: Tensor, caption_image: Tensor) -> dict[str, float]
     return out
 
 
+def split_metrics(i2t_scores: Tensor, t2i_scores: Tensor, caption_image: Tensor) -> dict[str, float]:
+    """Recall metrics when the two directions rank from different score matrices (re-ranking):
+    TR (image queries) from ``i2t_scores``, IR (caption queries) from ``t2i_scores``, both
+    [n_images, n_captions]."""
+    tr = retrieval_metrics(i2t_scores, caption_image)
+    ir = retrieval_metrics(t2i_scores, caption_image)
+    out = {f"tr_r{k}": tr[f"tr_r{k}"] for k in RECALL_KS}
+    out.update({f"ir_r{k}": ir[f"ir_r{k}"] for k in RECALL_KS})
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("tr", "ir") for k in RECALL_KS)
+    return out
+
+
 def winoground_scores(s: Tensor) -> dict[str, float]:
     """Text, image and group scores (%) from s[g, i, j] = score(caption i, image j) of G groups.
 
@@ -82,7 +120,7 @@ def winoground_scores(s: Tensor) -> dict[str, float]:
     }
 
 
-# --------------------------------------------------------------------------- scoring
+# --------------------------------------------------------------------------- sharding
 
 
 def _world() -> tuple[int, int]:
@@ -91,61 +129,257 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def sharded_map(fn: Callable[[Tensor], Tensor], n: int, batch_size: int) -> Tensor:
+    """``fn`` over rows ``0..n-1`` in micro-batches, each rank an equal slice, gathered on all ranks.
+
+    ``fn(rows)`` maps a [b] long index tensor (CPU) to a [b, ...] tensor on the model's device. The
+    last rank's slice is padded with copies of row n-1 (dropped after the gather), so that every
+    rank runs the same number of forward passes. Returns [n, ...] on the CPU.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rank, world = _world()
+    per_rank = math.ceil(n / world)
+    mine = torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp_max(max(n - 1, 0))
+    out = [fn(mine[s : s + batch_size]) for s in range(0, per_rank, batch_size)]
+    local = torch.cat(out) if out else torch.empty(0)
+    if world > 1:
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local.contiguous())
+        local = torch.cat(gathered)
+    return local[:n].cpu()
+
+
+def _select(tensors: dict[str, Tensor], rows: Tensor, device: torch.device) -> dict[str, Tensor]:
+    return {k: v.index_select(0, rows).to(device) for k, v in tensors.items()}
+
+
+# --------------------------------------------------------------------------- scoring
+
+
 @torch.no_grad()
 def score_pairs(
     model: CrossModalModel, texts: dict, images: dict, text_idx: Tensor, image_idx: Tensor, batch_size: int
 ) -> Tensor:
     """ITM logits of the pairs (text_idx[p], image_idx[p]), this rank's equal share, gathered."""
+    device = _device(model)
+
+    def fn(rows: Tensor) -> Tensor:
+        inputs = _select(texts, text_idx[rows], device)
+        inputs.update(_select(images, image_idx[rows], device))
+        return model.itm_logit(model(**inputs)).float()
+
+    return sharded_map(fn, text_idx.numel(), batch_size)
+
+
+def has_itc(model: torch.nn.Module) -> bool:
+    """Whether the model has the contrastive interface (``config.itc_dim > 0``)."""
+    return (getattr(model.config, "itc_dim", 0) or 0) > 0 and hasattr(model, "itc_text") and hasattr(model, "itc_image")
+
+
+@torch.no_grad()
+def itc_embeddings(model: CrossModalModel, texts: dict, images: dict, batch_size: int) -> tuple[Tensor, Tensor]:
+    """L2-normalised ITC embeddings (text [n_txt, d], image [n_img, d]) from the model's text-only
+    and image-only passes, sharded over ranks."""
+    device = _device(model)
+
+    def text_fn(rows: Tensor) -> Tensor:
+        t = _select(texts, rows, device)
+        return model.itc_text(t["text_ids"], t["text_attention"]).float()
+
+    def image_fn(rows: Tensor) -> Tensor:
+        i = _select(images, rows, device)
+        return model.itc_image(i["region_features"], i["region_geometry"], i["region_attention"]).float()
+
+    return (
+        sharded_map(text_fn, texts["text_ids"].shape[0], batch_size),
+        sharded_map(image_fn, images["region_features"].shape[0], batch_size),
+    )
+
+
+def shortlist(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k candidates of every query from a similarity matrix [n_images, n_captions].
+
+    Returns (captions of each image [n_images, k_t], images of each caption [n_captions, k_i]),
+    k clamped to the number of candidates. Rank 0's choice is broadcast, so that every rank scores
+    the same pairs even if ties were broken differently.
+    """
+    if k < 1:
+        raise ValueError(f"rerank k must be at least 1, got {k}")
+    n_img, n_txt = sim.shape
+    i2t = sim.topk(min(k, n_txt), dim=1).indices
+    t2i = sim.topk(min(k, n_img), dim=0).indices.T.contiguous()
     rank, world = _world()
-    n = text_idx.numel()
-    per_rank = math.ceil(n / world)
-    mine = torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp_max(max(n - 1, 0))
-    out = []
-    for s in range(0, per_rank, batch_size):
-        rows = mine[s : s + batch_size]
-        t, i = text_idx[rows], image_idx[rows]
-        inputs = {k: v.index_select(0, t) for k, v in texts.items()}
-        inputs.update({k: v.index_select(0, i) for k, v in images.items()})
-        out.append(model.itm_logit(model(**inputs)))
-    local = torch.cat(out) if out else torch.empty(0)
     if world > 1:
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local)
-        local = torch.cat(gathered)
-    return local[:n]
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        for t in (i2t, t2i):
+            buf = t.to(device)
+            dist.broadcast(buf, src=0)
+            t.copy_(buf.cpu())
+    return i2t, t2i
+
+
+@torch.no_grad()
+def rerank_scores(
+    model: CrossModalModel, texts: dict, images: dict, sim: Tensor, k: int, batch_size: int
+) -> tuple[Tensor, Tensor, int]:
+    """Cross-encoder scores of the ITC shortlists: (i2t [n_img, n_txt], t2i [n_img, n_txt], pairs).
+
+    ``i2t`` holds the scores of each image's k shortlisted captions, ``t2i`` those of each caption's
+    k shortlisted images, -inf elsewhere. The union of both shortlists is scored once, in
+    image-major order (so k = all candidates scores exactly the all-pairs batches).
+    """
+    n_img, n_txt = sim.shape
+    i2t_idx, t2i_idx = shortlist(sim, k)
+    i2t_mask = torch.zeros(n_img, n_txt, dtype=torch.bool)
+    i2t_mask[torch.arange(n_img)[:, None], i2t_idx] = True
+    t2i_mask = torch.zeros(n_img, n_txt, dtype=torch.bool)
+    t2i_mask[t2i_idx, torch.arange(n_txt)[:, None]] = True
+    union = i2t_mask | t2i_mask
+    pairs = union.nonzero()  # row-major: image-major, the order of boolean-mask assignment below
+    scores = score_pairs(model, texts, images, pairs[:, 1], pairs[:, 0], batch_size)
+    full = torch.full((n_img, n_txt), -math.inf)
+    full[union] = scores
+    i2t = full.masked_fill(~i2t_mask, -math.inf)
+    t2i = full.masked_fill(~t2i_mask, -math.inf)
+    return i2t, t2i, int(pairs.shape[0])
+
+
+# --------------------------------------------------------------------------- relations
+
+
+def _relation_keys(layers: list[int], alignments: list[str], isda: bool) -> list[str]:
+    keys = []
+    for layer in layers:
+        keys += [f"layer{layer}/isd_{d}/{a}" for a in alignments for d in ("L", "V")]
+        keys += [f"layer{layer}/entropy/{name}" for name in ENTROPY_NAMES]
+        if isda:
+            keys += [f"layer{layer}/isda_{d}" for d in ("L", "V")]
+    return keys
+
+
+@torch.no_grad()
+def relation_values(
+    model: CrossModalModel,
+    texts: dict,
+    images: dict,
+    alignments: list[str],
+    batch_size: int,
+    word_to_region: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Per matched pair (text i with image i) [n] values of ISD_L/ISD_V per alignment and layer, the
+    normalised entropies of S_L, S_V, A_t2i, A_i2t and, with ``word_to_region``, ISDa; NaN for pairs
+    without a valid word or region. Sharded over ranks like the scoring.
+
+    ``word_to_region`` [n, Lt] (Lt = the collated text length) gives, at each text position, the index
+    of its annotated region among the image's regions, -1 for none (see ``phrase_annotations``).
+    """
+    n = texts["text_ids"].shape[0]
+    layers = model.config.resolved_iais_layers()
+    keys = _relation_keys(layers, list(alignments), word_to_region is not None)
+    device = _device(model)
+
+    def fn(rows: Tensor) -> Tensor:
+        inputs = _select(texts, rows, device)
+        inputs.update(_select(images, rows, device))
+        b = rows.numel()
+        out = model(**inputs, iais_request=IaisRequest(torch.arange(b, device=device), alignment=None))
+        cols = []
+        for rel in out.relations:
+            ok = rel.pair_mask
+            nan = torch.full_like(ok, math.nan, dtype=rel.s_l.dtype)
+            for a in alignments:
+                for d in ("L", "V"):
+                    cols.append(torch.where(ok, iais.isd(rel, alignment=a, direction=d), nan))
+            entropy = iais.attention_entropy(rel)
+            cols += [entropy[name] for name in ENTROPY_NAMES]
+            if word_to_region is not None:
+                w2r = word_to_region.index_select(0, rows).to(device).long()
+                n_text = inputs["text_ids"].shape[1]
+                seq = torch.where(w2r >= 0, w2r + n_text, -1)
+                pad = seq.new_full((b, inputs["region_features"].shape[1]), -1)
+                w2r_seq = torch.cat([seq, pad], 1)
+                for d in ("L", "V"):
+                    v = iais.isd_annotated(rel, w2r_seq, direction=d)
+                    cols.append(torch.where(ok & (w2r >= 0).any(1), v, nan))
+        return torch.stack(cols, 1).float()
+
+    values = sharded_map(fn, n, batch_size)
+    return {key: values[:, j] for j, key in enumerate(keys)}
+
+
+def histogram(v: Tensor, edges: list[float]) -> dict:
+    """Counts of ``v`` in the bins between ``edges``; values beyond the ends go to the end bins."""
+    e = torch.tensor(edges, dtype=v.dtype)
+    idx = (torch.bucketize(v, e, right=True) - 1).clamp(0, len(edges) - 2)
+    return {"edges": list(edges), "counts": torch.bincount(idx, minlength=len(edges) - 1).tolist()}
+
+
+def summarise(v: Tensor, edges: list[float]) -> dict:
+    """Mean, p10/p50/p90, count and histogram of the non-NaN values."""
+    v = v[~v.isnan()].double()
+    if not v.numel():
+        nan = float("nan")
+        return {"mean": nan, "p10": nan, "p50": nan, "p90": nan, "n": 0, "hist": histogram(v, edges)}
+    q = v.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=v.dtype)).tolist()
+    return {"mean": v.mean().item(), "p10": q[0], "p50": q[1], "p90": q[2], "n": v.numel(), "hist": histogram(v, edges)}
 
 
 @torch.no_grad()
 def relation_report(
-    model: CrossModalModel, texts: dict, images: dict, alignments: list[str], batch_size: int
+    model: CrossModalModel,
+    texts: dict,
+    images: dict,
+    alignments: list[str],
+    batch_size: int,
+    word_to_region: Tensor | None = None,
 ) -> dict:
     """ISD_L / ISD_V of the matched pairs (text i with image i) per alignment and layer, beside the
     normalised entropy of S_L, S_V, A_t2i and A_i2t: a near-zero ISD with entropies near 1 is the
-    degenerate uniform-attention minimum (spec section 7), not alignment."""
-    n = texts["text_ids"].shape[0]
-    layers = model.config.resolved_iais_layers()
-    acc: dict[str, list[Tensor]] = {}
-    for s in range(0, n, batch_size):
-        rows = torch.arange(s, min(s + batch_size, n))
-        inputs = {k: v.index_select(0, rows) for k, v in {**texts, **images}.items()}
-        out = model(**inputs, iais_request=IaisRequest(torch.arange(rows.numel()), alignment=None))
-        for layer, rel in zip(layers, out.relations):
-            ok = rel.pair_mask
-            for a in alignments:
-                for d in ("L", "V"):
-                    acc.setdefault(f"layer{layer}/isd_{d}/{a}", []).append(iais.isd(rel, alignment=a, direction=d)[ok])
-            for name, v in iais.attention_entropy(rel).items():
-                acc.setdefault(f"layer{layer}/entropy/{name}", []).append(v[ok])
-    report = {}
-    for key, parts in acc.items():
-        v = torch.cat(parts)
-        v = v[~v.isnan()]
-        report[key] = {
-            "mean": v.mean().item() if v.numel() else float("nan"),
-            "p10": v.quantile(0.1).item() if v.numel() else float("nan"),
-            "p90": v.quantile(0.9).item() if v.numel() else float("nan"),
-        }
-    return report
+    degenerate uniform-attention minimum (spec section 7), not alignment. Each entry has the mean,
+    p10/p50/p90, the number of pairs and a histogram."""
+    values = relation_values(model, texts, images, alignments, batch_size, word_to_region)
+    return {k: summarise(v, ENTROPY_BINS if "/entropy/" in k else ISD_BINS) for k, v in values.items()}
+
+
+def degenerate_layers(relations: dict, threshold: float = DEGENERATE_ENTROPY) -> list[int]:
+    """Layers whose mean normalised entropies of S_L, S_V, A_t2i and A_i2t are all above ``threshold``."""
+    layers = sorted({int(m.group(1)) for k in relations if (m := re.match(r"layer(\d+)/entropy/", k))})
+    out = []
+    for layer in layers:
+        means = [relations.get(f"layer{layer}/entropy/{name}", {}).get("mean", math.nan) for name in ENTROPY_NAMES]
+        if all(m > threshold for m in means):  # NaN compares False: no claim without the values
+            out.append(layer)
+    return out
+
+
+def degenerate_warning(layers: list[int]) -> str:
+    where = ", ".join(str(layer) for layer in layers)
+    return (
+        f"ISD is trivially low at layer {where}: the mean normalised entropies of S_L, S_V, A_t2i and A_i2t"
+        f" are all above {DEGENERATE_ENTROPY} (degenerate uniform attention), so a low ISD there measures"
+        " no relation alignment (spec section 7)."
+    )
+
+
+def phrase_annotations(rset: RetrievalSet, texts: dict) -> Tensor | None:
+    """Hook for ISDa: word -> annotated region [n_captions, Lt] (-1: none), or None.
+
+    ISDa needs phrase-box annotations (e.g. Flickr30k Entities: each word of an annotated phrase
+    maps to the region whose box has the highest IoU with the phrase's box). The shard format
+    (docs/data-format.md) defines no such field yet, so no evaluation set carries them and this
+    returns None. When the format gains one, build the tensor here from ``rset.images[i].meta`` and
+    the collated ``texts`` (token offsets), or pass ``word_to_region`` to ``evaluate`` directly;
+    ``relation_values`` then reports ``layer{l}/isda_{L,V}``.
+    """
+    return None
+
+
+# --------------------------------------------------------------------------- the report
 
 
 @torch.no_grad()
@@ -157,8 +391,21 @@ def evaluate(
     *,
     batch_size: int = 512,
     isd_alignments: tuple[str, ...] | list[str] = ("singular", "distributed", "congruence"),
+    rerank_k: int | None = None,
+    all_pairs: bool = True,
+    word_to_region: Tensor | None = None,
 ) -> dict:
-    """The full report: recall metrics, ISD and entropies, relation-swap scores, throughput."""
+    """The full report: recall metrics, ISD and entropies, relation-swap scores, throughput.
+
+    The top-level recall metrics are those of all-pairs scoring, or of re-ranking when
+    ``all_pairs=False`` (``report["protocol"]`` says which). With ``rerank_k`` (needs the model's ITC
+    head) the report also holds ``itc`` (retrieval by the ITC similarity alone) and ``rerank``
+    (cross-encoder re-scoring of the top ``rerank_k`` ITC candidates of every query).
+    """
+    if not all_pairs and rerank_k is None:
+        raise ValueError("all_pairs=False needs rerank_k: there would be nothing to score")
+    if rerank_k is not None and not has_itc(model):
+        raise ValueError("re-ranking needs a model with an ITC head (config.itc_dim > 0, itc_text/itc_image)")
     was_training = model.training
     model.eval()
     try:
@@ -166,23 +413,61 @@ def evaluate(
         texts = collator.texts(rset.captions)
         images = collator.images(rset.images)
         n_img, n_txt = len(rset.images), len(rset.captions)
-        image_idx = torch.arange(n_img).repeat_interleave(n_txt)
-        text_idx = torch.arange(n_txt).repeat(n_img)
-        scores = score_pairs(model, texts, images, text_idx, image_idx, batch_size).view(n_img, n_txt)
-        elapsed = time.perf_counter() - t0
-        report: dict = {
-            "images": n_img,
-            "captions": n_txt,
-            "pairs_scored": n_img * n_txt,
-            "pairs_per_second": n_img * n_txt / elapsed,
-            **retrieval_metrics(scores, rset.caption_image),
-        }
-        matched = {k: v for k, v in texts.items()}
+        report: dict = {"images": n_img, "captions": n_txt}
+        if all_pairs:
+            image_idx = torch.arange(n_img).repeat_interleave(n_txt)
+            text_idx = torch.arange(n_txt).repeat(n_img)
+            scores = score_pairs(model, texts, images, text_idx, image_idx, batch_size).view(n_img, n_txt)
+            elapsed = time.perf_counter() - t0
+            report.update(
+                protocol="all_pairs",
+                pairs_scored=n_img * n_txt,
+                pairs_per_second=n_img * n_txt / elapsed,
+                seconds=elapsed,
+                **retrieval_metrics(scores, rset.caption_image),
+            )
+        if rerank_k is not None:
+            t1 = time.perf_counter()
+            txt_emb, img_emb = itc_embeddings(model, texts, images, batch_size)
+            sim = img_emb @ txt_emb.T
+            t_itc = time.perf_counter() - t1
+            report["itc"] = {"seconds": t_itc, **retrieval_metrics(sim, rset.caption_image)}
+            t2 = time.perf_counter()
+            i2t, t2i, n_pairs = rerank_scores(model, texts, images, sim, rerank_k, batch_size)
+            t_cross = time.perf_counter() - t2
+            rerank = {
+                "k": rerank_k,
+                "pairs_scored": n_pairs,  # cross-encoder pairs: the union of both shortlists
+                "pairs_shortlisted": min(rerank_k, n_txt) * n_img + min(rerank_k, n_img) * n_txt,
+                "pairs_all": n_img * n_txt,
+                "reduction": n_img * n_txt / max(n_pairs, 1),
+                "pairs_per_second": n_pairs / t_cross,
+                "seconds": t_itc + t_cross,
+                "cross_encoder_seconds": t_cross,
+                **split_metrics(i2t, t2i, rset.caption_image),
+            }
+            report["rerank"] = rerank
+            if not all_pairs:
+                report.update(
+                    protocol=f"rerank@{rerank_k}",
+                    pairs_scored=n_pairs,
+                    pairs_per_second=n_pairs / t_cross,
+                    seconds=time.perf_counter() - t0,
+                    **{k: rerank[k] for k in METRIC_KEYS},
+                )
         matched_images = {k: v.index_select(0, rset.caption_image) for k, v in images.items()}
-        report["relations"] = relation_report(model, matched, matched_images, list(isd_alignments), batch_size)
+        if word_to_region is None:
+            word_to_region = phrase_annotations(rset, texts)
+        report["relations"] = relation_report(
+            model, texts, matched_images, list(isd_alignments), batch_size, word_to_region
+        )
+        if word_to_region is None:
+            report["isda"] = "not computed: the evaluation shards carry no phrase-box annotations"
+        flat = degenerate_layers(report["relations"])
+        report["degenerate_layers"] = flat
+        report["warnings"] = [degenerate_warning(flat)] if flat else []
         if swaps:
-            captions = [c for g in swaps for c in g.captions]
-            swap_texts = collator.texts(captions)
+            swap_texts = collator.texts([c for g in swaps for c in g.captions])
             swap_images = collator.images([im for g in swaps for im in g.images])
             g = torch.arange(len(swaps))
             # Pair (caption i, image j) of group g: text row 2g+i, image row 2g+j.
@@ -190,6 +475,10 @@ def evaluate(
             ij = torch.tensor([0, 1, 0, 1]).repeat(len(swaps)) + 2 * g.repeat_interleave(4)
             s = score_pairs(model, swap_texts, swap_images, ci, ij, batch_size).view(-1, 2, 2)
             report["relation_swap"] = {"groups": len(swaps), **winoground_scores(s)}
+            if has_itc(model):
+                t_emb, i_emb = itc_embeddings(model, swap_texts, swap_images, batch_size)
+                s_itc = (t_emb[ci] * i_emb[ij]).sum(-1).view(-1, 2, 2)
+                report["relation_swap_itc"] = {"groups": len(swaps), **winoground_scores(s_itc)}
         return report
     finally:
         model.train(was_training)
@@ -198,25 +487,59 @@ def evaluate(
 # --------------------------------------------------------------------------- reports
 
 
+def _metric_row(name: str, pairs, rate, m: dict) -> str:
+    pairs = f"{pairs}" if pairs is not None else "-"
+    rate = f"{rate:.0f}" if rate is not None else "-"
+    return f"| {name} | {pairs} | {rate} | " + " | ".join(f"{m[k]:.2f}" for k in METRIC_KEYS) + " |"
+
+
 def markdown_table(report: dict) -> str:
-    """The report as markdown: recall table, relation table, relation-swap line."""
+    """The report as markdown: warnings, recall table, relation table, relation-swap lines."""
     r = report
-    lines = [
+    lines = [f"**WARNING: {w}**" for w in r.get("warnings", [])]
+    if lines:
+        lines.append("")
+    protocol = r.get("protocol", "all_pairs")
+    lines += [
         f"Retrieval on {r['images']} images x {r['captions']} captions ({r['pairs_scored']} pairs,"
-        f" {r['pairs_per_second']:.0f} pairs/s)",
+        f" {r['pairs_per_second']:.0f} pairs/s, protocol {protocol})",
         "",
-        "| TR R@1 | TR R@5 | TR R@10 | IR R@1 | IR R@5 | IR R@10 | RSUM |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-        "| " + " | ".join(f"{r[k]:.2f}" for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")) + " |",
+        "| protocol | cross-encoder pairs | pairs/s | TR R@1 | TR R@5 | TR R@10 | IR R@1 | IR R@5 | IR R@10 | RSUM |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if protocol == "all_pairs":
+        lines.append(_metric_row("all pairs", r["pairs_scored"], r["pairs_per_second"], r))
+    if "itc" in r:
+        lines.append(_metric_row("ITC only", 0, None, r["itc"]))
+    if "rerank" in r:
+        rr = r["rerank"]
+        lines.append(_metric_row(f"ITC top-{rr['k']} + re-rank", rr["pairs_scored"], rr["pairs_per_second"], rr))
+        lines += [
+            "",
+            f"Re-ranking scored {rr['pairs_scored']} of {rr['pairs_all']} pairs with the cross-encoder"
+            f" ({rr['reduction']:.1f}x fewer), {rr['seconds']:.2f} s in all.",
+        ]
     rel = r.get("relations", {})
     if rel:
-        lines += ["", "| relation statistic (matched pairs) | mean | p10 | p90 |", "|---|---:|---:|---:|"]
-        lines += [f"| {k} | {v['mean']:.4f} | {v['p10']:.4f} | {v['p90']:.4f} |" for k, v in sorted(rel.items())]
+        lines += [
+            "",
+            "| relation statistic (matched pairs) | mean | p10 | p50 | p90 |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for k, v in sorted(rel.items()):
+            p50 = f"{v['p50']:.4f}" if "p50" in v else "-"
+            lines.append(f"| {k} | {v['mean']:.4f} | {v['p10']:.4f} | {p50} | {v['p90']:.4f} |")
         lines.append("(normalised entropy 1.0 = uniform attention: a low ISD beside it is the degenerate minimum)")
+        for w in r.get("warnings", []):
+            lines.append(f"**WARNING: {w}**")
+    if isinstance(r.get("isda"), str):
+        lines.append(f"ISDa {r['isda']}.")
     if "relation_swap" in r:
         s = r["relation_swap"]
         lines += ["", f"Relation swap ({s['groups']} groups): text {s['text']:.1f}  image {s['image']:.1f}  group {s['group']:.1f}"]
+        if "relation_swap_itc" in r:
+            s = r["relation_swap_itc"]
+            lines.append(f"Relation swap, ITC only: text {s['text']:.1f}  image {s['image']:.1f}  group {s['group']:.1f}")
     return "\n".join(lines)
 
 
@@ -229,3 +552,120 @@ def write_report(report: dict, out_dir: str | Path, step: int | None = None) -> 
     with open(out_dir / "eval_history.jsonl", "a") as f:
         f.write(json.dumps({"step": step, **report}) + "\n")
     return out_dir / "eval.json"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def resolve_checkpoint(path: str | Path, model_dir: str | Path | None = None) -> dict:
+    """What ``path`` is and where its parts live, without loading anything.
+
+    - a Hugging Face folder (config.json + weights): ``{"kind": "hf", "model_dir": path}``;
+    - a run's DeepSpeed ``checkpoints/`` folder (with DeepSpeed's ``latest`` file) or one tag folder
+      ``checkpoints/step{N}``: ``{"kind": "deepspeed", "checkpoint_dir", "tag", "model_dir"}``; the
+      config and tokenizer come from the run folder's ``model/`` (``{output_dir}/model/``), else
+      from its ``hf_model/`` (runs that predate ``model/``), or from ``model_dir`` when given.
+
+    ``run_dir`` is the run folder (None for a stand-alone HF folder), ``step`` the step a
+    ``step{N}`` tag or the run's ``train_log.jsonl`` implies (None if unknown).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path}: not a folder")
+    if (path / "config.json").is_file() and any((path / w).is_file() for w in HF_WEIGHTS):
+        run_dir = path.parent if (path.parent / "train_log.jsonl").is_file() else None
+        return {"kind": "hf", "path": str(path), "model_dir": str(model_dir or path),
+                "run_dir": run_dir and str(run_dir), "step": run_dir and _last_logged_step(run_dir)}
+    if (path / "latest").is_file():
+        ckpt_dir, tag = path, (path / "latest").read_text().strip()
+    elif any(path.glob("*model_states.pt")):
+        ckpt_dir, tag = path.parent, path.name
+    else:
+        raise FileNotFoundError(
+            f"checkpoint {path}: neither a Hugging Face folder (config.json + {HF_WEIGHTS[0]}) nor a DeepSpeed"
+            " checkpoint folder (a 'latest' file, or a tag folder holding *model_states.pt)"
+        )
+    if not (ckpt_dir / tag).is_dir():
+        raise FileNotFoundError(f"checkpoint {ckpt_dir}: tag folder {tag!r} not found")
+    run_dir = ckpt_dir.parent
+    if model_dir is None:
+        for candidate in (run_dir / "model", run_dir / "hf_model"):
+            if (candidate / "config.json").is_file():
+                model_dir = candidate
+                break
+        else:
+            raise FileNotFoundError(
+                f"checkpoint {path}: no model config in {run_dir / 'model'} (the trainer writes config.json and the"
+                " tokenizer there); pass the folder holding them explicitly"
+            )
+    m = re.search(r"(\d+)$", tag)
+    return {"kind": "deepspeed", "path": str(path), "checkpoint_dir": str(ckpt_dir), "tag": tag,
+            "model_dir": str(model_dir), "run_dir": str(run_dir), "step": int(m.group(1)) if m else None}
+
+
+def _last_logged_step(run_dir: Path) -> int | None:
+    """The step of the last record of a run's ``train_log.jsonl`` (the step its ``hf_model/`` holds)."""
+    try:
+        lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_model(path: str | Path, model_dir: str | Path | None = None, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, info) from a Hugging Face folder or a DeepSpeed checkpoint.
+
+    DeepSpeed weights are consolidated by DeepSpeed's own
+    ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` (any ZeRO stage, any world size).
+    """
+    from transformers import AutoTokenizer
+
+    from .model import CrossModalConfig
+
+    info = resolve_checkpoint(path, model_dir)
+    if info["kind"] == "hf":
+        model = CrossModalModel.from_pretrained(info["model_dir"])
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        config = CrossModalConfig.from_pretrained(info["model_dir"])
+        model = CrossModalModel(config)
+        state = get_fp32_state_dict_from_zero_checkpoint(info["checkpoint_dir"], tag=info["tag"])
+        result = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or ())
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"checkpoint {path} does not fit the config in {info['model_dir']}:"
+                f" missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}"
+            )
+        if tied & set(result.missing_keys):
+            model.tie_weights()
+    # Passing the config keeps AutoTokenizer from re-reading config.json as an unknown model type.
+    tokenizer = AutoTokenizer.from_pretrained(info["model_dir"], config=model.config)
+    return model.to(device).eval(), tokenizer, info
+
+
+def experiment_data_config(info: dict) -> dict:
+    """The ``data`` section of the run's experiment config (``{run_dir}/config.json``), or {}."""
+    run_dir = info.get("run_dir")
+    if not run_dir:
+        return {}
+    f = Path(run_dir) / "config.json"
+    try:
+        data = json.loads(f.read_text()).get("data", {})
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def text_length(args_len: int | None, data_cfg: dict, tokenizer, config) -> int:
+    """Caption truncation length: explicit, else the run's, else the tokenizer's (bounded by the model)."""
+    if args_len:
+        return args_len
+    if data_cfg.get("max_text_len"):
+        return int(data_cfg["max_text_len"])
+    return int(min(tokenizer.model_max_length, config.max_position_embeddings))

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -199,11 +199,20 @@ class ShardWriter:
     on :meth:`close`, so its presence marks a complete split. A new shard starts
     after ``shard_size`` samples, or before a sample that would push the shard
     past ``max_shard_bytes`` (counting member headers and data; the tar's end
-    padding adds up to 10 KiB; a single larger sample gets a shard of its own). The folder name is the split name and every sample's ``split`` must
-    equal it.
+    padding adds up to 10 KiB; a single larger sample gets a shard of its own).
+    The folder name is the split name and every sample's ``split`` must equal it.
 
     Use as a context manager: on an exception the unfinished shard is deleted
     and no ``sizes.json`` is written.
+
+    Resuming: ``resume`` maps the first shards of the folder, ``shard-000000.tar``
+    onwards, to their sample counts, as recorded by the caller while a previous
+    run wrote them. Those shards are kept as they are; every other shard, any
+    ``.tmp`` leftover and ``sizes.json`` are deleted, and writing continues with
+    the next shard index and sample count (so ``n_samples`` keeps counting keys
+    where the previous run stopped). ``on_shard_done(name, n_samples_in_shard)``
+    is called after each shard has been renamed into place, which is the moment
+    to record it as complete.
     """
 
     def __init__(
@@ -213,6 +222,8 @@ class ShardWriter:
         shard_size: int = 1000,
         max_shard_bytes: int | None = None,
         overwrite: bool = False,
+        resume: Mapping[str, int] | None = None,
+        on_shard_done: Callable[[str, int], None] | None = None,
     ) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -224,18 +235,31 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-        existing = [p for p in self.out_dir.iterdir() if SHARD_RE.match(p.name) or p.name == SIZES_FILE]
-        if existing and not overwrite:
+        self.on_shard_done = on_shard_done
+
+        keep: dict[str, int] = {}
+        if resume is not None:
+            keep = dict(resume)
+            expected = [shard_name(i) for i in range(len(keep))]
+            if list(keep) != expected:
+                raise ValueError(f"resume: must list {', '.join(expected) or 'no shards'} in order, got {list(keep)}")
+            missing = [name for name in expected if not (self.out_dir / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"resume: {self.out_dir} lacks {', '.join(missing)}")
+        existing = [
+            p for p in self.out_dir.iterdir() if (SHARD_RE.match(p.name) and p.name not in keep) or p.name == SIZES_FILE
+        ]
+        if existing and not overwrite and resume is None:
             raise FileExistsError(f"{self.out_dir} already holds shards; pass overwrite=True to replace them")
         for p in self.out_dir.iterdir():
             # Leftover .tmp files come from a killed writer and are garbage by construction.
             if p in existing or (p.name.endswith(TMP_SUFFIX) and p.name.startswith(SHARD_PREFIX)):
                 p.unlink()
 
-        self.sizes: dict[str, int] = {}
-        self.n_samples = 0
+        self.sizes: dict[str, int] = keep
+        self.n_samples = sum(keep.values())
         self._closed = False
-        self._index = 0
+        self._index = len(keep)
         self._file: BinaryIO | None = None
         self._tar: Any = None  # webdataset.TarWriter, imported lazily
         self._count = 0
@@ -323,6 +347,8 @@ class ShardWriter:
         self.sizes[name] = self._count
         self._tar, self._file = None, None
         self._index += 1
+        if self.on_shard_done is not None:
+            self.on_shard_done(name, self.sizes[name])
 
     def close(self) -> dict[str, int]:
         """Finish the last shard, write ``sizes.json`` and return it."""

@@ -62,11 +62,15 @@ class PairStream(IterableDataset):
         world_size: int = 1,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        start_batch: int = 0,
     ):
         self.urls, self.num_samples = split_shards(split_dir)
         self.collator, self.batch_size = collator, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer
+        # Resume: the stream is a pure function of (seed, rank, worker), so skipping the batches
+        # already consumed (without collating them) reproduces the exact sequence that follows.
+        self.start_batch = start_batch
 
     def _samples(self, slot: int, n_slots: int, counts: Counter) -> Iterator[dict]:
         """Raw samples of this (rank, worker) slot, forever, epoch after epoch."""
@@ -101,10 +105,14 @@ class PairStream(IterableDataset):
                 yield sample, rng.choice(sample.captions)
 
         shuffled = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(pairs())
+        # The DataLoader takes batches from its workers in turn: global batch k is worker k % W's.
+        skip = max(0, -(-(self.start_batch - worker) // n_workers))
         items: list = []
         for item in shuffled:
             items.append(item)
-            if len(items) == self.batch_size:
+            if len(items) == self.batch_size and skip > 0:
+                skip, items = skip - 1, []
+            elif len(items) == self.batch_size:
                 batch = self.collator.pairs(items)
                 batch["sample_counts"] = (good, dict(counts))
                 good, items = 0, []

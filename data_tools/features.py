@@ -1,0 +1,133 @@
+"""Per-image region features from ``.npz`` files (bottom-up-attention / BUTD style).
+
+One file per image, named after the image file's stem (``1000092795.npz`` for
+``1000092795.jpg``; the converters also try the source's numeric id, e.g. the
+COCO id). Accepted array names, the first present wins:
+
+- features ``[n, D]``: ``features`` or ``x`` (``[D, n]`` is transposed when the
+  box count tells which axis holds the regions);
+- boxes ``[n, 4]`` as ``x1, y1, x2, y2`` pixels: ``boxes`` or ``bbox``;
+- the size of the image the boxes refer to: ``image_w``/``image_h`` or ``w``/``h``
+  (optional when the image itself is converted too; boxes are rescaled if it
+  differs from the image's size).
+
+``python -m data_tools features --dir DIR --captions FILE --out DIR`` converts a
+Karpathy-split JSON or a COCO captions file whose images exist only as
+features; with images, use the ``--features DIR`` option of ``karpathy``,
+``coco`` or ``table`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from iais_scale.data.format import BOXES_DTYPE, validate_regions
+
+FEATURE_NAMES = ("features", "x")
+BOX_NAMES = ("boxes", "bbox")
+WIDTH_NAMES = ("image_w", "w")
+HEIGHT_NAMES = ("image_h", "h")
+
+
+def _first(z: Any, names: tuple[str, ...], required: bool = True) -> np.ndarray | None:
+    for name in names:
+        if name in z.files:
+            return z[name]
+    if required:
+        raise ValueError(f"no array named {' or '.join(repr(n) for n in names)} (has {sorted(z.files)})")
+    return None
+
+
+def _scalar(value: np.ndarray | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if value.size != 1 or not np.isfinite(value).all() or value.reshape(()) <= 0:
+        raise ValueError(f"{name}: must be one positive number, got {value!r}")
+    return int(round(float(value.reshape(()))))
+
+
+def load_regions(
+    path: str | Path, image_size: tuple[int, int] | None, dtype: str = "keep"
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Return (features [n, D], boxes [n, 4] float32 pixels, (width, height)) checked against the format.
+
+    ``image_size`` is the size of the image stored with the features (None for
+    feature-only samples, which then need ``image_w``/``image_h`` in the file).
+    Raises ValueError (NaN features, bad shapes, boxes outside the image, ...),
+    or whatever numpy raises for an unreadable file.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        feat = np.asarray(_first(z, FEATURE_NAMES))
+        boxes = np.asarray(_first(z, BOX_NAMES))
+        width = _scalar(_first(z, WIDTH_NAMES, required=False), "image_w")
+        height = _scalar(_first(z, HEIGHT_NAMES, required=False), "image_h")
+    if feat.ndim != 2 or boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"features {list(feat.shape)} / boxes {list(boxes.shape)}: expected [n, D] and [n, 4]")
+    if feat.shape[0] != boxes.shape[0] and feat.shape[1] == boxes.shape[0]:
+        feat = feat.T  # stored as [D, n]
+    if feat.dtype.kind != "f":
+        raise ValueError(f"features: dtype must be floating point, got {feat.dtype}")
+    if dtype != "keep":
+        feat = feat.astype(dtype)
+    elif feat.dtype.itemsize not in (2, 4):
+        feat = feat.astype(np.float32)  # float64 and other widths
+    feat = np.ascontiguousarray(feat)
+    boxes = np.ascontiguousarray(boxes, dtype=BOXES_DTYPE)
+    if image_size is None:
+        if width is None or height is None:
+            raise ValueError("no image_w/image_h in the file and no image to take the size from")
+        image_size = (width, height)
+    elif width is not None and height is not None and (width, height) != image_size:
+        # Features extracted from a resized copy: bring the boxes into the stored image's pixels.
+        scale = np.array([image_size[0] / width, image_size[1] / height] * 2, dtype=np.float64)
+        boxes = (boxes * scale).astype(BOXES_DTYPE)
+    validate_regions(feat, boxes, *image_size)
+    return feat, boxes, image_size
+
+
+# ---------------------------------------------------------------- standalone command
+
+
+def detect_captions_format(path: Path) -> str:
+    """``karpathy`` or ``coco`` from the JSON's structure."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and "annotations" in data and "images" in data:
+        return "coco"
+    images = data.get("images") if isinstance(data, dict) else None
+    if isinstance(images, list) and (not images or "sentences" in images[0]):
+        return "karpathy"
+    raise ValueError(f"{path}: neither a Karpathy-split JSON nor a COCO captions file")
+
+
+def add_parser(sub: Any) -> None:
+    from .convert import add_common_args
+
+    p = sub.add_parser(
+        "features",
+        help="feature-only data set: .npz region features + Karpathy or COCO captions",
+        description="Join per-image .npz region features with a Karpathy-split JSON or a COCO captions "
+        "file (detected from its content); samples hold features and no image.",
+    )
+    p.add_argument("--dir", required=True, help="folder of .npz files, one per image, named by image file stem")
+    p.add_argument("--captions", required=True, help="dataset_*.json (Karpathy) or captions_*.json (COCO)")
+    p.add_argument("--split", help="COCO only: split name (default: from the file name)")
+    p.add_argument("--restval-to", choices=("train", "keep"), default="train", help="Karpathy only")
+    add_common_args(p, features_help=argparse.SUPPRESS)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import coco, karpathy
+
+    args.features = args.dir
+    args.images = None
+    kind = detect_captions_format(Path(args.captions))
+    if kind == "karpathy":
+        args.json = args.captions
+        return karpathy.run(args, generator="features")
+    return coco.run(args, generator="features")

@@ -1,0 +1,435 @@
+"""Evaluation end to end on the tiny demo: relation report and the degenerate-attention warning,
+ITC top-k re-ranking, the evaluate launcher on HF and DeepSpeed checkpoints, 1 vs 2 ranks, pictures.
+
+Until ``CrossModalModel`` has its ITC head, re-ranking is tested with ``ItcStandIn`` below (text-only
+and image-only mean-pooled embeddings): the protocol only needs ``config.itc_dim`` and the two
+methods ``itc_text`` / ``itc_image``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoTokenizer
+
+from iais_scale import evaluate as ev
+from iais_scale import iais, viz
+from iais_scale.data.collate import Collator
+from iais_scale.data.retrieval import RetrievalSet, read_split, swap_groups
+from iais_scale.model import CrossModalConfig, CrossModalModel, IaisRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATURE_DIM = 16  # the demo's region features
+MAX_TEXT_LEN, MAX_REGIONS = 24, 8
+
+
+def launcher():
+    spec = importlib.util.spec_from_file_location("evaluate_launcher", ROOT / "launchers" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ItcStandIn(CrossModalModel):
+    """A ``CrossModalModel`` with the ITC interface: mean-pooled text-only / image-only embeddings."""
+
+    def __init__(self, config: CrossModalConfig):
+        super().__init__(config)
+        self.itc_text_proj = nn.Linear(config.hidden_size, config.itc_dim)
+        self.itc_image_proj = nn.Linear(config.hidden_size, config.itc_dim)
+
+    def itc_text(self, text_ids, text_attention):
+        h = self.text_embeddings(input_ids=text_ids)
+        m = text_attention[..., None].to(h.dtype)
+        return F.normalize(self.itc_text_proj((h * m).sum(1) / m.sum(1).clamp_min(1)), dim=-1)
+
+    def itc_image(self, region_features, region_geometry, region_attention):
+        h = self.region_embeddings(region_features, region_geometry, self.text_embeddings.token_type_embeddings.weight[1])
+        m = region_attention[..., None].to(h.dtype)
+        return F.normalize(self.itc_image_proj((h * m).sum(1) / m.sum(1).clamp_min(1)), dim=-1)
+
+
+def tiny_config(tokenizer, **kw) -> CrossModalConfig:
+    return CrossModalConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        region_feature_dim=FEATURE_DIM, iais_layers=[0, -1], cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_demo):
+    return AutoTokenizer.from_pretrained(str(tiny_demo / "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def collator(tokenizer):
+    return Collator(tokenizer, MAX_TEXT_LEN, MAX_REGIONS)
+
+
+@pytest.fixture(scope="module")
+def test_set(tiny_demo):
+    return RetrievalSet.from_samples(read_split(tiny_demo / "test", max_regions=MAX_REGIONS))
+
+
+@pytest.fixture(scope="module")
+def swaps(tiny_demo):
+    return swap_groups(read_split(tiny_demo / "swap", max_regions=MAX_REGIONS))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return CrossModalModel(tiny_config(tokenizer)).eval()
+
+
+@pytest.fixture(scope="module")
+def itc_model(tokenizer):
+    torch.manual_seed(1)
+    return ItcStandIn(tiny_config(tokenizer, itc_dim=8)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(model, tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "hf_model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_fresh_model_report_flags_degenerate_attention(model, collator, test_set, swaps):
+    report = ev.evaluate(model, collator, test_set, swaps, batch_size=64)
+    assert report["images"] == 16 and report["captions"] == 32 and report["pairs_scored"] == 512
+    assert report["protocol"] == "all_pairs" and report["pairs_per_second"] > 0
+    rel = report["relations"]
+    for layer in (0, 1):
+        for a in iais.ALIGNMENTS:
+            for d in ("L", "V"):
+                entry = rel[f"layer{layer}/isd_{d}/{a}"]
+                assert entry["n"] == 32 and sum(entry["hist"]["counts"]) == 32
+                assert entry["p10"] <= entry["p50"] <= entry["p90"] and math.isfinite(entry["mean"])
+        for name in ev.ENTROPY_NAMES:
+            assert rel[f"layer{layer}/entropy/{name}"]["mean"] > ev.DEGENERATE_ENTROPY  # near-uniform at init
+    assert report["degenerate_layers"] == [0, 1]
+    assert "trivially low" in report["warnings"][0] and "uniform attention" in report["warnings"][0]
+    table = ev.markdown_table(report)
+    assert table.startswith("**WARNING: ISD is trivially low at layer 0, 1")
+    assert "| layer1/isd_L/singular |" in table and "| all pairs | 512 |" in table
+    assert "phrase-box" in report["isda"] and report["relation_swap"]["groups"] == 6
+    json.dumps(report)  # serialisable as it is
+
+
+def test_no_warning_when_attention_is_not_flat():
+    rel = {f"layer3/entropy/{n}": {"mean": m} for n, m in zip(ev.ENTROPY_NAMES, (0.99, 0.99, 0.95, 0.99))}
+    assert ev.degenerate_layers(rel) == []
+    rel["layer3/entropy/A_t2i"]["mean"] = 0.985
+    assert ev.degenerate_layers(rel) == [3]
+
+
+def test_relation_values_match_the_iais_functions(model, collator, test_set):
+    texts = collator.texts(test_set.captions[:5])
+    images = collator.images([test_set.images[i] for i in test_set.caption_image[:5].tolist()])
+    values = ev.relation_values(model, texts, images, ["distributed"], batch_size=2)
+    out = model(**texts, **images, iais_request=IaisRequest(torch.arange(5), alignment=None))
+    rel = out.relations[-1]
+    torch.testing.assert_close(values["layer1/isd_V/distributed"], iais.isd(rel, alignment="distributed", direction="V"))
+    torch.testing.assert_close(values["layer1/entropy/S_L"], iais.attention_entropy(rel)["S_L"])
+
+
+def test_isda_hook_reports_annotated_pairs_only(model, collator, test_set):
+    texts = collator.texts(test_set.captions[:4])
+    images = collator.images([test_set.images[i] for i in test_set.caption_image[:4].tolist()])
+    w2r = torch.full_like(texts["text_ids"], -1)
+    w2r[0, 1:4] = torch.tensor([0, 1, 1])  # caption 0: three words annotated
+    w2r[2, 2] = 0  # caption 2: one word
+    values = ev.relation_values(model, texts, images, ["singular"], batch_size=4, word_to_region=w2r)
+    isda = values["layer1/isda_L"]
+    assert isda[[0, 2]].isfinite().all() and isda[[1, 3]].isnan().all()
+    assert ev.phrase_annotations(test_set, texts) is None  # no shard carries phrase boxes yet
+
+
+# --------------------------------------------------------------------------- re-ranking
+
+
+def test_split_metrics_with_unshortlisted_candidates():
+    # 12 images, caption c of image c, shortlists of k = 2 captions per image; -inf outside them.
+    n = 12
+    i2t = torch.full((n, n), -math.inf)
+    i2t[torch.arange(n), torch.arange(n)] = 2.0
+    i2t[torch.arange(n), (torch.arange(n) + 1) % n] = 1.0
+    i2t[0, 0], i2t[0, 5] = -math.inf, 3.0  # image 0: its caption is not shortlisted -> never credited
+    i2t[1, 1], i2t[1, 2] = 1.0, 2.0  # image 1: its caption is shortlisted second -> rank 1
+    m = ev.split_metrics(i2t, i2t.clone(), torch.arange(n))
+    assert m["tr_r1"] == pytest.approx(100 * 10 / 12)
+    assert m["tr_r5"] == m["tr_r10"] == pytest.approx(100 * 11 / 12)
+    assert m["rsum"] == pytest.approx(sum(m[k] for k in ev.METRIC_KEYS[:-1]))
+
+
+def test_rerank_with_every_candidate_equals_all_pairs(itc_model, collator, test_set, swaps):
+    texts, images = collator.texts(test_set.captions), collator.images(test_set.images)
+    n_img, n_txt = len(test_set.images), len(test_set.captions)
+    all_scores = ev.score_pairs(
+        itc_model, texts, images, torch.arange(n_txt).repeat(n_img), torch.arange(n_img).repeat_interleave(n_txt), 64
+    ).view(n_img, n_txt)
+    txt, img = ev.itc_embeddings(itc_model, texts, images, 64)
+    i2t, t2i, pairs = ev.rerank_scores(itc_model, texts, images, img @ txt.T, max(n_img, n_txt), 64)
+    assert pairs == n_img * n_txt
+    assert torch.equal(i2t, all_scores) and torch.equal(t2i, all_scores)
+
+    report = ev.evaluate(itc_model, collator, test_set, swaps, batch_size=64, isd_alignments=["singular"],
+                         rerank_k=n_txt)
+    rr = report["rerank"]
+    assert {k: rr[k] for k in ev.METRIC_KEYS} == {k: report[k] for k in ev.METRIC_KEYS}
+    assert rr["pairs_scored"] == rr["pairs_all"] == 512 and rr["pairs_per_second"] > 0
+    assert set(ev.METRIC_KEYS) <= set(report["itc"]) and report["relation_swap_itc"]["groups"] == 6
+    assert "| ITC top-32 + re-rank | 512 |" in ev.markdown_table(report)
+
+
+class CountingModel(ItcStandIn):
+    """Counts the (text, image) rows the cross-encoder sees."""
+
+    rows = 0
+
+    def forward(self, *args, **kwargs):
+        CountingModel.rows += kwargs["text_ids"].shape[0]
+        return super().forward(*args, **kwargs)
+
+
+def test_rerank_scores_exactly_k_pairs_per_query(itc_model, collator, test_set):
+    counting = CountingModel(itc_model.config).eval()
+    counting.load_state_dict(itc_model.state_dict())
+    texts, images = collator.texts(test_set.captions), collator.images(test_set.images)
+    n_img, n_txt, k = len(test_set.images), len(test_set.captions), 3
+    txt, img = ev.itc_embeddings(counting, texts, images, 64)
+    sim = img @ txt.T
+    CountingModel.rows = 0
+    i2t, t2i, pairs = ev.rerank_scores(counting, texts, images, sim, k, batch_size=7)
+    assert (i2t.isfinite().sum(1) == k).all() and (t2i.isfinite().sum(0) == k).all()
+    # Each image query's shortlist is its ITC top k, each caption query's likewise.
+    assert torch.equal(i2t.isfinite(), torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(k, 1).indices, True))
+    assert torch.equal(t2i.isfinite(), torch.zeros_like(sim, dtype=torch.bool).scatter_(0, sim.topk(k, 0).indices, True))
+    union = i2t.isfinite() | t2i.isfinite()
+    assert pairs == union.sum() == CountingModel.rows and pairs <= k * (n_img + n_txt)
+    # The scores are the cross-encoder's: equal to all-pairs scoring at the same pairs.
+    all_scores = ev.score_pairs(
+        counting, texts, images, torch.arange(n_txt).repeat(n_img), torch.arange(n_img).repeat_interleave(n_txt), 64
+    ).view(n_img, n_txt)
+    torch.testing.assert_close(torch.maximum(i2t, t2i)[union], all_scores[union], rtol=0, atol=1e-5)
+
+    report = ev.evaluate(counting, collator, test_set, batch_size=64, isd_alignments=["singular"], rerank_k=k,
+                         all_pairs=False)
+    assert report["protocol"] == "rerank@3" and report["pairs_scored"] == pairs < 512
+    assert report["rsum"] == report["rerank"]["rsum"]
+
+
+def test_rerank_needs_an_itc_head(model, collator, test_set):
+    with pytest.raises(ValueError, match="ITC"):
+        ev.evaluate(model, collator, test_set, rerank_k=3)
+    with pytest.raises(ValueError, match="rerank_k"):
+        ev.evaluate(model, collator, test_set, all_pairs=False)
+
+
+def test_rerank_benchmark(itc_model, collator, test_set, hf_folder, tiny_demo, capsys):
+    spec = importlib.util.spec_from_file_location("rerank_bench", ROOT / "benchmarks" / "rerank.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    k = bench.default_k(16, 32)
+    result = bench.compare(itc_model, collator, test_set, k, 64)
+    assert result["all_pairs"]["pairs"] >= 10 * result["rerank"]["pairs"]
+    assert "x fewer cross-encoder pairs" in bench.format_result(result, 16, 32)
+    # A checkpoint without ITC: the benchmark says it is pending.
+    assert bench.main(["--checkpoint", str(hf_folder), "--data", str(tiny_demo)]) == bench.PENDING
+    assert "PENDING" in capsys.readouterr().out
+
+
+def _two_rank_worker(rank: int, port: int, state: dict, config: dict, data: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
+        m = ItcStandIn(CrossModalConfig.from_dict(config)).eval()
+        m.load_state_dict(state)
+        rset = RetrievalSet.from_samples(read_split(os.path.join(data, "test"), max_regions=MAX_REGIONS))
+        report = ev.evaluate(m, Collator(tok, MAX_TEXT_LEN, MAX_REGIONS), rset, batch_size=5,
+                             isd_alignments=["singular"], rerank_k=3)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_rerank_on_two_gloo_ranks_equals_one_rank(itc_model, collator, test_set, tiny_demo, tmp_path):
+    one = ev.evaluate(itc_model, collator, test_set, batch_size=5, isd_alignments=["singular"], rerank_k=3)
+    config = itc_model.config.to_dict()
+    torch.multiprocessing.spawn(
+        _two_rank_worker, args=(free_port(), itc_model.state_dict(), config, str(tiny_demo), str(tmp_path)), nprocs=2
+    )
+    for rank in (0, 1):
+        two = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for part in (None, "itc", "rerank"):
+            a, b = (one, two) if part is None else (one[part], two[part])
+            assert {k: b[k] for k in ev.METRIC_KEYS} == pytest.approx({k: a[k] for k in ev.METRIC_KEYS}, abs=1e-6)
+        assert two["rerank"]["pairs_scored"] == one["rerank"]["pairs_scored"]
+        for key, entry in one["relations"].items():
+            assert two["relations"][key]["mean"] == pytest.approx(entry["mean"], rel=1e-6, abs=1e-9)
+
+
+# --------------------------------------------------------------------------- the launcher
+
+
+def test_launcher_on_hf_folder_writes_report_and_plots(hf_folder, tiny_demo, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = launcher().main(["--checkpoint", str(hf_folder), "--data", str(tiny_demo), "--out", str(out),
+                            "--batch-size", "64", "--plots", "--plot-index", "0", "3"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads((out / "eval.json").read_text())
+    assert report["images"] == 16 and report["ranks"] == 1 and report["checkpoint"]["kind"] == "hf"
+    assert report["relation_swap"]["groups"] == 6
+    assert (out / "eval.md").read_text().strip() in printed and "| TR R@1 |" in printed
+    assert len((out / "eval_history.jsonl").read_text().splitlines()) == 1
+    plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert plots == ["curves.png", "pair0_layer0.png", "pair0_layer1.png", "pair3_layer0.png", "pair3_layer1.png"]
+    assert launcher().main(["--checkpoint", str(tmp_path), "--data", str(tiny_demo)]) == 2  # not a checkpoint
+
+
+DS_SCRIPT = """
+import sys
+from pathlib import Path
+import deepspeed, torch
+from transformers import AutoTokenizer
+from iais_scale.model import CrossModalConfig, CrossModalModel, IaisRequest
+hf, run = Path(sys.argv[1]), Path(sys.argv[2])
+model = CrossModalModel.from_pretrained(hf)
+tok = AutoTokenizer.from_pretrained(hf, config=model.config)
+ds = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2, "zero_optimization": {"stage": 2}}
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), config=ds)
+g = torch.Generator().manual_seed(0)
+batch = dict(text_ids=torch.randint(5, len(tok), (2, 6), generator=g), text_attention=torch.ones(2, 6, dtype=torch.bool),
+             region_features=torch.randn(2, 3, 16, generator=g), region_geometry=torch.rand(2, 3, 7, generator=g),
+             region_attention=torch.ones(2, 3, dtype=torch.bool))
+engine.backward(engine.module.itm_logit(engine(**batch)).pow(2).mean())
+engine.step()  # the checkpoint holds trained weights, not the initial ones
+engine.save_checkpoint(str(run / "checkpoints"), tag="step7")
+engine.module.config.save_pretrained(run / "model")  # what the trainer will write at the start of a run
+tok.save_pretrained(run / "model")
+engine.module.save_pretrained(run / "hf_after_step")
+tok.save_pretrained(run / "hf_after_step")
+"""
+
+
+@pytest.mark.slow
+def test_launcher_on_deepspeed_checkpoint(hf_folder, tiny_demo, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    proc = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(hf_folder), str(run)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step7"
+
+    reports = {}
+    for name, path in (("run", run / "checkpoints"), ("tag", run / "checkpoints" / "step7"), ("hf", run / "hf_after_step")):
+        out = tmp_path / f"eval_{name}"
+        assert launcher().main(["--checkpoint", str(path), "--data", str(tiny_demo), "--out", str(out),
+                                "--swap-split", "none", "--batch-size", "128"]) == 0
+        reports[name] = json.loads((out / "eval.json").read_text())
+    assert reports["run"]["checkpoint"]["kind"] == "deepspeed" and reports["run"]["checkpoint"]["step"] == 7
+    assert reports["tag"]["checkpoint"]["tag"] == "step7"
+    assert json.loads((tmp_path / "eval_run" / "eval_history.jsonl").read_text())["step"] == 7
+    for name in ("run", "tag"):  # consolidated ZeRO weights score exactly as the saved HF model
+        assert {k: reports[name][k] for k in ev.METRIC_KEYS} == {k: reports["hf"][k] for k in ev.METRIC_KEYS}
+        assert reports[name]["relations"] == reports["hf"]["relations"]
+    untrained = ev.load_model(hf_folder)[0].state_dict()
+    trained = ev.load_model(run / "checkpoints")[0].state_dict()
+    assert any(not torch.equal(untrained[k], trained[k]) for k in trained)
+
+
+@pytest.mark.slow
+def test_two_deepspeed_ranks_give_the_metrics_of_one(hf_folder, tiny_demo, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert launcher().main(["--checkpoint", str(hf_folder), "--data", str(tiny_demo), "--out", str(one),
+                            "--batch-size", "5"]) == 0
+    cmd = [shutil.which("deepspeed") or sys.exit("deepspeed launcher not on PATH"), "--num_gpus", "2",
+           "--master_port", str(free_port()), "launchers/evaluate.py", "--checkpoint", str(hf_folder),
+           "--data", str(tiny_demo), "--out", str(two), "--batch-size", "5"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "| TR R@1 |" in proc.stdout
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (one, two))
+    assert a["ranks"] == 1 and b["ranks"] == 2
+    assert {k: b[k] for k in ev.METRIC_KEYS} == pytest.approx({k: a[k] for k in ev.METRIC_KEYS}, abs=1e-6)
+    assert b["relation_swap"] == a["relation_swap"] and b["degenerate_layers"] == a["degenerate_layers"]
+    assert a["relations"].keys() == b["relations"].keys()
+    for key, entry in a["relations"].items():
+        for stat in ("mean", "p10", "p50", "p90"):
+            assert b["relations"][key][stat] == pytest.approx(entry[stat], rel=1e-6, abs=1e-9), (key, stat)
+        assert b["relations"][key]["hist"] == entry["hist"]
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def test_pair_matrices_are_the_cropped_relations(model, collator, test_set):
+    sample = test_set.images[0]
+    inputs = {**collator.texts(sample.captions[:1]), **collator.images([sample])}
+    rel = model(**inputs, iais_request=IaisRequest(torch.arange(1), alignment=None)).relations[-1]
+    mats = viz.pair_matrices(rel)
+    t, v = int(rel.word_mask.sum()), len(sample.boxes)
+    assert mats["S_L"].shape == (t, t) and mats["A_t2i"].shape == (t, v) and mats["S_V"].shape == (v, v)
+    torch.testing.assert_close(torch.from_numpy(mats["P_L/distributed"]),
+                               torch.from_numpy(mats["A_t2i"] @ mats["A_i2t"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(mats["S_V"].sum(1)), torch.ones(v), rtol=0, atol=1e-5)
+    assert mats["ISD_L/singular"] == pytest.approx(float(iais.isd(rel, alignment="singular", direction="L")[0]))
+
+
+def test_viz_pairs_command_draws_labelled_pngs(hf_folder, tiny_demo, tmp_path, capsys):
+    assert viz.main(["pairs", "--checkpoint", str(hf_folder), "--data", str(tiny_demo), "--split", "test",
+                     "--index", "0", "3", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert [Path(p).name for p in printed] == ["pair0_layer0.png", "pair0_layer1.png", "pair3_layer0.png",
+                                               "pair3_layer1.png"]
+    for p in printed:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = viz.shard_images(tiny_demo / "test", ["test-000000", "test-000003"])
+    assert set(pixels) == {"test-000000", "test-000003"} and all(b[:4] == b"\x89PNG" for b in pixels.values())
+
+
+def test_viz_curves_command(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    train = [{"step": s, "loss": 1 / s, "isd": 0.5 / s, "entropy_S_L": 0.9 + s / 1000, "entropy_S_V": 0.95}
+             for s in range(10, 101, 10)]
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    evals = [{"step": s, "rsum": 100.0 + s, "rerank": {"rsum": 90.0 + s},
+              "relations": {"layer3/isd_L/singular": {"mean": 0.1 / s}, "layer3/entropy/S_L": {"mean": 0.97}}}
+             for s in (50, 100)]
+    (run / "eval_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals) + '{"torn')
+    assert viz.main(["curves", "--run", str(run), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError):
+        viz.draw_curves(tmp_path / "empty", tmp_path)

@@ -1,0 +1,157 @@
+"""launchers/slurm.sh on a real (one-host, two emulated nodes) SLURM, and DeepSpeed's --no_ssh multi-node form.
+
+The cluster comes from tests/slurm_cluster.py (apt-installs SLURM when missing; needs root). Each job
+runs the tiny demo on 2 nodes x 1 CPU rank (gloo), so the world size is 2 and the ranks rendezvous
+through MASTER_ADDR=n1 exactly as on a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = "launchers/slurm.sh"
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_overrides(demo: Path, out: Path, steps: int) -> list[str]:
+    return [
+        f"data.root={demo}", "data.make_demo=false", f"train.output_dir={out}", f"train.steps={steps}",
+        "train.log_every=5", "train.micro_batch_size=8", "objectives.mlm_only_steps=0",
+        "objectives.num_candidates=4", "objectives.num_hard=2",
+    ]
+
+
+def submit(cluster: SlurmCluster, tmp: Path, *train_args: str) -> tuple[str, Path]:
+    """sbatch slurm.sh on both nodes, one CPU rank each; returns (job id, its output file)."""
+    job = cluster.sbatch(
+        ["--nodes=2", "--gpus-per-node=0", "--time=00:20:00", f"--output={tmp}/%x-%j.out",
+         SCRIPT, "configs/demo.yaml", *train_args],
+        cwd=ROOT, env={"PYTHONUNBUFFERED": "1"},
+    )
+    return job, tmp / f"iais-{job}.out"
+
+
+def describe(cluster: SlurmCluster, job: str, out: Path) -> str:
+    text = out.read_text(errors="replace") if out.exists() else "(no job output)"
+    return f"job {job}: {cluster.job(job)}\n--- job output ---\n{text[-6000:]}\n--- daemons ---\n{cluster.logs(1500)}"
+
+
+def test_sbatch_demo_on_two_nodes(slurm_cluster, tiny_demo, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    job, out = submit(slurm_cluster, tmp_path, *tiny_overrides(tiny_demo, run, steps=20))
+    info = slurm_cluster.wait(job, timeout=600)
+    print(f"demo job {job}: {info['JobState']} in {time.monotonic() - t0:.0f} s")
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), describe(slurm_cluster, job, out)
+
+    log = out.read_text()
+    assert "nodes (2): n1 n2" in log and "rendezvous n1:" in log and "world size 2" in log, log[:3000]
+    assert "slurm.sh[node 0" in log and "slurm.sh[node 1" in log, log[-3000:]
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    report = json.loads((run / "eval.json").read_text())
+    assert report["images"] == 16 and report["captions"] == 32
+    assert (run / "checkpoints" / "step20").is_dir()
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"iais-slurm-{job}.node*")), "per-node files left"
+
+
+def test_sbatch_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tiny_demo, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    steps = 120
+    t0 = time.monotonic()
+    job, out = submit(slurm_cluster, tmp_path, *tiny_overrides(tiny_demo, run, steps=steps))
+    train_log = run / "train_log.jsonl"
+    while not (train_log.exists() and train_log.read_text().strip()):  # mid-run: the first record is written
+        info = slurm_cluster.job(job)
+        assert info["JobState"] in {"PENDING", "RUNNING"}, describe(slurm_cluster, job, out)
+        assert time.monotonic() - t0 < 400, describe(slurm_cluster, job, out)
+        time.sleep(0.5)
+    t_signal = time.monotonic()
+    # What --signal=B:USR1@T does before the time limit, sent now: to the batch shell only.
+    slurm_cluster.scancel("--signal=USR1", "--batch", job)
+
+    info = slurm_cluster.wait(job, timeout=600)
+    done = time.monotonic()
+    log = out.read_text()
+    print(f"preemption job {job}: signalled after {t_signal - t0:.0f} s, {info['JobState']} "
+          f"(restarts {info['Restarts']}) after {done - t0:.0f} s")
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+        describe(slurm_cluster, job, out)
+
+    # the signal reached each rank exactly once, through the batch shell's trap
+    assert log.count("got SIGUSR1: forwarding it") == 1, log
+    assert len(re.findall(r"slurm\.sh\[node [01]\]: SIGUSR1 -> ranks \d+", log)) == 2, log
+    assert len(re.findall(r"rank \d: got signal 10", log)) == 2, log
+    saved = re.findall(r"checkpoint \S+/step(\d+) saved; asking SLURM to requeue job " + job, log)
+    assert len(saved) == 1, log
+    step = int(saved[0])
+    assert 0 < step < steps
+    # the requeued run: same job id, SLURM_RESTART_COUNT=1, resumes from that checkpoint
+    first, second = log.split(f"job {job} (iais) restart 1", 1)
+    assert f"job {job} (iais) restart 0" in first
+    assert f"resumed from step {step} " in second and "starting at step 0" not in second, second[:4000]
+    # one record per 5 steps, none repeated: the second run went on from the checkpoint, not from 0
+    records = [json.loads(line)["step"] for line in train_log.read_text().splitlines()]
+    assert records == list(range(5, steps + 1, 5)), records
+    assert json.loads((run / "eval.json").read_text())["images"] == 16
+
+
+def test_sbatch_failing_training_fails_the_job(slurm_cluster, tiny_demo, tmp_path):  # noqa: F811
+    t0 = time.monotonic()
+    job, out = submit(slurm_cluster, tmp_path, *tiny_overrides(tiny_demo, tmp_path / "run", steps=-1))
+    info = slurm_cluster.wait(job, timeout=600)
+    print(f"failing job {job}: {info['JobState']} {info['ExitCode']} in {time.monotonic() - t0:.0f} s")
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), describe(slurm_cluster, job, out)
+    log = out.read_text()
+    assert "train.steps: must be at least 1" in log and "training exited with 2" in log, log[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_ssh_two_nodes_rendezvous_on_loopback(tiny_demo, tmp_path):
+    """What each node runs on a cluster without passwordless SSH (docs/clusters.md), both 'nodes' here."""
+    deepspeed = shutil.which("deepspeed") or sys.exit("deepspeed launcher not on PATH")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # --no_ssh never contacts these names
+    run = tmp_path / "run"
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SLURM_JOB_ID", None)
+    procs = [
+        subprocess.Popen(
+            [deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--num_nodes", "2",
+             "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+             "launchers/train.py", "--config", "configs/demo.yaml", *tiny_overrides(tiny_demo, run, steps=10)],
+            cwd=ROOT, env=env, stdout=open(tmp_path / f"node{node}.log", "w"), stderr=subprocess.STDOUT,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    assert codes == [0, 0], "\n\n".join(log[-4000:] for log in logs)
+    assert "node_rank=1" in logs[1] and "dist_world_size=2" in logs[1]
+    assert "2 ranks" in logs[0], logs[0][-4000:]
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [5, 10]
+    assert json.loads((run / "eval.json").read_text())["images"] == 16
