@@ -26,6 +26,12 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class SourceConfig:
+    path: str = ""  # a split folder of shards (ours or img2dataset's), relative to the working directory
+    weight: float = 1.0  # share of the samples drawn from this source: weight / sum of weights
+
+
+@dataclass
 class DataConfig:
     root: str = "data/demo"  # folder with {split}/shard-*.tar, sizes.json, tokenizer/
     make_demo: bool = True  # generate the demo shards into `root` when they are missing
@@ -38,6 +44,12 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 1000
     max_bad_fraction: float = 0.01  # abort when more of the samples seen are bad
+    # "epoch": every sample of {root}/{train_split} once per epoch (fine-tuning); "resampled": an
+    # endless weighted mixture of `sources`, shards drawn with replacement (pretraining).
+    mode: Literal["epoch", "resampled"] = "epoch"
+    sources: list[SourceConfig] = field(default_factory=list)  # resampled mode only
+    epoch_samples: int | None = None  # resampled: samples per nominal epoch (default: the sources' total)
+    bucket_by_length: bool = False  # batches of similar caption + region length
 
 
 @dataclass
@@ -49,7 +61,12 @@ class ModelConfig:
     intermediate_size: int | None = None
     dropout: float = 0.1
     region_feature_dim: int | None = None  # default: read from the data set's manifest
+    image_input: Literal["regions", "patches"] = "regions"
+    image_size: int = 384  # patches: input side in pixels
+    patch_size: int = 32
+    itc_dim: int = 0  # > 0 adds contrastive projections (ITC loss, ITC-mined negatives, re-ranking)
     gradient_checkpointing: bool = False
+    checkpoint_every_k_layers: int = 1  # with gradient_checkpointing: recompute every k-th layer
 
 
 @dataclass
@@ -73,6 +90,15 @@ class ObjectiveConfig:
     margin: float = 0.2  # hinge margin on sigmoid scores
     num_candidates: int = 15  # negatives sampled per anchor and scored without gradient
     num_hard: int = 3  # hardest of those kept in the group
+    # How hard negatives are found: "cross" scores the sampled candidates with the cross-encoder (the
+    # reference); "itc" ranks the whole micro-batch by the contrastive scores of unimodal passes.
+    mining: Literal["cross", "itc"] = "cross"
+    itc_weight: float = 0.0  # contrastive loss (needs model.itc_dim > 0)
+    mrfr_weight: float = 0.0  # masked region feature regression (region inputs)
+    mrfr_prob: float = 0.15
+    # Pretraining: each step trains ONE task drawn by these ratios (UNITER's task mixing), e.g.
+    # {mlm: 2, rank: 1, mrfr: 1}; empty: every task whose weight is > 0, every step.
+    task_mix: dict[str, float] = field(default_factory=dict)
     iais: IaisConfig = field(default_factory=IaisConfig)
 
 
@@ -155,6 +181,13 @@ class ExperimentConfig:
         for name in ("checkpoint_every", "eval_every"):
             if getattr(t, name) < 0:
                 p.append(f"train.{name}: must be 0 (off) or positive (got {getattr(t, name)})")
+        for task in o.task_mix:
+            if task not in TASKS:
+                p.append(f"objectives.task_mix: unknown task {task!r} (tasks: {', '.join(TASKS)})")
+        if (o.itc_weight > 0 or o.mining == "itc" or o.task_mix.get("itc")) and self.model.itc_dim <= 0:
+            p.append("model.itc_dim: must be > 0 for the ITC loss or ITC mining")
+        if (o.mrfr_weight > 0 or o.task_mix.get("mrfr")) and self.model.image_input != "regions":
+            p.append("objectives.mrfr_weight: masked region regression needs model.image_input 'regions'")
         if not self.objectives.iais.layers:
             p.append("objectives.iais.layers: name at least one layer")
         for a in self.eval.isd_alignments:
@@ -162,6 +195,17 @@ class ExperimentConfig:
                 p.append(f"eval.isd_alignments: unknown alignment {a!r}")
         if not 0 <= self.data.max_bad_fraction <= 1:
             p.append("data.max_bad_fraction: must lie in [0, 1]")
+        if self.data.mode == "resampled" and not self.data.sources:
+            p.append("data.sources: data.mode 'resampled' needs at least one source {path, weight}")
+        if self.data.mode == "epoch" and self.data.sources:
+            p.append("data.sources: only used when data.mode is 'resampled' (epoch mode reads data.train_split)")
+        for i, src in enumerate(self.data.sources):
+            if src is not None and not src.path:
+                p.append(f"data.sources[{i}].path: required (a split folder of shards)")
+            if src is not None and not src.weight > 0:
+                p.append(f"data.sources[{i}].weight: must be positive (got {src.weight})")
+        if self.data.epoch_samples is not None and self.data.epoch_samples < 1:
+            p.append(f"data.epoch_samples: must be at least 1 (got {self.data.epoch_samples})")
         if self.model.size not in MODEL_SIZES and self.model.size != "custom":
             p.append(f"model.size: one of {sorted(MODEL_SIZES)} or 'custom' (got {self.model.size!r})")
         if self.model.size == "custom":
@@ -170,6 +214,8 @@ class ExperimentConfig:
                     p.append(f"model.{dim}: required when model.size is 'custom'")
         return p
 
+
+TASKS = ("mlm", "rank", "mrfr", "itc")
 
 # name -> (hidden, layers, heads, intermediate)
 MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -205,6 +251,11 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if value not in args:
             problems.append(f"{path}: must be one of {list(args)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            return None
+        return {k: _convert(v, args[1], f"{path}.{k}", problems) for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             problems.append(f"{path}: expected a list, got {type(value).__name__}")

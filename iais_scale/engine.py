@@ -122,7 +122,9 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int) -> CrossModalModel:
+def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int, ds_config: dict | None = None) -> CrossModalModel:
+    """The model of an experiment. Under ZeRO-3 it is built inside ``deepspeed.zero.Init`` (through
+    transformers' own integration), so each rank only ever holds its partition of the weights."""
     hf_cfg = config_from_experiment(
         cfg.model,
         vocab_size=len(tokenizer),
@@ -133,6 +135,13 @@ def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int) -> CrossModa
         iais_layers=cfg.objectives.iais.layers,
         max_text_len=cfg.data.max_text_len,
     )
+    if ds_config and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3 = HfDeepSpeedConfig(ds_config)  # transformers reads it (weakly) while building
+        model = CrossModalModel._from_config(hf_cfg)
+        del zero3
+        return model
     return CrossModalModel(hf_cfg)
 
 
@@ -198,7 +207,7 @@ class Trainer:
         self.collator = Collator(self.tokenizer, cfg.data.max_text_len, cfg.data.max_regions)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(cfg, self.tokenizer, manifest["feature_dim"])
+        model = build_model(cfg, self.tokenizer, manifest["feature_dim"], ds_cfg)
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
@@ -428,9 +437,11 @@ class Trainer:
 
         if not (self.out_dir / "checkpoints" / f"step{self.step}" / COMPLETE).is_file():
             self.save(f"step{self.step}")
-        if self.engine.zero_optimization_stage() < 3 and self.rank == 0:
-            self.module.save_pretrained(self.out_dir / "hf_model")
-            self.tokenizer.save_pretrained(self.out_dir / "hf_model")
+        if self.rank == 0:  # a consolidated Hugging Face folder, whatever the ZeRO stage
+            from .model.loading import export_hf
+
+            export_hf(self.out_dir / "checkpoints", self.out_dir / "hf_model", tag=f"step{self.step}")
+        dist.barrier()
         report = self.evaluate()
         dist.barrier()
         return report

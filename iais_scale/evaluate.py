@@ -154,6 +154,10 @@ def sharded_map(fn: Callable[[Tensor], Tensor], n: int, batch_size: int) -> Tens
     return local[:n].cpu()
 
 
+def _count(tensors: dict[str, Tensor]) -> int:
+    return next(iter(tensors.values())).shape[0]
+
+
 def _select(tensors: dict[str, Tensor], rows: Tensor, device: torch.device) -> dict[str, Tensor]:
     return {k: v.index_select(0, rows).to(device) for k, v in tensors.items()}
 
@@ -184,20 +188,20 @@ def has_itc(model: torch.nn.Module) -> bool:
 @torch.no_grad()
 def itc_embeddings(model: CrossModalModel, texts: dict, images: dict, batch_size: int) -> tuple[Tensor, Tensor]:
     """L2-normalised ITC embeddings (text [n_txt, d], image [n_img, d]) from the model's text-only
-    and image-only passes, sharded over ranks."""
+    and image-only passes (``itc_text(text_ids, text_attention)``, ``itc_image(**image_inputs)``),
+    sharded over ranks."""
     device = _device(model)
 
     def text_fn(rows: Tensor) -> Tensor:
         t = _select(texts, rows, device)
         return model.itc_text(t["text_ids"], t["text_attention"]).float()
 
-    def image_fn(rows: Tensor) -> Tensor:
-        i = _select(images, rows, device)
-        return model.itc_image(i["region_features"], i["region_geometry"], i["region_attention"]).float()
+    def image_fn(rows: Tensor) -> Tensor:  # keywords: the image inputs are regions or pixels
+        return model.itc_image(**_select(images, rows, device)).float()
 
     return (
         sharded_map(text_fn, texts["text_ids"].shape[0], batch_size),
-        sharded_map(image_fn, images["region_features"].shape[0], batch_size),
+        sharded_map(image_fn, _count(images), batch_size),
     )
 
 
@@ -213,7 +217,7 @@ def shortlist(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
     n_img, n_txt = sim.shape
     i2t = sim.topk(min(k, n_txt), dim=1).indices
     t2i = sim.topk(min(k, n_img), dim=0).indices.T.contiguous()
-    rank, world = _world()
+    _, world = _world()
     if world > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         for t in (i2t, t2i):
@@ -301,7 +305,7 @@ def relation_values(
                 w2r = word_to_region.index_select(0, rows).to(device).long()
                 n_text = inputs["text_ids"].shape[1]
                 seq = torch.where(w2r >= 0, w2r + n_text, -1)
-                pad = seq.new_full((b, inputs["region_features"].shape[1]), -1)
+                pad = seq.new_full((b, out.hidden.shape[1] - n_text), -1)  # the image token positions
                 w2r_seq = torch.cat([seq, pad], 1)
                 for d in ("L", "V"):
                     v = iais.isd_annotated(rel, w2r_seq, direction=d)
@@ -557,6 +561,8 @@ def write_report(report: dict, out_dir: str | Path, step: int | None = None) -> 
 # --------------------------------------------------------------------------- checkpoints
 
 
+# Pre-training heads: a checkpoint older than one of them may lack its weights without harm here.
+UNUSED_BY_EVALUATION = ("mlm.", "mrfr.")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
 
@@ -637,6 +643,11 @@ def load_model(path: str | Path, model_dir: str | Path | None = None, device: st
         result = model.load_state_dict(state, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or ())
         missing = [k for k in result.missing_keys if k not in tied]
+        unused = [k for k in missing if k.startswith(UNUSED_BY_EVALUATION)]
+        if unused:
+            log.warning("checkpoint %s lacks %d weights of heads that evaluation does not use (left at their"
+                        " initial values): %s", path, len(unused), unused[:5])
+        missing = [k for k in missing if k not in unused]
         if missing or result.unexpected_keys:
             raise ValueError(
                 f"checkpoint {path} does not fit the config in {info['model_dir']}:"

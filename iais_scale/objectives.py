@@ -18,9 +18,14 @@ from torch import Tensor
 
 from .config import IaisConfig, ObjectiveConfig
 from .model import CrossModalModel, IaisRequest
+from .model.encoder import IMAGE_INPUTS
 
 TEXT_KEYS = ("text_ids", "text_attention")
-IMAGE_KEYS = ("region_features", "region_geometry", "region_attention")
+
+
+def image_keys(batch: dict) -> list[str]:
+    """The image inputs a batch carries: region features or pixels."""
+    return [k for k in IMAGE_INPUTS if k in batch]
 
 
 def iais_weight(step: int, total: int, cfg: IaisConfig) -> float:
@@ -40,7 +45,7 @@ def iais_weight(step: int, total: int, cfg: IaisConfig) -> float:
 def pair_inputs(batch: dict, text_idx: Tensor, image_idx: Tensor) -> dict[str, Tensor]:
     """Model inputs for the pairs (text_idx[p], image_idx[p]) of a batch."""
     out = {k: batch[k].index_select(0, text_idx) for k in TEXT_KEYS}
-    out.update({k: batch[k].index_select(0, image_idx) for k in IMAGE_KEYS})
+    out.update({k: batch[k].index_select(0, image_idx) for k in image_keys(batch)})
     return out
 
 
@@ -86,6 +91,46 @@ def hardest_negatives(
     finally:
         model.train(was_training)
     return candidates.gather(1, scores.topk(num_hard, dim=1).indices)
+
+
+@torch.no_grad()
+def itc_negatives(model: CrossModalModel, batch: dict, *, anchor: str, num_hard: int) -> Tensor:
+    """[B, num_hard] hardest in-batch negatives by contrastive similarity of unimodal passes.
+
+    Two passes of B rows (text alone, image alone) replace the cross-encoder's B x num_candidates
+    scoring, and every other pair of the micro-batch is a candidate.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        t = model.itc_text(batch["text_ids"], batch["text_attention"])
+        i = model.itc_image(**{k: batch[k] for k in image_keys(batch)})
+    finally:
+        model.train(was_training)
+    sim = t @ i.T if anchor == "text" else i @ t.T
+    sim.fill_diagonal_(-torch.inf)
+    return sim.topk(num_hard, dim=1).indices
+
+
+def itc_loss(model: CrossModalModel, batch: dict) -> Tensor:
+    """Symmetric InfoNCE over the micro-batch with a learned temperature (CLIP/ALBEF)."""
+    t = model.itc_text(batch["text_ids"], batch["text_attention"])
+    i = model.itc_image(**{k: batch[k] for k in image_keys(batch)})
+    logits = model.itc_logit_scale.exp().clamp(max=100) * t @ i.T
+    target = torch.arange(t.shape[0])
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def mrfr_loss(model: CrossModalModel, batch: dict, prob: float, generator: torch.Generator) -> Tensor:
+    """Masked region feature regression (UNITER): zero some regions' features, regress them back."""
+    valid = batch["region_attention"]
+    chosen = (torch.rand(valid.shape, generator=generator) < prob) & valid
+    first = torch.rand(valid.shape, generator=generator).masked_fill(~valid, -1).argmax(1)
+    chosen[torch.arange(valid.shape[0]), first] |= valid.any(1)  # at least one region per image
+    feats = batch["region_features"].masked_fill(chosen[..., None], 0.0)
+    out = model(batch["text_ids"], batch["text_attention"], feats, batch["region_geometry"], valid)
+    pred = model.mrfr_predictions(out, batch["text_ids"].shape[1])
+    return F.mse_loss(pred[chosen].float(), batch["region_features"][chosen].float())
 
 
 @dataclass
@@ -156,9 +201,24 @@ def mask_words(batch: dict, model: CrossModalModel, prob: float, mask_id: int, v
 def mlm_loss(model: CrossModalModel, batch: dict, prob: float, mask_id: int, generator: torch.Generator) -> Tensor:
     """Masked language modelling of the captions, conditioned on their images."""
     masked, labels = mask_words(batch, model, prob, mask_id, model.config.vocab_size, generator)
-    out = model(text_ids=masked, **{k: batch[k] for k in ("text_attention", *IMAGE_KEYS)})
+    out = model(text_ids=masked, **{k: batch[k] for k in ("text_attention", *image_keys(batch))})
     logits = model.mlm_logits(out, masked.shape[1])
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def step_tasks(cfg: ObjectiveConfig, step: int) -> list[str]:
+    """The tasks trained at ``step``: MLM alone during warm-up; then one task drawn by the mixing
+    ratios (UNITER), or every task with a positive weight. The draw depends on the step alone, so
+    every rank trains the same task and ZeRO's gradient collectives line up."""
+    if step < cfg.mlm_only_steps:
+        return ["mlm"]
+    if cfg.task_mix:
+        names = sorted(cfg.task_mix)
+        ratios = torch.tensor([cfg.task_mix[n] for n in names], dtype=torch.float)
+        draw = torch.Generator().manual_seed(step)
+        return [names[int(torch.multinomial(ratios, 1, generator=draw))]]
+    weights = {"mlm": cfg.mlm_weight, "rank": cfg.rank_weight, "mrfr": cfg.mrfr_weight, "itc": cfg.itc_weight}
+    return [t for t, w in weights.items() if w > 0]
 
 
 def training_loss(
@@ -174,11 +234,20 @@ def training_loss(
     """The loss of one micro-batch and its logged parts."""
     parts: dict[str, float | Tensor] = {}
     loss = torch.zeros(())
-    if cfg.mlm_weight > 0:
+    tasks = step_tasks(cfg, step)
+    if "mlm" in tasks:
         mlm = mlm_loss(model, batch, cfg.mlm_prob, mask_id, generator)
         loss = loss + cfg.mlm_weight * mlm
         parts["mlm"] = mlm.detach()
-    if step < cfg.mlm_only_steps or cfg.rank_weight == 0:
+    if "mrfr" in tasks:
+        mrfr = mrfr_loss(model, batch, cfg.mrfr_prob, generator)
+        loss = loss + cfg.mrfr_weight * mrfr
+        parts["mrfr"] = mrfr.detach()
+    if "itc" in tasks:
+        itc = itc_loss(model, batch)
+        loss = loss + cfg.itc_weight * itc
+        parts["itc"] = itc.detach()
+    if "rank" not in tasks:
         return loss, parts
 
     ranked_steps = total_steps - cfg.mlm_only_steps
@@ -190,9 +259,12 @@ def training_loss(
     if cfg.iais.direction != "alternate":
         direction = cfg.iais.direction
     request = IaisRequest(torch.empty(0), cfg.iais.alignment, direction) if cfg.iais.enabled else None
-    negatives = hardest_negatives(
-        model, batch, anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard, generator=generator
-    )
+    if cfg.mining == "itc":
+        negatives = itc_negatives(model, batch, anchor=anchor, num_hard=cfg.num_hard)
+    else:
+        negatives = hardest_negatives(
+            model, batch, anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard, generator=generator
+        )
     g = group_loss(model, batch, negatives, anchor=anchor, margin=cfg.margin, iais=request, kind=cfg.rank_loss)
     loss = loss + cfg.rank_weight * g.rank + w * g.iais
     parts["rank"] = g.rank.detach()

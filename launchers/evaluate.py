@@ -119,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_dir = Path(info["run_dir"]) if info["run_dir"] else out
                 if (run_dir / "eval_history.jsonl").resolve() != histories[0].resolve():
                     histories.append(run_dir / "eval_history.jsonl")
-                paths.append(viz.draw_curves(run_dir, plots, histories))
+                try:
+                    paths.append(viz.draw_curves(run_dir, plots, histories))
+                except FileNotFoundError as e:  # e.g. a stand-alone HF folder: no steps to plot against
+                    print(f"curves: not drawn ({e})", flush=True)
                 print("plots: " + " ".join(str(p) for p in paths), flush=True)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -39,9 +39,10 @@
 #     requeued job (same id, SLURM_RESTART_COUNT=1, 2, ...) resumes from the newest checkpoint:
 #     launchers/train.py defaults to `--resume auto` under SLURM.
 #   * On scancel, node failure or the hard time limit SLURM sends SIGTERM to every process of the
-#     job; the node task and the runner ignore it and keep waiting, so the ranks (which get it
-#     from SLURM and from DeepSpeed's launcher) can save a checkpoint within KillWait (30 s by
-#     default) and exit with 143.
+#     job; the node task and the runner ignore it and keep waiting, so the ranks can save a
+#     checkpoint within KillWait (30 s by default). DeepSpeed's launcher re-sends SIGTERM to its
+#     ranks at once, which the trainer may take for a second signal ("exit now"): rely on the USR1
+#     warning and on train.checkpoint_every, not on a SIGTERM checkpoint.
 #
 #SBATCH --job-name=iais
 #SBATCH --nodes=1
@@ -93,7 +94,8 @@ else
     CPUS_PER_TASK=$(tr ',' '\n' <<<"${SLURM_JOB_CPUS_PER_NODE:-1}" | sed 's/(.*//' | sort -n | head -n1)
 fi
 IAIS_NODE_TMP=${IAIS_NODE_TMP:-${TMPDIR:-/tmp}}
-export MASTER_ADDR MASTER_PORT NNODES RANKS_PER_NODE IAIS_DEEPSPEED IAIS_NODE_TMP
+RANKS_PER_NODE_DEVICE=$DEVICE
+export MASTER_ADDR MASTER_PORT NNODES RANKS_PER_NODE RANKS_PER_NODE_DEVICE IAIS_DEEPSPEED IAIS_NODE_TMP
 export IAIS_NODES="${NODES[*]}"
 
 log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0}, in $PWD"
@@ -106,12 +108,21 @@ log "train.py arguments: --config $*"
 node_task() {
     # One per node: write the hostfile, start DeepSpeed's launcher for this node's ranks, wait.
     set -u
+    trap '' USR1   # only the ranks act on USR1 (see signal_ranks)
+    trap 'echo "slurm.sh[node $SLURM_NODEID]: SIGTERM: waiting for the ranks to save and stop"' TERM
     local base="$IAIS_NODE_TMP/iais-slurm-$SLURM_JOB_ID.node$SLURM_NODEID"
     mkdir -p "$IAIS_NODE_TMP"
     local host
     : >"$base.hostfile"
     for host in $IAIS_NODES; do echo "$host slots=$RANKS_PER_NODE" >>"$base.hostfile"; done
     echo "slurm.sh[node $SLURM_NODEID $(hostname -s)]: starting $RANKS_PER_NODE rank(s)"
+    if [[ -n ${CUDA_VISIBLE_DEVICES:-} && $RANKS_PER_NODE_DEVICE == gpu ]]; then
+        local expect
+        expect=$(seq -s, 0 $(( RANKS_PER_NODE - 1 )))
+        [[ $CUDA_VISIBLE_DEVICES == "$expect" ]] || echo "slurm.sh[node $SLURM_NODEID]: warning:" \
+            "SLURM set CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES but DeepSpeed's launcher will use GPUs $expect" \
+            "(ask for whole nodes, or have ConstrainDevices=yes in the cluster's cgroup.conf)"
+    fi
     # USR1/TERM ignored in the runner (and in its launcher for USR1): they must survive the
     # signals meant for the ranks; the ranks install their own handlers.
     (
@@ -123,8 +134,6 @@ node_task() {
     ) &
     local pid=$! rc
     echo "$pid" >"$base.pid"
-    trap '' USR1
-    trap 'echo "slurm.sh[node $SLURM_NODEID]: SIGTERM: waiting for the ranks to save and stop"' TERM
     while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
     wait "$pid"; rc=$?
     rm -f "$base.pid" "$base.hostfile"

@@ -1,10 +1,5 @@
 """Evaluation end to end on the tiny demo: relation report and the degenerate-attention warning,
-ITC top-k re-ranking, the evaluate launcher on HF and DeepSpeed checkpoints, 1 vs 2 ranks, pictures.
-
-Until ``CrossModalModel`` has its ITC head, re-ranking is tested with ``ItcStandIn`` below (text-only
-and image-only mean-pooled embeddings): the protocol only needs ``config.itc_dim`` and the two
-methods ``itc_text`` / ``itc_image``.
-"""
+ITC top-k re-ranking, the evaluate launcher on HF and DeepSpeed checkpoints, 1 vs 2 ranks, pictures."""
 
 from __future__ import annotations
 
@@ -20,8 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import AutoTokenizer
 
 from iais_scale import evaluate as ev
@@ -46,25 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class ItcStandIn(CrossModalModel):
-    """A ``CrossModalModel`` with the ITC interface: mean-pooled text-only / image-only embeddings."""
-
-    def __init__(self, config: CrossModalConfig):
-        super().__init__(config)
-        self.itc_text_proj = nn.Linear(config.hidden_size, config.itc_dim)
-        self.itc_image_proj = nn.Linear(config.hidden_size, config.itc_dim)
-
-    def itc_text(self, text_ids, text_attention):
-        h = self.text_embeddings(input_ids=text_ids)
-        m = text_attention[..., None].to(h.dtype)
-        return F.normalize(self.itc_text_proj((h * m).sum(1) / m.sum(1).clamp_min(1)), dim=-1)
-
-    def itc_image(self, region_features, region_geometry, region_attention):
-        h = self.region_embeddings(region_features, region_geometry, self.text_embeddings.token_type_embeddings.weight[1])
-        m = region_attention[..., None].to(h.dtype)
-        return F.normalize(self.itc_image_proj((h * m).sum(1) / m.sum(1).clamp_min(1)), dim=-1)
 
 
 def tiny_config(tokenizer, **kw) -> CrossModalConfig:
@@ -105,15 +79,25 @@ def model(tokenizer):
 @pytest.fixture(scope="module")
 def itc_model(tokenizer):
     torch.manual_seed(1)
-    return ItcStandIn(tiny_config(tokenizer, itc_dim=8)).eval()
+    return CrossModalModel(tiny_config(tokenizer, itc_dim=8)).eval()
 
 
-@pytest.fixture(scope="module")
-def hf_folder(model, tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf") / "hf_model"
+def save_hf(model, tokenizer, out: Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def hf_folder(itc_model, tokenizer, tmp_path_factory):
+    """A Hugging Face folder of the tiny model with an ITC head."""
+    return save_hf(itc_model, tokenizer, tmp_path_factory.mktemp("hf") / "hf_model")
+
+
+@pytest.fixture(scope="module")
+def plain_hf_folder(model, tokenizer, tmp_path_factory):
+    """A Hugging Face folder of the tiny model without ITC head."""
+    return save_hf(model, tokenizer, tmp_path_factory.mktemp("hf") / "plain_hf_model")
 
 
 # --------------------------------------------------------------------------- report
@@ -207,13 +191,13 @@ def test_rerank_with_every_candidate_equals_all_pairs(itc_model, collator, test_
     assert "| ITC top-32 + re-rank | 512 |" in ev.markdown_table(report)
 
 
-class CountingModel(ItcStandIn):
-    """Counts the (text, image) rows the cross-encoder sees."""
+class CountingModel(CrossModalModel):
+    """Counts the rows its encoder sees."""
 
     rows = 0
 
     def forward(self, *args, **kwargs):
-        CountingModel.rows += kwargs["text_ids"].shape[0]
+        CountingModel.rows += (args[0] if args else kwargs["text_ids"]).shape[0]
         return super().forward(*args, **kwargs)
 
 
@@ -251,7 +235,7 @@ def test_rerank_needs_an_itc_head(model, collator, test_set):
         ev.evaluate(model, collator, test_set, all_pairs=False)
 
 
-def test_rerank_benchmark(itc_model, collator, test_set, hf_folder, tiny_demo, capsys):
+def test_rerank_benchmark(itc_model, plain_hf_folder, collator, test_set, tiny_demo, capsys):
     spec = importlib.util.spec_from_file_location("rerank_bench", ROOT / "benchmarks" / "rerank.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -260,41 +244,8 @@ def test_rerank_benchmark(itc_model, collator, test_set, hf_folder, tiny_demo, c
     assert result["all_pairs"]["pairs"] >= 10 * result["rerank"]["pairs"]
     assert "x fewer cross-encoder pairs" in bench.format_result(result, 16, 32)
     # A checkpoint without ITC: the benchmark says it is pending.
-    assert bench.main(["--checkpoint", str(hf_folder), "--data", str(tiny_demo)]) == bench.PENDING
+    assert bench.main(["--checkpoint", str(plain_hf_folder), "--data", str(tiny_demo)]) == bench.PENDING
     assert "PENDING" in capsys.readouterr().out
-
-
-def _two_rank_worker(rank: int, port: int, state: dict, config: dict, data: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        tok = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
-        m = ItcStandIn(CrossModalConfig.from_dict(config)).eval()
-        m.load_state_dict(state)
-        rset = RetrievalSet.from_samples(read_split(os.path.join(data, "test"), max_regions=MAX_REGIONS))
-        report = ev.evaluate(m, Collator(tok, MAX_TEXT_LEN, MAX_REGIONS), rset, batch_size=5,
-                             isd_alignments=["singular"], rerank_k=3)
-        Path(out, f"rank{rank}.json").write_text(json.dumps(report))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_rerank_on_two_gloo_ranks_equals_one_rank(itc_model, collator, test_set, tiny_demo, tmp_path):
-    one = ev.evaluate(itc_model, collator, test_set, batch_size=5, isd_alignments=["singular"], rerank_k=3)
-    config = itc_model.config.to_dict()
-    torch.multiprocessing.spawn(
-        _two_rank_worker, args=(free_port(), itc_model.state_dict(), config, str(tiny_demo), str(tmp_path)), nprocs=2
-    )
-    for rank in (0, 1):
-        two = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        for part in (None, "itc", "rerank"):
-            a, b = (one, two) if part is None else (one[part], two[part])
-            assert {k: b[k] for k in ev.METRIC_KEYS} == pytest.approx({k: a[k] for k in ev.METRIC_KEYS}, abs=1e-6)
-        assert two["rerank"]["pairs_scored"] == one["rerank"]["pairs_scored"]
-        for key, entry in one["relations"].items():
-            assert two["relations"][key]["mean"] == pytest.approx(entry["mean"], rel=1e-6, abs=1e-9)
 
 
 # --------------------------------------------------------------------------- the launcher
@@ -303,16 +254,19 @@ def test_rerank_on_two_gloo_ranks_equals_one_rank(itc_model, collator, test_set,
 def test_launcher_on_hf_folder_writes_report_and_plots(hf_folder, tiny_demo, tmp_path, capsys):
     out = tmp_path / "eval"
     code = launcher().main(["--checkpoint", str(hf_folder), "--data", str(tiny_demo), "--out", str(out),
-                            "--batch-size", "64", "--plots", "--plot-index", "0", "3"])
+                            "--batch-size", "64", "--rerank-k", "3", "--plots", "--plot-index", "0", "3"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     report = json.loads((out / "eval.json").read_text())
     assert report["images"] == 16 and report["ranks"] == 1 and report["checkpoint"]["kind"] == "hf"
+    assert report["rerank"]["k"] == 3 and report["rerank"]["pairs_scored"] <= 3 * (16 + 32)
+    assert "| ITC top-3 + re-rank |" in printed and "| ITC only | 0 |" in printed
     assert report["relation_swap"]["groups"] == 6
     assert (out / "eval.md").read_text().strip() in printed and "| TR R@1 |" in printed
     assert len((out / "eval_history.jsonl").read_text().splitlines()) == 1
     plots = sorted(p.name for p in (out / "plots").glob("*.png"))
-    assert plots == ["curves.png", "pair0_layer0.png", "pair0_layer1.png", "pair3_layer0.png", "pair3_layer1.png"]
+    assert plots == ["pair0_layer0.png", "pair0_layer1.png", "pair3_layer0.png", "pair3_layer1.png"]
+    assert "curves: not drawn" in printed  # a stand-alone HF folder has no training steps
     assert launcher().main(["--checkpoint", str(tmp_path), "--data", str(tiny_demo)]) == 2  # not a checkpoint
 
 
@@ -342,11 +296,11 @@ tok.save_pretrained(run / "hf_after_step")
 
 
 @pytest.mark.slow
-def test_launcher_on_deepspeed_checkpoint(hf_folder, tiny_demo, tmp_path):
+def test_launcher_on_deepspeed_checkpoint(plain_hf_folder, tiny_demo, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
            "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    proc = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(hf_folder), str(run)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(plain_hf_folder), str(run)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step7"
@@ -363,7 +317,7 @@ def test_launcher_on_deepspeed_checkpoint(hf_folder, tiny_demo, tmp_path):
     for name in ("run", "tag"):  # consolidated ZeRO weights score exactly as the saved HF model
         assert {k: reports[name][k] for k in ev.METRIC_KEYS} == {k: reports["hf"][k] for k in ev.METRIC_KEYS}
         assert reports[name]["relations"] == reports["hf"]["relations"]
-    untrained = ev.load_model(hf_folder)[0].state_dict()
+    untrained = ev.load_model(plain_hf_folder)[0].state_dict()
     trained = ev.load_model(run / "checkpoints")[0].state_dict()
     assert any(not torch.equal(untrained[k], trained[k]) for k in trained)
 
@@ -371,18 +325,21 @@ def test_launcher_on_deepspeed_checkpoint(hf_folder, tiny_demo, tmp_path):
 @pytest.mark.slow
 def test_two_deepspeed_ranks_give_the_metrics_of_one(hf_folder, tiny_demo, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert launcher().main(["--checkpoint", str(hf_folder), "--data", str(tiny_demo), "--out", str(one),
-                            "--batch-size", "5"]) == 0
+    args = ["--checkpoint", str(hf_folder), "--data", str(tiny_demo), "--batch-size", "5", "--rerank-k", "3"]
+    assert launcher().main([*args, "--out", str(one)]) == 0
     cmd = [shutil.which("deepspeed") or sys.exit("deepspeed launcher not on PATH"), "--num_gpus", "2",
-           "--master_port", str(free_port()), "launchers/evaluate.py", "--checkpoint", str(hf_folder),
-           "--data", str(tiny_demo), "--out", str(two), "--batch-size", "5"]
+           "--master_port", str(free_port()), "launchers/evaluate.py", *args, "--out", str(two)]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "| TR R@1 |" in proc.stdout
     a, b = (json.loads((d / "eval.json").read_text()) for d in (one, two))
     assert a["ranks"] == 1 and b["ranks"] == 2
-    assert {k: b[k] for k in ev.METRIC_KEYS} == pytest.approx({k: a[k] for k in ev.METRIC_KEYS}, abs=1e-6)
+    for part in (None, "itc", "rerank"):
+        x, y = (a, b) if part is None else (a[part], b[part])
+        assert {k: y[k] for k in ev.METRIC_KEYS} == pytest.approx({k: x[k] for k in ev.METRIC_KEYS}, abs=1e-6), part
+    assert b["rerank"]["pairs_scored"] == a["rerank"]["pairs_scored"]
+    assert b["relation_swap"] == a["relation_swap"] and b["relation_swap_itc"] == a["relation_swap_itc"]
     assert b["relation_swap"] == a["relation_swap"] and b["degenerate_layers"] == a["degenerate_layers"]
     assert a["relations"].keys() == b["relations"].keys()
     for key, entry in a["relations"].items():

@@ -59,7 +59,7 @@ def test_minilm_text_only_equals_transformers_bert():
     model = CrossModalModel(cfg).eval()
     report = init_from_bert(model, folder)
     assert report.unexpected == []
-    assert {k.split(".")[0] for k in report.missing} == {"region_embeddings", "itm", "mlm"}  # MiniLM ships no MLM head
+    assert {k.split(".")[0] for k in report.missing} == {"region_embeddings", "mrfr", "itm", "mlm"}  # MiniLM ships no MLM head
     assert {"layers.5.output.LayerNorm.weight", "pooler.dense.weight", "text_embeddings.LayerNorm.bias"} <= set(report.loaded)
 
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -94,7 +94,7 @@ def test_bert_with_mlm_head_from_prefixed_bin_and_gamma_beta_names(tmp_path):
     model = CrossModalModel(cfg).eval()
     report = init_from_bert(model, tmp_path)
     assert report.unexpected == ["cls.seq_relationship.bias", "cls.seq_relationship.weight"]
-    assert {k.split(".")[0] for k in report.missing} == {"region_embeddings", "itm"}
+    assert {k.split(".")[0] for k in report.missing} == {"region_embeddings", "mrfr", "itm"}
     assert model.mlm.predictions.decoder.weight is model.text_embeddings.word_embeddings.weight
 
     ids = torch.randint(5, V, (2, 6))
@@ -165,8 +165,9 @@ def test_uniter_import_maps_names_and_rank_output(tmp_path):
     model = CrossModalModel(tiny_config()).eval()
     report = import_uniter(model, tmp_path / "uniter.pt")
     assert report.missing == []
-    heads = [k for k in sd if k.startswith(("feat_regress.", "region_classifier.", "itm_output."))]
+    heads = [k for k in sd if k.startswith(("region_classifier.", "itm_output."))]
     assert report.unexpected == sorted(["uniter.img_embeddings.mask_embedding.weight", *heads])
+    assert "feat_regress.net.0.weight" not in report.unexpected  # our MRFR head takes UNITER's
 
     eq = torch.testing.assert_close
     eq(model.text_embeddings.word_embeddings.weight, sd["uniter.embeddings.word_embeddings.weight"], rtol=0, atol=0)
@@ -191,17 +192,13 @@ def test_uniter_import_maps_names_and_rank_output(tmp_path):
 def test_uniter_pretraining_itm_head_becomes_the_logit_difference_and_mrfr_maps():
     sd = uniter_state(rank_output=False)
     model = CrossModalModel(tiny_config()).eval()
-    # A UNITER-shaped MRFR head (its output weight tied to the image projection, as in UNITER).
-    model.mrfr = nn.Module()
-    model.mrfr.net = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H))
-    model.mrfr.weight = model.region_embeddings.feature_linear.weight
-    model.mrfr.bias = nn.Parameter(torch.zeros(F))
     report = import_uniter(model, sd)
     assert report.missing == []
     assert not any(k.startswith(("itm_output.", "feat_regress.")) for k in report.unexpected), report.unexpected
-    assert "mrfr.weight" in report.loaded
     torch.testing.assert_close(model.mrfr.net[2].weight, sd["feat_regress.net.2.weight"], rtol=0, atol=0)
     torch.testing.assert_close(model.mrfr.bias, sd["feat_regress.bias"], rtol=0, atol=0)
+    # UNITER's regression output weight is its image projection, and so is ours.
+    torch.testing.assert_close(model.region_embeddings.feature_linear.weight, sd["feat_regress.weight"], rtol=0, atol=0)
 
     x = torch.randn(4, H)
     two = x @ sd["itm_output.weight"].T + sd["itm_output.bias"]
@@ -212,7 +209,7 @@ def test_uniter_pretraining_itm_head_becomes_the_logit_difference_and_mrfr_maps(
 
 def test_uniter_feature_dim_must_match():
     model = CrossModalModel(tiny_config(region_feature_dim=2048))
-    with pytest.raises(ValueError, match=r"img_linear\.weight \(16, 12\) -> region_embeddings\.feature_linear\.weight "
+    with pytest.raises(ValueError, match=r"\.weight \(16, 12\) -> region_embeddings\.feature_linear\.weight "
                                          r"\(16, 2048\) \(config: region_feature_dim"):
         import_uniter(model, uniter_state())
 

@@ -96,3 +96,38 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = CrossModalModel.from_pretrained(tmp_path).eval()
     assert loaded.mlm.predictions.decoder.weight is loaded.text_embeddings.word_embeddings.weight
     torch.testing.assert_close(loaded.itm_logit(loaded(**b)), m.itm_logit(m(**b)))
+
+
+def test_itc_embeddings_are_unimodal_and_normalised():
+    m, b = tiny_model(itc_dim=8), batch()
+    m.eval()
+    t = m.itc_text(b["text_ids"], b["text_attention"])
+    i = m.itc_image(region_features=b["region_features"], region_geometry=b["region_geometry"],
+                    region_attention=b["region_attention"])
+    assert t.shape == i.shape == (5, 8)
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(5))
+    # The text embedding ignores any image: changing the regions leaves it unchanged.
+    b2 = {**b, "region_features": torch.randn_like(b["region_features"])}
+    torch.testing.assert_close(m.itc_text(b2["text_ids"], b2["text_attention"]), t)
+    i2 = m.itc_image(region_features=b2["region_features"], region_geometry=b["region_geometry"],
+                     region_attention=b["region_attention"])
+    assert not torch.allclose(i2[:4], i[:4])  # (the last pair has no region)
+
+
+def test_mrfr_head_regresses_features_through_the_tied_projection():
+    m, b = tiny_model(), batch()
+    out = m(**b)
+    pred = m.mrfr_predictions(out, b["text_ids"].shape[1])
+    assert pred.shape == b["region_features"].shape
+    pred.sum().backward()
+    assert m.region_embeddings.feature_linear.weight.grad is not None
+
+
+def test_patch_input_encodes_pixels():
+    m = tiny_model(image_input="patches", image_size=32, patch_size=8)
+    b = batch()
+    pixels = torch.randn(5, 3, 32, 32)
+    out = m(b["text_ids"], b["text_attention"], pixel_values=pixels,
+            iais_request=IaisRequest(torch.tensor([0, 1]), "singular", "both"))
+    assert out.hidden.shape[1] == b["text_ids"].shape[1] + 16  # 4 x 4 patches
+    assert out.iais_loss.shape == (2,) and torch.isfinite(out.iais_loss).all()

@@ -1,18 +1,29 @@
-"""Collation: captions -> padded token ids, regions -> padded features and box geometry.
+"""Collation: captions -> padded token ids; images -> padded region features and box geometry, or pixels.
 
 Texts and images are padded separately (dynamic padding to the longest in the batch), so that a
 caller can pair any text with any image by indexing: ``text_ids[i]`` with ``region_features[j]``.
+
+The image input follows the model's ``image_input``: ``"regions"`` gives ``region_features`` [P, n, D],
+``region_geometry`` [P, n, 7] and ``region_attention`` [P, n]; ``"patches"`` gives ``pixel_values``
+[P, 3, S, S] float32 normalised with the ImageNet mean and std, decoded from the sample's encoded
+image: JPEG decoded at reduced scale (``draft``) when it is at least twice the target, RGB, the
+shorter side resized to S (bicubic) and the centre S x S crop kept.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-from .samples import ImageSample
+from .samples import IMAGE_INPUTS, BadSample, ImageSample
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def box_geometry(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -22,11 +33,56 @@ def box_geometry(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.stack([x1, y1, x2, y2, w, h, w * h], -1).astype(np.float32)
 
 
+def load_pixels(data: bytes, size: int, key: str = "?") -> np.ndarray:
+    """Encoded image -> ``[size, size, 3]`` uint8 RGB: shorter side resized to ``size``, centre crop.
+
+    Raises ``BadSample("bad_image")`` when the image does not decode.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format in ("JPEG", "MPO"):
+                # Decode at 1/2, 1/4 or 1/8 scale (in the IDCT) while both sides stay >= size.
+                im.draft("RGB", (size, size))
+            if im.mode == "P":
+                im = im.convert("RGBA")  # palette transparency first, or PIL warns
+            im = im.convert("RGB") if im.mode != "RGB" else im
+            w, h = im.size
+            s = min(w, h)
+            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+            out = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+            return np.asarray(out)
+    except Exception as e:  # PIL raises many types (OSError for truncated data, SyntaxError, ...)
+        raise BadSample("bad_image", f"{key}: {type(e).__name__}: {e}") from None
+
+
 class Collator:
-    def __init__(self, tokenizer, max_text_len: int, max_regions: int):
+    def __init__(
+        self,
+        tokenizer,
+        max_text_len: int,
+        max_regions: int,
+        *,
+        image_input: str = "regions",
+        image_size: int = 384,
+    ):
+        if image_input not in IMAGE_INPUTS:
+            raise ValueError(f"image_input: one of {IMAGE_INPUTS}, got {image_input!r}")
+        if image_size < 1:
+            raise ValueError(f"image_size: must be at least 1, got {image_size}")
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
         self.max_regions = max_regions
+        self.image_input = image_input
+        self.image_size = image_size
+        # (x / 255 - mean) / std as one multiply-add per channel.
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / std
+
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether ``images`` decodes the encoded image (``patches``) rather than using regions."""
+        return self.image_input == "patches"
 
     def texts(self, captions: Sequence[str]) -> dict[str, Tensor]:
         enc = self.tokenizer(
@@ -39,10 +95,26 @@ class Collator:
         )
         return {"text_ids": enc["input_ids"], "text_attention": enc["attention_mask"].bool()}
 
-    def images(self, samples: Sequence[ImageSample]) -> dict[str, Tensor]:
+    def load_pixels(self, sample: ImageSample) -> np.ndarray:
+        """The sample's image as ``[S, S, 3]`` uint8 (BadSample ``missing_image`` / ``bad_image``)."""
+        if sample.image is None:
+            raise BadSample("missing_image", sample.key)
+        return load_pixels(sample.image, self.image_size, sample.key)
+
+    def pixel_values(self, samples: Sequence[ImageSample]) -> Tensor:
+        """[P, 3, S, S] float32, ImageNet-normalised; uses ``sample.pixels`` when already decoded."""
+        arrays = [s.pixels if s.pixels is not None else self.load_pixels(s) for s in samples]
+        u8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [P, 3, S, S] view of NHWC
+        out = torch.empty(u8.shape, dtype=torch.float32)
+        out.copy_(u8)
+        return out.mul_(self._scale).add_(self._shift)
+
+    def regions(self, samples: Sequence[ImageSample]) -> dict[str, Tensor]:
         n = max(s.features.shape[0] for s in samples)
         if n > self.max_regions:
             raise ValueError(f"an image has {n} regions, more than max_regions={self.max_regions}")
+        if n == 0:
+            raise ValueError("no region features in these samples (decoded for image_input='patches'?)")
         dim = samples[0].features.shape[1]
         feats = np.zeros((len(samples), n, dim), np.float32)
         geom = np.zeros((len(samples), n, 7), np.float32)
@@ -59,6 +131,12 @@ class Collator:
             "region_geometry": torch.from_numpy(geom),
             "region_attention": torch.from_numpy(mask),
         }
+
+    def images(self, samples: Sequence[ImageSample]) -> dict[str, Tensor]:
+        """The image inputs of the model: region tensors, or ``{"pixel_values": ...}`` for patches."""
+        if self.needs_pixels:
+            return {"pixel_values": self.pixel_values(samples)}
+        return self.regions(samples)
 
     def pairs(self, items: Sequence[tuple[ImageSample, str]]) -> dict:
         """A training batch of matched pairs: text i belongs to image i."""

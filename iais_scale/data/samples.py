@@ -1,21 +1,44 @@
 """Safe decoding of one shard sample, and the counted skip of bad ones.
 
-Only JSON, text and ``.npy`` (``allow_pickle=False``) are ever decoded: nothing in a shard is
-unpickled or executed, unlike webdataset's default decoders. Members with other extensions are
-ignored. A sample that cannot be used raises ``BadSample`` with a short reason; the pipeline counts
-the reasons and aborts once they pass the configured fraction.
+Only JSON, text and ``.npy`` (``allow_pickle=False``) are ever decoded, plus image headers with PIL:
+nothing in a shard is unpickled or executed, unlike webdataset's default decoders. Members with
+other extensions are ignored. A sample that cannot be used raises ``BadSample`` with a short
+reason; the pipeline counts the reasons and aborts once they pass the configured fraction.
+
+Two layouts decode:
+
+- ``iais_scale-shards-v1`` (docs/data-format.md): ``{key}.json`` with our schema, region features
+  ``feat.npy`` / ``boxes.npy`` and/or an image member.
+- img2dataset's webdataset output as it is: ``{key}.jpg`` (any of JPEG/PNG/WebP whatever the
+  extension), ``{key}.txt`` (the caption) and ``{key}.json`` (img2dataset's own fields: ``status``,
+  ``width``, ``height``, ``caption``, ...). The caption is the ``.txt`` (else the json's ``caption``),
+  the image id is the key, width/height come from the image header (the json's when the header is
+  not read). Such samples have pixels but no region features: they feed ``image_input="patches"``.
+
+``image_input`` says what the model consumes: ``"regions"`` requires region features (and never
+touches the image), ``"patches"`` requires an image member, checks it cheaply (header, and for JPEG
+the end-of-image marker, for PNG the chunk CRCs) and keeps its bytes; the pixels are decoded later,
+by the collator, at the size the model wants.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from . import format as fmt
+
+IMAGE_INPUTS = ("regions", "patches")
+TEXT_EXT = "txt"  # img2dataset's caption member
+
+_EMPTY_FEATURES = np.zeros((0, 0), np.float32)
+_EMPTY_BOXES = np.zeros((0, 4), np.float32)
 
 
 class BadSample(ValueError):
@@ -28,7 +51,12 @@ class BadSample(ValueError):
 
 @dataclass
 class ImageSample:
-    """One image with all its captions and its region features."""
+    """One image with all its captions, its region features and/or its encoded image.
+
+    ``features``/``boxes`` are empty (``[0, 0]``/``[0, 4]``) for samples decoded for the ``patches``
+    input. ``image`` holds the encoded file bytes (decoded lazily by the collator); ``pixels`` is the
+    collator's ``[S, S, 3]`` uint8 result once the pipeline has decoded it for a batch.
+    """
 
     key: str
     image_id: str
@@ -38,6 +66,8 @@ class ImageSample:
     features: np.ndarray  # [n, D] float32
     boxes: np.ndarray  # [n, 4] float32 pixels x1, y1, x2, y2
     meta: dict = field(default_factory=dict)
+    image: bytes | None = None
+    pixels: np.ndarray | None = None
 
 
 def load_npy(data: bytes) -> np.ndarray:
@@ -45,16 +75,127 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def decode_sample(raw: dict, *, max_regions: int | None = None) -> ImageSample:
-    """Turn the raw members of one sample (``{"__key__", "json", "feat.npy", ...}``) into a sample."""
-    key = raw.get("__key__", "?")
-    if fmt.JSON_EXT not in raw:
-        raise BadSample("missing_json", key)
+def _jpeg_scan_start(data: bytes) -> int:
+    """Offset of the entropy-coded data after the first SOS marker (ValueError when malformed)."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise ValueError(f"no JPEG marker at offset {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:
+            return i + 2 + length
+        i += 2 + length
+    raise ValueError("no start-of-scan marker")
+
+
+def check_image(data: bytes, key: str = "?") -> tuple[int, int]:
+    """Cheap validity check of an encoded image; returns its (width, height) or raises BadSample.
+
+    Reads the header (format, size); a JPEG must have its end-of-image marker after the scan data
+    (what a truncated download lacks: entropy-coded data never contains ``FF D9``, trailing bytes
+    after the image are allowed), a PNG must pass ``verify()`` (chunk structure and CRCs), a WebP's
+    RIFF size must fit the data. Decoding the pixels costs ~100x more and is left to the collator.
+    """
     try:
-        meta = json.loads(raw[fmt.JSON_EXT])
-        fmt.validate_sample(meta)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadSample("bad_json", f"{key}: {e}") from None
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            kind = im.format
+            if kind in ("JPEG", "MPO"):
+                if data.find(b"\xff\xd9", _jpeg_scan_start(data)) < 0:
+                    raise ValueError("truncated JPEG (no end-of-image marker after the scan data)")
+            elif kind == "PNG":
+                im.verify()
+            elif kind == "WEBP":
+                if int.from_bytes(data[4:8], "little") + 8 > len(data):
+                    raise ValueError("truncated WebP (RIFF size beyond the data)")
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise BadSample("bad_image", f"{key}: {type(e).__name__}: {e}") from None
+    if width < 1 or height < 1:
+        raise BadSample("bad_image", f"{key}: empty image {width}x{height}")
+    return width, height
+
+
+def _img2dataset_meta(raw: dict, key: str) -> dict:
+    """Our schema's fields from img2dataset's ``.txt`` caption and ``.json`` metadata."""
+    extra: dict = {}
+    if fmt.JSON_EXT in raw:
+        try:
+            extra = json.loads(raw[fmt.JSON_EXT])  # img2dataset writes NaN for missing numbers: allowed
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadSample("bad_json", f"{key}: {e}") from None
+        if not isinstance(extra, dict):
+            raise BadSample("bad_json", f"{key}: the .json must be an object")
+    status = extra.get("status", "success")
+    if status != "success":
+        raise BadSample("bad_status", f"{key}: img2dataset status {status!r} ({extra.get('error_message')})")
+    caption = None
+    if TEXT_EXT in raw:
+        try:
+            caption = raw[TEXT_EXT].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadSample("bad_caption", f"{key}: .txt is not UTF-8 ({e})") from None
+    if (caption is None or not caption.strip()) and isinstance(extra.get("caption"), str):
+        caption = extra["caption"]
+    if caption is None or not caption.strip():
+        raise BadSample("missing_caption", key)
+    meta = {"image_id": key, "captions": [caption.strip()], "img2dataset": extra}
+    for name in ("width", "height"):
+        value = extra.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            meta[name] = value
+        elif isinstance(value, float) and math.isfinite(value) and value > 0 and value.is_integer():
+            meta[name] = int(value)
+    return meta
+
+
+def decode_sample(
+    raw: dict, *, max_regions: int | None = None, image_input: str = "regions", keep_image: bool = True
+) -> ImageSample:
+    """Turn the raw members of one sample (``{"__key__", "json", "feat.npy", ...}``) into a sample.
+
+    ``image_input="regions"`` needs region features (``missing_features`` otherwise) and keeps the
+    image bytes only when ``keep_image``; ``"patches"`` needs a valid image (``missing_image``,
+    ``bad_image``) and does not decode the features.
+    """
+    if image_input not in IMAGE_INPUTS:
+        raise ValueError(f"image_input: one of {IMAGE_INPUTS}, got {image_input!r}")
+    key = raw.get("__key__", "?")
+    if TEXT_EXT in raw:  # img2dataset layout: the caption is a member of its own
+        meta = _img2dataset_meta(raw, key)
+    else:
+        if fmt.JSON_EXT not in raw:
+            raise BadSample("missing_json", key)
+        try:
+            meta = json.loads(raw[fmt.JSON_EXT])
+            fmt.validate_sample(meta)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadSample("bad_json", f"{key}: {e}") from None
+    image_ext = next((ext for ext in fmt.IMAGE_EXTS if ext in raw), None)
+    image = raw[image_ext] if image_ext is not None else None
+
+    if image_input == "patches":
+        if image is None:
+            raise BadSample("missing_image", key)
+        width, height = check_image(image, key)
+        return ImageSample(
+            key=key,
+            image_id=meta["image_id"],
+            captions=list(meta["captions"]),
+            width=width,
+            height=height,
+            features=_EMPTY_FEATURES,
+            boxes=_EMPTY_BOXES,
+            meta=meta,
+            image=image,
+        )
+
     if fmt.FEAT_EXT not in raw or fmt.BOXES_EXT not in raw:
         raise BadSample("missing_features", key)
     try:
@@ -77,17 +218,21 @@ def decode_sample(raw: dict, *, max_regions: int | None = None) -> ImageSample:
         features=features.astype(np.float32),
         boxes=boxes.astype(np.float32),
         meta=meta,
+        image=image if keep_image else None,
     )
 
 
 class BadSampleCounter:
     """Counts good and bad samples by reason; raises once the bad fraction passes ``limit``.
 
-    The check starts after ``min_seen`` samples so that one early bad sample does not abort a run.
+    One counter per rank: the trainer merges the counts its stream passes along with each batch
+    (every reason: decoding, ``bad_image`` at collation, ``bad_shard`` for an unreadable or short
+    shard). The check starts after ``min_seen`` samples so that one early bad sample does not abort
+    a run. ``rank`` (optional) names the rank in the message.
     """
 
-    def __init__(self, limit: float = 0.01, min_seen: int = 200):
-        self.limit, self.min_seen = limit, min_seen
+    def __init__(self, limit: float = 0.01, min_seen: int = 200, *, rank: int | None = None):
+        self.limit, self.min_seen, self.rank = limit, min_seen, rank
         self.good = 0
         self.bad: Counter[str] = Counter()
 
@@ -110,7 +255,9 @@ class BadSampleCounter:
     def check(self) -> None:
         n_bad = sum(self.bad.values())
         if self.seen >= self.min_seen and n_bad > self.limit * self.seen:
+            where = f"rank {self.rank}: " if self.rank is not None else ""
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in self.bad.most_common())
             raise RuntimeError(
-                f"{n_bad} of {self.seen} samples were bad ({dict(self.bad)}), more than the allowed"
-                f" fraction {self.limit}; run `python -m data_tools verify` on the shards"
+                f"{where}{n_bad} of {self.seen} samples were bad ({reasons}), more than the allowed"
+                f" fraction {self.limit} (data.max_bad_fraction); run `python -m data_tools verify` on the shards"
             )

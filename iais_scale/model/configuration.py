@@ -24,13 +24,19 @@ class CrossModalConfig(BertConfig):
         cls_token_id: int = 101,
         sep_token_id: int = 102,
         gradient_checkpointing_every: int = 0,
+        image_size: int = 384,
+        patch_size: int = 32,
+        num_channels: int = 3,
+        itc_dim: int = 0,
         **kwargs,
     ):
         kwargs.setdefault("type_vocab_size", 2)  # 0: text, 1: image tokens (as in UNITER)
         kwargs.setdefault("attn_implementation", "sdpa")
         super().__init__(**kwargs)
-        if image_input not in ("regions",):
-            raise ValueError(f"image_input must be 'regions', got {image_input!r}")
+        if image_input not in ("regions", "patches"):
+            raise ValueError(f"image_input must be 'regions' or 'patches', got {image_input!r}")
+        if image_input == "patches" and image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.image_input = image_input
         self.region_feature_dim = region_feature_dim
         self.region_geometry_dim = region_geometry_dim
@@ -39,6 +45,10 @@ class CrossModalConfig(BertConfig):
         self.sep_token_id = sep_token_id
         # 0: off; k: checkpoint every k-th layer's activations (recomputed in backward).
         self.gradient_checkpointing_every = gradient_checkpointing_every
+        self.image_size = image_size  # patches: square input side in pixels
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.itc_dim = itc_dim  # > 0: contrastive projections from text-only and image-only passes
 
     def resolved_iais_layers(self) -> list[int]:
         n = self.num_hidden_layers
@@ -78,5 +88,9 @@ def config_from_experiment(
         cls_token_id=cls_token_id,
         sep_token_id=sep_token_id,
         pad_token_id=pad_token_id,
-        gradient_checkpointing_every=1 if model.gradient_checkpointing else 0,
+        gradient_checkpointing_every=model.checkpoint_every_k_layers if model.gradient_checkpointing else 0,
+        image_input=model.image_input,
+        image_size=model.image_size,
+        patch_size=model.patch_size,
+        itc_dim=model.itc_dim,
     )

@@ -1,7 +1,8 @@
-"""Image-token embeddings (UNITER's region embedding)."""
+"""Image-token embeddings: UNITER's region embedding and ViLT's patch embedding."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .configuration import CrossModalConfig
@@ -29,3 +30,27 @@ class RegionEmbeddings(nn.Module):
         x = x + self.box_norm(self.box_linear(boxes)) + type_embedding
         return self.dropout(self.norm(x))
 
+
+
+class PatchEmbeddings(nn.Module):
+    """ViLT-style: non-overlapping patches projected by a strided convolution, plus learned 2-d
+    (row, column) position embeddings and the image type, LayerNorm, dropout. No detector needed."""
+
+    def __init__(self, config: CrossModalConfig):
+        super().__init__()
+        d, p = config.hidden_size, config.patch_size
+        self.grid = config.image_size // p
+        self.projection = nn.Conv2d(config.num_channels, d, kernel_size=p, stride=p)
+        self.row_embeddings = nn.Embedding(self.grid, d)
+        self.col_embeddings = nn.Embedding(self.grid, d)
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values: Tensor, type_embedding: Tensor) -> Tensor:
+        """[P, C, S, S] normalised pixels -> [P, grid * grid, d] tokens, row-major."""
+        if pixel_values.shape[-1] != self.grid * self.projection.stride[0] or pixel_values.shape[-2] != pixel_values.shape[-1]:
+            raise ValueError(f"pixel_values must be square {self.grid * self.projection.stride[0]} px, got {tuple(pixel_values.shape)}")
+        x = self.projection(pixel_values.to(self.projection.weight.dtype)).flatten(2).transpose(1, 2)
+        idx = torch.arange(self.grid, device=x.device)
+        pos = (self.row_embeddings(idx)[:, None, :] + self.col_embeddings(idx)[None, :, :]).flatten(0, 1)
+        return self.dropout(self.norm(x + pos + type_embedding))

@@ -9,6 +9,7 @@ those rows only (``iais_scale.iais``), from the layer's own query/key projection
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,9 @@ from transformers.models.bert.modeling_bert import (
 
 from .. import iais
 from .configuration import CrossModalConfig
-from .embeddings import RegionEmbeddings
+from .embeddings import PatchEmbeddings, RegionEmbeddings
+
+IMAGE_INPUTS = ("region_features", "region_geometry", "region_attention", "pixel_values")
 
 
 @dataclass
@@ -53,26 +56,55 @@ class CrossModalModel(BertPreTrainedModel):
     base_model_prefix = "cross_modal"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _tied_weights_keys = {"mlm.predictions.decoder.weight": "text_embeddings.word_embeddings.weight"}
+    _tied_weights_keys = {
+        "mlm.predictions.decoder.weight": "text_embeddings.word_embeddings.weight",
+        "mlm.predictions.decoder.bias": "mlm.predictions.bias",
+    }
 
     def __init__(self, config: CrossModalConfig):
         super().__init__(config)
         self.text_embeddings = BertEmbeddings(config)
-        self.region_embeddings = RegionEmbeddings(config)
+        if config.image_input == "regions":
+            self.region_embeddings = RegionEmbeddings(config)
+            self.mrfr = RegionFeatureRegression(config)
+        else:
+            self.patch_embeddings = PatchEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config, layer_idx=i) for i in range(config.num_hidden_layers))
         self.pooler = BertPooler(config)
         self.itm = nn.Linear(config.hidden_size, 1)  # UNITER's rank/ITM score on the pooled [CLS]
         self.mlm = BertOnlyMLMHead(config)
+        if config.itc_dim:
+            self.itc_text_proj = nn.Linear(config.hidden_size, config.itc_dim)
+            self.itc_image_proj = nn.Linear(config.hidden_size, config.itc_dim)
+            # CLIP's initial temperature; shape [1], not [] (DeepSpeed cannot flatten 0-dim parameters).
+            self.itc_logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self._iais_layers = set(config.resolved_iais_layers())
         self.post_init()
 
     # ------------------------------------------------------------------ embeddings
 
-    def embed(self, text_ids: Tensor, region_features: Tensor, region_geometry: Tensor) -> Tensor:
-        text = self.text_embeddings(input_ids=text_ids)
+    def embed_image(
+        self,
+        region_features: Tensor | None = None,
+        region_geometry: Tensor | None = None,
+        region_attention: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Image tokens [P, Li, d] and their validity [P, Li] from regions or from pixels."""
         image_type = self.text_embeddings.token_type_embeddings.weight[1]
-        image = self.region_embeddings(region_features.to(text.dtype), region_geometry.to(text.dtype), image_type)
-        return torch.cat([text, image], dim=1)
+        given = [x for x in (region_features, region_geometry, region_attention, pixel_values) if x is not None]
+        if not given:  # text alone (the text-only pass of ITC)
+            return image_type.new_zeros(0, 0, image_type.shape[0]), torch.zeros(0, 0, dtype=torch.bool)
+        if self.config.image_input == "regions":
+            if region_features is None or region_geometry is None or region_attention is None:
+                raise ValueError("a regions model needs region_features, region_geometry and region_attention")
+            dtype = image_type.dtype
+            tokens = self.region_embeddings(region_features.to(dtype), region_geometry.to(dtype), image_type)
+            return tokens, region_attention.bool()
+        if pixel_values is None:
+            raise ValueError("a patches model needs pixel_values")
+        tokens = self.patch_embeddings(pixel_values, image_type)
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
     def word_mask(self, text_ids: Tensor, text_attention: Tensor) -> Tensor:
         """Valid word positions: attended text tokens other than [CLS] and [SEP]."""
@@ -120,19 +152,25 @@ class CrossModalModel(BertPreTrainedModel):
         self,
         text_ids: Tensor,
         text_attention: Tensor,
-        region_features: Tensor,
-        region_geometry: Tensor,
-        region_attention: Tensor,
+        region_features: Tensor | None = None,
+        region_geometry: Tensor | None = None,
+        region_attention: Tensor | None = None,
+        pixel_values: Tensor | None = None,
         iais_request: IaisRequest | None = None,
     ) -> EncoderOutput:
-        """Encode P image-text pairs: text [P, Lt], regions [P, Lr, F] and [P, Lr, 7]."""
-        hidden = self.embed(text_ids, region_features, region_geometry)
-        n_text, n_regions = text_ids.shape[1], region_features.shape[1]
-        valid = torch.cat([text_attention.bool(), region_attention.bool()], dim=1)
+        """Encode P image-text pairs: text [P, Lt] with regions ([P, Lr, F], [P, Lr, 7], [P, Lr])
+        or pixels [P, 3, S, S]. Zero image tokens (Lr = 0) encode the text alone."""
+        text = self.text_embeddings(input_ids=text_ids)
+        image, image_valid = self.embed_image(region_features, region_geometry, region_attention, pixel_values)
+        if image.shape[0] == 0:  # no image given: zero image tokens
+            image, image_valid = text[:, :0], text_attention.bool()[:, :0]
+        hidden = torch.cat([text, image], dim=1)
+        n_text, n_image = text_ids.shape[1], image.shape[1]
+        valid = torch.cat([text_attention.bool(), image_valid], dim=1)
         attention = valid[:, None, None, :]  # SDPA boolean mask: True = attend
-        pad = valid.new_zeros(valid.shape[0], n_regions)
+        pad = valid.new_zeros(valid.shape[0], n_image)
         word_mask = torch.cat([self.word_mask(text_ids, text_attention), pad], dim=1)
-        region_mask = torch.cat([valid.new_zeros(valid.shape[0], n_text), region_attention.bool()], dim=1)
+        region_mask = torch.cat([valid.new_zeros(valid.shape[0], n_text), image_valid], dim=1)
 
         every = self.config.gradient_checkpointing_every
         relations = []
@@ -163,3 +201,36 @@ class CrossModalModel(BertPreTrainedModel):
     def mlm_logits(self, out: EncoderOutput, n_text: int) -> Tensor:
         """[P, Lt, vocab] word predictions at the text positions."""
         return self.mlm(out.hidden[:, :n_text])
+
+    def mrfr_predictions(self, out: EncoderOutput, n_text: int) -> Tensor:
+        """[P, Lr, F] region features regressed from the outputs at the image positions."""
+        return self.mrfr(out.hidden[:, n_text:], self.region_embeddings.feature_linear.weight)
+
+    # ------------------------------------------------------------------ contrastive (ITC)
+
+    def itc_text(self, text_ids: Tensor, text_attention: Tensor) -> Tensor:
+        """[n, itc_dim] L2-normalised text embeddings from a text-only pass of the same encoder."""
+        cls = self(text_ids, text_attention).hidden[:, 0]
+        return nn.functional.normalize(self.itc_text_proj(cls).float(), dim=-1)
+
+    def itc_image(self, **image: Tensor) -> Tensor:
+        """[n, itc_dim] L2-normalised image embeddings from an image-only pass: ``[CLS] [SEP]`` + image."""
+        first = next(v for v in image.values() if v is not None)
+        ids = torch.tensor([self.config.cls_token_id, self.config.sep_token_id], device=first.device)
+        ids = ids.expand(first.shape[0], 2)
+        cls = self(ids, torch.ones_like(ids, dtype=torch.bool), **image).hidden[:, 0]
+        return nn.functional.normalize(self.itc_image_proj(cls).float(), dim=-1)
+
+
+class RegionFeatureRegression(nn.Module):
+    """UNITER's masked-region feature regression head. Its output layer reuses (transposed) the
+    region feature projection ``feature_weight`` [d, F] passed in, as UNITER ties them."""
+
+    def __init__(self, config: CrossModalConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.net = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d, eps=config.layer_norm_eps))
+        self.bias = nn.Parameter(torch.zeros(config.region_feature_dim))
+
+    def forward(self, hidden: Tensor, feature_weight: Tensor) -> Tensor:
+        return nn.functional.linear(self.net(hidden), feature_weight.t(), self.bias)

@@ -303,6 +303,9 @@ def import_uniter(model: CrossModalModel, state_dict_or_path: Mapping[str, Tenso
             targets = _mlm_target(key.removeprefix("cls."))
         elif key.startswith("rank_output."):
             targets = ["itm." + key.removeprefix("rank_output.")]
+        elif key == "feat_regress.weight" and "mrfr.bias" in model_keys:
+            # UNITER ties it to img_linear.weight; our head reuses region_embeddings.feature_linear.weight.
+            targets = ["region_embeddings.feature_linear.weight"]
         elif key.startswith("feat_regress.") and "mrfr." + key.removeprefix("feat_regress.") in model_keys:
             targets = ["mrfr." + key.removeprefix("feat_regress.")]
         for dst in targets:
