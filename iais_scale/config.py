@@ -61,6 +61,9 @@ class ModelConfig:
     intermediate_size: int | None = None
     dropout: float = 0.1
     region_feature_dim: int | None = None  # default: read from the data set's manifest
+    # Initial weights: "bert:FOLDER" (a local BERT checkpoint: text side) or "uniter:FILE.pt"
+    # (UNITER's released checkpoints); None: random initialisation.
+    init_from: str | None = None
     image_input: Literal["regions", "patches"] = "regions"
     image_size: int = 384  # patches: input side in pixels
     patch_size: int = 32
@@ -93,6 +96,9 @@ class ObjectiveConfig:
     # How hard negatives are found: "cross" scores the sampled candidates with the cross-encoder (the
     # reference); "itc" ranks the whole micro-batch by the contrastive scores of unimodal passes.
     mining: Literal["cross", "itc"] = "cross"
+    # Groups per micro-batch: the first N pairs anchor groups, the whole batch is the candidate pool
+    # (0: every pair anchors one). The reference: 1 group of 32 from 400 pairs, 8 accumulated.
+    anchors_per_batch: int = 0
     itc_weight: float = 0.0  # contrastive loss (needs model.itc_dim > 0)
     mrfr_weight: float = 0.0  # masked region feature regression (region inputs)
     mrfr_prob: float = 0.15
@@ -176,6 +182,8 @@ class ExperimentConfig:
                 f" micro-batch, so at most train.micro_batch_size - 1 = {t.micro_batch_size - 1}"
                 f" (got {o.num_candidates})"
             )
+        if not 0 <= o.anchors_per_batch <= t.micro_batch_size:
+            p.append(f"objectives.anchors_per_batch: must lie in [0, train.micro_batch_size={t.micro_batch_size}]")
         if o.mlm_only_steps >= t.steps and o.rank_weight > 0:
             p.append(f"objectives.mlm_only_steps: must be below train.steps={t.steps}")
         for name in ("checkpoint_every", "eval_every"):
@@ -208,6 +216,8 @@ class ExperimentConfig:
             p.append(f"data.epoch_samples: must be at least 1 (got {self.data.epoch_samples})")
         if self.model.size not in MODEL_SIZES and self.model.size != "custom":
             p.append(f"model.size: one of {sorted(MODEL_SIZES)} or 'custom' (got {self.model.size!r})")
+        if self.model.init_from is not None and not self.model.init_from.startswith(("bert:", "uniter:")):
+            p.append(f"model.init_from: 'bert:FOLDER' or 'uniter:FILE' (got {self.model.init_from!r})")
         if self.model.size == "custom":
             for dim in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
                 if getattr(self.model, dim) is None:

@@ -26,7 +26,7 @@ from . import evaluate as ev
 from .config import ConfigError, ExperimentConfig, to_dict
 from .data import format as fmt
 from .data.collate import Collator
-from .data.pipeline import PairStream, split_shards, train_loader
+from .data.pipeline import make_train_stream, split_shards, train_loader
 from .data.retrieval import RetrievalSet, read_split, swap_groups
 from .data.samples import BadSampleCounter
 from .model import CrossModalModel, config_from_experiment
@@ -62,12 +62,13 @@ def check_paths(cfg: ExperimentConfig) -> list[str]:
     root = Path(cfg.data.root)
     if not (root / fmt.MANIFEST_FILE).is_file():
         problems.append(f"data.root: {root}/{fmt.MANIFEST_FILE} not found (make it with `python -m data_tools`)")
-    splits = [cfg.data.train_split, cfg.data.eval_split] + ([cfg.data.swap_split] if cfg.data.swap_split else [])
-    for split in splits:
+    train = [root / cfg.data.train_split] if cfg.data.mode == "epoch" else [Path(s.path) for s in cfg.data.sources]
+    evals = [root / cfg.data.eval_split] + ([root / cfg.data.swap_split] if cfg.data.swap_split else [])
+    for folder in train + evals:
         try:
-            split_shards(root / split)
+            split_shards(folder)
         except FileNotFoundError as e:
-            problems.append(f"data: split {split!r}: {e}")
+            problems.append(f"data: {folder}: {e}")
     tok = Path(cfg.data.tokenizer or root / fmt.TOKENIZER_DIR)
     if not (tok / "tokenizer.json").is_file() and not (tok / "vocab.txt").is_file():
         problems.append(f"data.tokenizer: no tokenizer files in {tok}")
@@ -135,14 +136,25 @@ def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int, ds_config: d
         iais_layers=cfg.objectives.iais.layers,
         max_text_len=cfg.data.max_text_len,
     )
-    if ds_config and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        zero3 = HfDeepSpeedConfig(ds_config)  # transformers reads it (weakly) while building
+        keep = HfDeepSpeedConfig(ds_config)  # transformers reads it (weakly) while building
         model = CrossModalModel._from_config(hf_cfg)
-        del zero3
-        return model
-    return CrossModalModel(hf_cfg)
+        del keep
+    else:
+        model = CrossModalModel(hf_cfg)
+    if cfg.model.init_from:
+        from .model.loading import import_uniter, init_from_bert
+
+        if zero3:
+            raise ConfigError(["model.init_from: load into a ZeRO-1/2 run, export, then start ZeRO-3 from that"])
+        kind, path = cfg.model.init_from.split(":", 1)
+        report = (init_from_bert if kind == "bert" else import_uniter)(model, path)
+        log.info("initialised from %s: %d tensors loaded, %d missing, %d unexpected",
+                 cfg.model.init_from, len(report.loaded), len(report.missing), len(report.unexpected))
+    return model
 
 
 # --------------------------------------------------------------------------- the job
@@ -204,17 +216,21 @@ class Trainer:
         self.root = Path(cfg.data.root)
         manifest = json.loads((self.root / fmt.MANIFEST_FILE).read_text())
         self.tokenizer = AutoTokenizer.from_pretrained(str(cfg.data.tokenizer or self.root / fmt.TOKENIZER_DIR))
-        self.collator = Collator(self.tokenizer, cfg.data.max_text_len, cfg.data.max_regions)
+        self.collator = Collator(self.tokenizer, cfg.data.max_text_len, cfg.data.max_regions,
+                                 image_input=cfg.model.image_input, image_size=cfg.model.image_size)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.tokenizer, manifest["feature_dim"], ds_cfg)
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.optim.lr,
-            betas=cfg.optim.betas,
-        )
+        groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+            # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's vectorised Adam (compiled once).
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps)
         )
@@ -234,7 +250,7 @@ class Trainer:
 
         self.step = 0
         self.batches_seen = 0  # micro-batches taken from this rank's stream
-        self.bad = BadSampleCounter(cfg.data.max_bad_fraction)
+        self.bad = BadSampleCounter(cfg.data.max_bad_fraction, rank=self.rank)
         self.best_rsum = -1.0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
@@ -328,7 +344,9 @@ class Trainer:
         for micro in range(cfg.train.grad_accum):
             batch = next(batches)
             self.batches_seen += 1
-            self.tokens_seen += int(batch["text_attention"].sum() + batch["region_attention"].sum())
+            image_tokens = batch["region_attention"].sum() if "region_attention" in batch else (
+                batch["pixel_values"].shape[0] * (cfg.model.image_size // cfg.model.patch_size) ** 2)
+            self.tokens_seen += int(batch["text_attention"].sum() + image_tokens)
             self.bad.merge(*batch.pop("sample_counts"))
             # Mining and masking draw from a generator seeded by (seed, rank, step, micro-step).
             generator.manual_seed(hash((cfg.train.seed, self.rank, self.step, micro)) % (1 << 62))
@@ -362,11 +380,11 @@ class Trainer:
     def evaluate(self) -> dict:
         cfg = self.cfg
         if self._eval_sets is None:
-            images = read_split(self.root / cfg.data.eval_split, max_regions=cfg.data.max_regions,
-                                limit=cfg.eval.max_images)
+            kind = dict(max_regions=cfg.data.max_regions, image_input=cfg.model.image_input)
+            images = read_split(self.root / cfg.data.eval_split, limit=cfg.eval.max_images, **kind)
             swaps = None
             if cfg.data.swap_split:
-                swaps = swap_groups(read_split(self.root / cfg.data.swap_split, max_regions=cfg.data.max_regions))
+                swaps = swap_groups(read_split(self.root / cfg.data.swap_split, **kind))
             self._eval_sets = (RetrievalSet.from_samples(images), swaps)
         rset, swaps = self._eval_sets
         report = ev.evaluate(self.module, self.collator, rset, swaps, batch_size=cfg.eval.batch_size,
@@ -388,11 +406,8 @@ class Trainer:
         elif resume == "auto" and self.rank == 0:
             log.info("--resume auto: no complete checkpoint in %s, starting at step 0", self.out_dir / "checkpoints")
         self.install_signal_handlers()
-        stream = PairStream(
-            self.root / cfg.data.train_split, self.collator, cfg.train.micro_batch_size,
-            rank=self.rank, world_size=self.world, seed=cfg.train.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=self.batches_seen,
-        )
+        stream = make_train_stream(cfg.data, self.collator, cfg.train.micro_batch_size, self.rank, self.world,
+                                   cfg.train.seed, self.batches_seen)
         batches = iter(train_loader(stream, cfg.data.num_workers))
         if self._rng_to_restore is not None:
             torch.set_rng_state(self._rng_to_restore[0])

@@ -68,34 +68,39 @@ def hardest_negatives(
     num_candidates: int,
     num_hard: int,
     generator: torch.Generator,
+    num_anchors: int | None = None,
     chunk: int = 1024,
 ) -> Tensor:
-    """[B, num_hard] indices of the hardest of ``num_candidates`` random in-batch negatives per anchor.
+    """[A, num_hard] indices of the hardest of ``num_candidates`` random in-batch negatives for each
+    of the first A = ``num_anchors`` pairs (all by default); the whole batch is the candidate pool.
 
     With ``num_hard == num_candidates`` the negatives are random and nothing is scored.
-
     ``anchor="text"`` mines negative images for each text, ``"image"`` negative texts for each image.
     """
     b = batch["text_ids"].shape[0]
-    noise = torch.rand(b, b, generator=generator)
-    noise.fill_diagonal_(-1.0)  # never the positive itself
+    a = num_anchors or b
+    noise = torch.rand(a, b, generator=generator)
+    noise[torch.arange(a), torch.arange(a)] = -1.0  # never the positive itself
     candidates = noise.topk(num_candidates, dim=1).indices  # a uniform random subset per anchor
     if num_hard == num_candidates:  # keeping them all: plain random negatives, nothing to score
         return candidates
-    anchors = torch.arange(b)[:, None].expand_as(candidates)
+    anchors = torch.arange(a)[:, None].expand_as(candidates)
     texts, images = (anchors, candidates) if anchor == "text" else (candidates, anchors)
     was_training = model.training
     model.eval()  # no dropout noise in the choice of negatives
     try:
-        scores = score_pairs(model, batch, texts.reshape(-1), images.reshape(-1), chunk).view(b, num_candidates)
+        scores = score_pairs(model, batch, texts.reshape(-1), images.reshape(-1), chunk).view(a, num_candidates)
     finally:
         model.train(was_training)
     return candidates.gather(1, scores.topk(num_hard, dim=1).indices)
 
 
 @torch.no_grad()
-def itc_negatives(model: CrossModalModel, batch: dict, *, anchor: str, num_hard: int) -> Tensor:
-    """[B, num_hard] hardest in-batch negatives by contrastive similarity of unimodal passes.
+def itc_negatives(
+    model: CrossModalModel, batch: dict, *, anchor: str, num_hard: int, num_anchors: int | None = None
+) -> Tensor:
+    """[A, num_hard] hardest in-batch negatives of the first A pairs by contrastive similarity of
+    unimodal passes.
 
     Two passes of B rows (text alone, image alone) replace the cross-encoder's B x num_candidates
     scoring, and every other pair of the micro-batch is a candidate.
@@ -107,7 +112,7 @@ def itc_negatives(model: CrossModalModel, batch: dict, *, anchor: str, num_hard:
         i = model.itc_image(**{k: batch[k] for k in image_keys(batch)})
     finally:
         model.train(was_training)
-    sim = t @ i.T if anchor == "text" else i @ t.T
+    sim = (t @ i.T if anchor == "text" else i @ t.T)[: num_anchors or t.shape[0]]
     sim.fill_diagonal_(-torch.inf)
     return sim.topk(num_hard, dim=1).indices
 
@@ -154,7 +159,7 @@ def group_loss(
     ``max(0, margin + s_neg - s_pos)`` on sigmoid scores; binary cross-entropy (UNITER's ITM),
     positives and negatives weighted equally; or the softmax cross-entropy of the positive against
     its group (a listwise loss with a stronger gradient on hard groups)."""
-    b, k = negatives.shape
+    b, k = negatives.shape  # b anchors: the first b pairs of the batch
     anchors = torch.arange(b)[:, None].expand(b, k + 1)
     others = torch.cat([torch.arange(b)[:, None], negatives], 1)
     texts, images = (anchors, others) if anchor == "text" else (others, anchors)
@@ -172,8 +177,10 @@ def group_loss(
     stats = {"score_pos": scores[:, 0].mean().detach(), "score_neg": scores[:, 1:].mean().detach()}
     if out.iais_loss is None:
         return GroupLoss(rank, rank.new_zeros(()), stats)
-    valid = (model.word_mask(batch["text_ids"], batch["text_attention"]).any(1)
-             & batch["region_attention"].any(1)).float()
+    valid = model.word_mask(batch["text_ids"][:b], batch["text_attention"][:b]).any(1)
+    if "region_attention" in batch:
+        valid = valid & batch["region_attention"][:b].any(1)
+    valid = valid.float()
     iais_loss = (out.iais_loss * valid).sum() / valid.sum().clamp_min(1)
     stats["isd"] = iais_loss.detach()
     stats.update({f"entropy_{n}": v.nanmean() for n, v in out.relation_stats.items()})
@@ -259,11 +266,13 @@ def training_loss(
     if cfg.iais.direction != "alternate":
         direction = cfg.iais.direction
     request = IaisRequest(torch.empty(0), cfg.iais.alignment, direction) if cfg.iais.enabled else None
+    anchors = cfg.anchors_per_batch or None
     if cfg.mining == "itc":
-        negatives = itc_negatives(model, batch, anchor=anchor, num_hard=cfg.num_hard)
+        negatives = itc_negatives(model, batch, anchor=anchor, num_hard=cfg.num_hard, num_anchors=anchors)
     else:
         negatives = hardest_negatives(
-            model, batch, anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard, generator=generator
+            model, batch, anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard,
+            generator=generator, num_anchors=anchors,
         )
     g = group_loss(model, batch, negatives, anchor=anchor, margin=cfg.margin, iais=request, kind=cfg.rank_loss)
     loss = loss + cfg.rank_weight * g.rank + w * g.iais

@@ -8,30 +8,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import webdataset as wds
 
-from .pipeline import split_shards
+from .pipeline import read_shard, split_shards
 from .samples import BadSample, ImageSample, decode_sample
 
 log = logging.getLogger(__name__)
 
 
-def read_split(split_dir: str | Path, *, max_regions: int | None = None, limit: int | None = None) -> list[ImageSample]:
-    """Every good sample of a split, in shard order; bad ones are skipped, counted and logged."""
+def read_split(
+    split_dir: str | Path, *, max_regions: int | None = None, limit: int | None = None, image_input: str = "regions"
+) -> list[ImageSample]:
+    """Every good sample of a split, in shard order; bad ones are skipped, counted and logged.
+    ``image_input="patches"`` keeps each sample's image bytes for the collator to decode."""
     urls, _ = split_shards(split_dir)
     bad: Counter[str] = Counter()
-
-    def on_error(exn: Exception) -> bool:
-        bad["bad_shard"] += 1
-        log.warning("%s: %s", split_dir, exn)
-        return True
-
     samples = []
-    for raw in wds.tarfile_to_samples(handler=on_error)(iter({"url": u} for u in urls)):
+    for raw in (raw for url in urls for raw in read_shard(url, counts=bad)):
         if limit is not None and len(samples) >= limit:
             break
         try:
-            samples.append(decode_sample(raw, max_regions=max_regions))
+            samples.append(decode_sample(raw, max_regions=max_regions, image_input=image_input,
+                                         keep_image=image_input == "patches"))
         except BadSample as e:
             bad[e.reason] += 1
             log.warning("%s: skipped %s", split_dir, e)

@@ -1,0 +1,153 @@
+"""Training-loader throughput per core: region-feature shards and JPEG shards through the stream.
+
+1. Region features: the demo data set (``make_demo`` into a temp dir) through ``PairStream`` with the
+   region collator (decode json + npy, shuffle, tokenize, pad).
+2. JPEG: ~300 photo-like 640x480 JPEGs (gradients, blobs and noise) written with ``ShardWriter``,
+   through ``PairStream`` with the ``patches`` collator (header check, shuffle, decode with ``draft``,
+   resize the shorter side to 384 and centre-crop, normalise, tokenize) -- beside PIL's own
+   decode + resize of the same images (the ceiling) and the ratio to it.
+
+Everything runs in this process (``num_workers=0``, one torch thread), so each figure is per core;
+the training DataLoader runs one such loop per worker.
+
+    python benchmarks/loader.py [--region-samples 4000] [--jpegs 300] [--image-size 384] [--repeats 3]
+
+Targets (one core): >= 2,000 samples/s for region features, >= 150 samples/s for the JPEGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from iais_scale.data.collate import Collator  # noqa: E402
+from iais_scale.data.demo import make_demo  # noqa: E402
+from iais_scale.data.format import ShardWriter  # noqa: E402
+from iais_scale.data.pipeline import PairStream  # noqa: E402
+
+
+def photo_like_jpegs(n: int, width: int = 640, height: int = 480, seed: int = 0) -> list[bytes]:
+    """JPEGs (quality 90) with smooth gradients, a few soft blobs and sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = []
+    for _ in range(n):
+        img = np.empty((height, width, 3), np.float32)
+        for c in range(3):
+            a, b, base = rng.uniform(-0.3, 0.3, 2).tolist() + [rng.uniform(40, 200)]
+            img[..., c] = base + a * (x - width / 2) + b * (y - height / 2)
+        for _ in range(6):
+            cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(30, 150)
+            blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
+            img += blob[..., None] * rng.uniform(-90, 90, 3)
+        img += rng.normal(0, 6, img.shape)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+class Rate:
+    """Best samples/s over repeats, by wall clock and by this process's CPU time (one thread: the
+    per-core figure, less disturbed when other processes share the cores)."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def add(self, n: int, wall: float, cpu: float) -> None:
+        self.wall, self.cpu = max(self.wall, n / wall), max(self.cpu, n / cpu)
+
+    def __str__(self) -> str:
+        return f"{self.wall:8.0f} samples/s wall, {self.cpu:8.0f} samples/s of CPU time"
+
+
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def stream_rate(stream: PairStream, n_batches: int, repeats: int) -> Rate:
+    """Samples/s over ``repeats`` runs of ``n_batches`` batches (after one warm-up batch)."""
+    rate = Rate()
+    for _ in range(repeats):
+        it = iter(stream)
+        next(it)
+        w0, c0 = _clocks()
+        n = sum(len(b["keys"]) for b in islice(it, n_batches))
+        w1, c1 = _clocks()
+        rate.add(n, w1 - w0, c1 - c0)
+    return rate
+
+
+def pil_rate(images: list[bytes], size: int, repeats: int) -> Rate:
+    """PIL alone: open, draft, RGB, resize the shorter side to ``size`` and crop, to an array."""
+    rate = Rate()
+    for _ in range(repeats):
+        w0, c0 = _clocks()
+        for data in images:
+            im = Image.open(io.BytesIO(data))
+            im.draft("RGB", (size, size))
+            im = im.convert("RGB")
+            w, h = im.size
+            s = min(w, h)
+            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+            np.asarray(im.resize((size, size), Image.Resampling.BICUBIC, box=box))
+        w1, c1 = _clocks()
+        rate.add(len(images), w1 - w0, c1 - c0)
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--region-samples", type=int, default=4000)
+    ap.add_argument("--jpegs", type=int, default=300)
+    ap.add_argument("--image-size", type=int, default=384)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_demo(Path(tmp) / "demo", n_train=args.region_samples, n_val=1, n_test=1, n_swap_groups=0,
+                         shard_size=1000)
+        tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+        regions = Collator(tokenizer, max_text_len=40, max_regions=36)
+        stream = PairStream(root / "train", regions, args.batch_size, shuffle_buffer=1000)
+        n = min(stream.batches_per_epoch - 1, 2000 // args.batch_size)
+        region = stream_rate(stream, n, args.repeats)
+
+        images = photo_like_jpegs(args.jpegs)
+        with ShardWriter(Path(tmp) / "jpeg" / "train", shard_size=100) as w:
+            for i, data in enumerate(images):
+                w.write(f"train-{i:06d}", {"image_id": str(i), "split": "train", "width": 640, "height": 480,
+                                           "captions": [f"a photo of a scene with {i % 7} soft blobs"]},
+                        image=data, image_ext="jpg")
+        patches = Collator(tokenizer, max_text_len=40, max_regions=36, image_input="patches",
+                           image_size=args.image_size)
+        bs = min(args.batch_size, 16)
+        stream = PairStream(Path(tmp) / "jpeg" / "train", patches, bs, shuffle_buffer=1000)
+        jpeg = stream_rate(stream, stream.batches_per_epoch - 1, args.repeats)
+        pil = pil_rate(images, args.image_size, args.repeats)
+
+    kb = np.mean([len(d) for d in images]) / 1024
+    print(f"one core (in-process, 1 torch thread), batch size {args.batch_size} (regions) / {bs} (JPEG)")
+    print(f"region features   : {region}   (target >= 2000; {args.region_samples} demo samples)")
+    print(f"JPEG -> {args.image_size} px    : {jpeg}   (target >= 150; {len(images)} x 640x480, {kb:.0f} KiB each)")
+    print(f"PIL decode+resize : {pil}   (the ceiling)")
+    print(f"loader / PIL      : {jpeg.wall / pil.wall:8.2f} wall, {jpeg.cpu / pil.cpu:8.2f} CPU time")
+    print(f"load average      : {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+if __name__ == "__main__":
+    main()
