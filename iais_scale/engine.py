@@ -221,8 +221,10 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.tokenizer, manifest["feature_dim"], ds_cfg)
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        # Under ZeRO-3 the parameters are already partitioned (flat): their shape is ds_shape.
+        matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in model.parameters()]
+        decay = [p for p, m in zip(model.parameters(), matrix) if m]
+        no_decay = [p for p, m in zip(model.parameters(), matrix) if not m]
         groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
             # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's vectorised Adam (compiled once).
@@ -239,7 +241,7 @@ class Trainer:
         )
         self.module: CrossModalModel = self.engine.module
         if self.rank == 0:
-            n_params = sum(p.numel() for p in model.parameters())
+            n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
             log.info("model: %.2fM parameters, %d ranks, ZeRO stage %d", n_params / 1e6, self.world,
                      self.engine.zero_optimization_stage())
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,10 +266,17 @@ class Trainer:
     def install_signal_handlers(self) -> None:
         """SIGUSR1/SIGTERM: finish the step, save, stop; a second signal exits at once."""
 
+        first_at = 0.0
+
         def handler(signum, frame):
+            nonlocal first_at
             if self._signal is not None:
+                # SLURM and the DeepSpeed launcher both forward a SIGTERM: a repeat within seconds
+                # is the same request; a later one is the user insisting.
+                if signum == self._signal and time.monotonic() - first_at < 5.0:
+                    return
                 os._exit(128 + signum)
-            self._signal = signum
+            self._signal, first_at = signum, time.monotonic()
             log.warning("rank %d: got signal %d; stopping after this step", self.rank, signum)
 
         signal.signal(signal.SIGUSR1, handler)
@@ -466,10 +475,16 @@ class Trainer:
         code = EXIT_INTERRUPTED
         job = os.environ.get("SLURM_JOB_ID")
         if signum == signal.SIGUSR1 and job:
+            # Rank 0 asks; every rank learns whether SLURM accepted, and exits 0 only if it did.
+            ok = torch.zeros(1)
             if self.rank == 0:
                 log.warning("checkpoint %s saved; asking SLURM to requeue job %s", folder, job)
-                subprocess.run(["scontrol", "requeue", job], check=False)
-            code = 0
+                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                ok[0] = float(result.returncode == 0)
+                if result.returncode:
+                    log.error("scontrol requeue failed (%s): stopping as interrupted", result.stderr.strip())
+            dist.broadcast(ok, src=0)
+            code = 0 if ok.item() else EXIT_INTERRUPTED
         elif self.rank == 0:
             log.warning("checkpoint %s saved; stopping (exit code %d)", folder, code)
         dist.barrier()

@@ -59,3 +59,14 @@ def test_deepspeed_batch_arithmetic(tmp_path):
     cfg.train.deepspeed_config = str(clash)
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=16 contradicts"):
         deepspeed_config(cfg, world_size=4)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_configs_parse(path, tmp_path):
+    """Every shipped DeepSpeed file is valid for DeepSpeed itself once the batch arithmetic is filled in."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"train.deepspeed_config={path}"])
+    ds = DeepSpeedConfig(deepspeed_config(cfg, world_size=1), mpu=None)  # (it assumes 1 process here)
+    assert ds.zero_optimization_stage in (1, 2, 3)
+    assert ds.train_batch_size == cfg.train.micro_batch_size

@@ -21,9 +21,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_deepspeed_two_ranks_train_checkpoint_and_report(tiny_demo, tmp_path):
-    out = tmp_path / "run"
+def train(tiny_demo: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         shutil.which("deepspeed") or sys.exit("deepspeed launcher not on PATH"),
         "--num_gpus", "2", "--master_port", str(free_port()),
@@ -31,17 +29,29 @@ def test_deepspeed_two_ranks_train_checkpoint_and_report(tiny_demo, tmp_path):
         f"data.root={tiny_demo}", "data.make_demo=false",
         f"train.output_dir={out}", "train.steps=30", "train.log_every=3", "train.micro_batch_size=8",
         "objectives.mlm_only_steps=0", "objectives.num_candidates=4", "objectives.num_hard=2",
-        "model.dropout=0.0",
+        "model.dropout=0.0", *extra,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
 
+
+def losses_fall(out: Path) -> list[dict]:
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(3, 31, 3))
     first = sum(r["loss"] for r in records[:2]) / 2
     last = sum(r["loss"] for r in records[-2:]) / 2
     assert last < 0.9 * first, [r["loss"] for r in records]
+    return records
+
+
+@pytest.mark.slow
+def test_deepspeed_two_ranks_train_checkpoint_and_report(tiny_demo, tmp_path):
+    out = tmp_path / "run"
+    proc = train(tiny_demo, out)
+
+    records = losses_fall(out)
+    assert [r["step"] for r in records] == list(range(3, 31, 3))
     assert all(r["bad_samples"] == 0 for r in records)
     assert {"rank", "mlm", "iais", "iais_weight", "lr", "grad_norm", "samples_per_s"} <= set(records[-1])
 
@@ -56,3 +66,18 @@ def test_deepspeed_two_ranks_train_checkpoint_and_report(tiny_demo, tmp_path):
     assert 0 <= report["tr_r1"] <= 100 and report["relation_swap"]["groups"] == 6
     assert "layer3/entropy/S_L" in report["relations"]
     assert "| TR R@1 |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_zero3_fine_tuning_with_hard_negative_groups(tiny_demo, tmp_path):
+    """ZeRO-3: 2 groups per micro-batch, each the positive and the 2 hardest of 6 scored candidates,
+    IAIS on the positives; the final weights are consolidated into a Hugging Face folder."""
+    out = tmp_path / "run"
+    train(tiny_demo, out, "train.deepspeed_config=configs/deepspeed/zero3.json", "objectives.anchors_per_batch=2",
+          "objectives.num_candidates=6", "objectives.rank_loss=hinge", "objectives.iais.schedule=constant")
+    records = losses_fall(out)
+    assert records[-1]["iais"] > 0 and records[-1]["iais_weight"] == 1.0
+    assert (out / "checkpoints" / "step30" / "COMPLETE").is_file()
+    assert len(list((out / "checkpoints" / "step30").glob("*model_states.pt"))) == 2  # partitioned: one per rank
+    assert (out / "hf_model" / "model.safetensors").is_file()
+    assert json.loads((out / "eval.json").read_text())["images"] == 16
