@@ -65,6 +65,9 @@ def train(mining: str, args) -> dict:
             rank_steps += 1
     rset = RetrievalSet.from_samples(read_split(Path(args.data) / "test"))
     report = ev.evaluate(model, col, rset, batch_size=2048, isd_alignments=["singular"])
+    if args.save:  # e.g. for benchmarks/rerank.py, which needs a model with ITC
+        model.save_pretrained(Path(args.save) / mining)
+        tok.save_pretrained(Path(args.save) / mining)
     return {"ms_per_step": 1000 * rank_time / rank_steps, "tr_r1": report["tr_r1"], "ir_r1": report["ir_r1"]}
 
 
@@ -76,6 +79,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--hard", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", default=None, help="save both trained models (HF folders) under this folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     make_demo(args.data)
