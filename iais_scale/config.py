@@ -94,7 +94,8 @@ class ObjectiveConfig:
     num_candidates: int = 15  # negatives sampled per anchor and scored without gradient
     num_hard: int = 3  # hardest of those kept in the group
     # How hard negatives are found: "cross" scores the sampled candidates with the cross-encoder (the
-    # reference); "itc" ranks the whole micro-batch by the contrastive scores of unimodal passes.
+    # reference); "itc" ranks the whole global batch (every rank's micro-batch) by the contrastive
+    # similarity of unimodal passes, and num_candidates is unused.
     mining: Literal["cross", "itc"] = "cross"
     # Groups per micro-batch: the first N pairs anchor groups, the whole batch is the candidate pool
     # (0: every pair anchors one). The reference: 1 group of 32 from 400 pairs, 8 accumulated.
@@ -171,12 +172,16 @@ class ExperimentConfig:
                 p.append(f"{name}: must be at least 1 (got {value})")
         if not 0 < o.mlm_prob < 1:
             p.append(f"objectives.mlm_prob: must lie in (0, 1) (got {o.mlm_prob})")
-        if o.num_hard < 1 or o.num_hard > o.num_candidates:
+        if o.mining == "itc":
+            if not 1 <= o.num_hard <= t.micro_batch_size - 1:
+                p.append(f"objectives.num_hard: must lie in [1, train.micro_batch_size - 1 = {t.micro_batch_size - 1}]"
+                         f" (got {o.num_hard})")
+        elif o.num_hard < 1 or o.num_hard > o.num_candidates:
             p.append(
                 f"objectives.num_hard: must lie in [1, num_candidates={o.num_candidates}]"
                 f" (got {o.num_hard})"
             )
-        if o.num_candidates > t.micro_batch_size - 1:
+        if o.mining == "cross" and o.num_candidates > t.micro_batch_size - 1:
             p.append(
                 f"objectives.num_candidates: negatives are drawn from the other pairs of the"
                 f" micro-batch, so at most train.micro_batch_size - 1 = {t.micro_batch_size - 1}"
@@ -194,6 +199,9 @@ class ExperimentConfig:
                 p.append(f"objectives.task_mix: unknown task {task!r} (tasks: {', '.join(TASKS)})")
         if (o.itc_weight > 0 or o.mining == "itc" or o.task_mix.get("itc")) and self.model.itc_dim <= 0:
             p.append("model.itc_dim: must be > 0 for the ITC loss or ITC mining")
+        if o.mining == "itc" and o.itc_weight <= 0 and not o.task_mix.get("itc"):
+            p.append("objectives.mining: 'itc' ranks by embeddings that only the ITC loss trains;"
+                     " set objectives.itc_weight > 0 (or an 'itc' share in objectives.task_mix)")
         if (o.mrfr_weight > 0 or o.task_mix.get("mrfr")) and self.model.image_input != "regions":
             p.append("objectives.mrfr_weight: masked region regression needs model.image_input 'regions'")
         if not self.objectives.iais.layers:

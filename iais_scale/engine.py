@@ -362,6 +362,7 @@ class Trainer:
             loss, parts = training_loss(
                 self.module, batch, cfg.objectives, step=self.step, total_steps=cfg.train.steps,
                 mask_id=self.tokenizer.mask_token_id, generator=generator,
+                group=dist.group.WORLD if self.world > 1 else None,
             )
             if not torch.isfinite(loss.detach()):
                 log.warning("rank %d step %d: non-finite loss %s; the step will be skipped", self.rank, self.step, loss)

@@ -1,8 +1,9 @@
 """Training objectives: ranking with hard-negative groups plus IAIS (spec section 5), and MLM.
 
 A batch holds B matched pairs (text i belongs to image i). Ranking builds, for every anchor, a group
-of its positive and its hardest negatives among sampled candidates of the batch, scored without
-gradient first. Text-anchored groups (negative images) carry IAIS direction L, image-anchored groups
+of its positive and its hardest negatives, found either as the reference does (``mining: cross``:
+sampled candidates of the micro-batch scored by the cross-encoder without gradient) or from the
+contrastive similarity of unimodal passes over the whole global batch (``mining: itc``). Text-anchored groups (negative images) carry IAIS direction L, image-anchored groups
 (negative texts) direction V, as the reference fine-tuning alternates them. IAIS is computed on the
 positive row of each group only.
 """
@@ -13,6 +14,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -95,35 +98,72 @@ def hardest_negatives(
     return candidates.gather(1, scores.topk(num_hard, dim=1).indices)
 
 
-@torch.no_grad()
-def itc_negatives(
-    model: CrossModalModel, batch: dict, *, anchor: str, num_hard: int, num_anchors: int | None = None
-) -> Tensor:
-    """[A, num_hard] hardest in-batch negatives of the first A pairs by contrastive similarity of
-    unimodal passes.
+def gather_pool(batch: dict, group: dist.ProcessGroup | None) -> tuple[dict, int]:
+    """The global batch: every rank's pairs concatenated in rank order, and this rank's offset in it.
 
-    Two passes of B rows (text alone, image alone) replace the cross-encoder's B x num_candidates
-    scoring, and every other pair of the micro-batch is a candidate.
+    Texts and region sets are padded to the longest on any rank (ids 0, attention off), so that a
+    rank can pair its anchors with any pair of the global batch. ``group=None``: the batch itself.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        t = model.itc_text(batch["text_ids"], batch["text_attention"])
-        i = model.itc_image(**{k: batch[k] for k in image_keys(batch)})
-    finally:
-        model.train(was_training)
-    sim = (t @ i.T if anchor == "text" else i @ t.T)[: num_anchors or t.shape[0]]
-    sim.fill_diagonal_(-torch.inf)
-    return sim.topk(num_hard, dim=1).indices
+    if group is None or dist.get_world_size(group) == 1:
+        return batch, 0
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    pool = {}
+    for k, v in batch.items():
+        if not isinstance(v, Tensor):
+            continue
+        shape = torch.tensor(v.shape[1:2] if v.dim() > 1 else [0])
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=group)  # the padded length
+        if v.dim() > 1 and v.shape[1] < int(shape[0]) and k != "pixel_values":
+            v = F.pad(v, (0, 0) * (v.dim() - 2) + (0, int(shape[0]) - v.shape[1]))
+        wire = v.to(torch.uint8) if v.dtype == torch.bool else v  # gloo gathers no bool
+        parts = [torch.empty_like(wire) for _ in range(world)]
+        dist.all_gather(parts, wire.contiguous(), group=group)
+        pool[k] = torch.cat(parts).to(v.dtype)
+    return pool, rank * batch["text_ids"].shape[0]
 
 
-def itc_loss(model: CrossModalModel, batch: dict) -> Tensor:
-    """Symmetric InfoNCE over the micro-batch with a learned temperature (CLIP/ALBEF)."""
+def gather_rows(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Every rank's rows of ``x`` in rank order. Differentiable: the gradient of each row flows back
+    to the rank that computed it (pass ``x.detach()`` when none is needed)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    if not x.requires_grad:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+    return torch.cat(dist_nn.all_gather(x, group=group))
+
+
+def itc_embeddings(model: CrossModalModel, batch: dict) -> tuple[Tensor, Tensor]:
+    """[B, itc_dim] text and image embeddings of a batch's text-only and image-only passes."""
     t = model.itc_text(batch["text_ids"], batch["text_attention"])
     i = model.itc_image(**{k: batch[k] for k in image_keys(batch)})
-    logits = model.itc_logit_scale.exp().clamp(max=100) * t @ i.T
-    target = torch.arange(t.shape[0])
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    return t, i
+
+
+def itc_loss(text: Tensor, image: Tensor, logit_scale: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Symmetric InfoNCE (CLIP/ALBEF) of this rank's pairs against the whole global batch.
+
+    As OpenCLIP's ``local_loss`` with ``gather_with_grad``: each rank scores its own rows against
+    every rank's, gradients flow back through the gather, and DeepSpeed's gradient average over the
+    ranks is then exactly the gradient of the InfoNCE of the whole global batch.
+    """
+    all_t, all_i = gather_rows(text, group), gather_rows(image, group)
+    offset = 0 if group is None else dist.get_rank(group) * text.shape[0]
+    target = offset + torch.arange(text.shape[0])
+    scale = logit_scale.exp().clamp(max=100)
+    return 0.5 * (F.cross_entropy(scale * text @ all_i.T, target) + F.cross_entropy(scale * image @ all_t.T, target))
+
+
+def itc_hardest(anchor_emb: Tensor, pool_emb: Tensor, positives: Tensor, num_hard: int) -> Tensor:
+    """[A, num_hard] pool rows most similar to each anchor, its own positive row excluded.
+
+    The ITC alternative to cross-encoder mining: one unimodal pass per pair of the pool serves every
+    anchor, where the cross-encoder needs a joint pass per (anchor, candidate).
+    """
+    sim = anchor_emb.detach() @ pool_emb.detach().T
+    sim[torch.arange(sim.shape[0]), positives] = -torch.inf
+    return sim.topk(num_hard, dim=1).indices
 
 
 def mrfr_loss(model: CrossModalModel, batch: dict, prob: float, generator: torch.Generator) -> Tensor:
@@ -147,7 +187,8 @@ class GroupLoss:
 
 def group_loss(
     model: CrossModalModel,
-    batch: dict,
+    pool: dict,
+    anchors: Tensor,
     negatives: Tensor,
     *,
     anchor: str,
@@ -155,17 +196,20 @@ def group_loss(
     iais: IaisRequest | None,
     kind: str = "hinge",
 ) -> GroupLoss:
-    """Ranking loss of groups [positive, negatives...]: the reference hinge
-    ``max(0, margin + s_neg - s_pos)`` on sigmoid scores; binary cross-entropy (UNITER's ITM),
-    positives and negatives weighted equally; or the softmax cross-entropy of the positive against
-    its group (a listwise loss with a stronger gradient on hard groups)."""
-    b, k = negatives.shape  # b anchors: the first b pairs of the batch
-    anchors = torch.arange(b)[:, None].expand(b, k + 1)
-    others = torch.cat([torch.arange(b)[:, None], negatives], 1)
-    texts, images = (anchors, others) if anchor == "text" else (others, anchors)
+    """Ranking loss of groups [positive, negatives...] for the pairs ``anchors`` [A] of ``pool``
+    (rows of the micro-batch, or of the global batch), negatives [A, k] being rows of ``pool``.
+
+    ``kind``: the reference hinge ``max(0, margin + s_neg - s_pos)`` on sigmoid scores; binary
+    cross-entropy (UNITER's ITM), positives and negatives weighted equally; or the softmax
+    cross-entropy of the positive against its group (a listwise loss with a stronger gradient on
+    hard groups)."""
+    b, k = negatives.shape
+    own = anchors[:, None].expand(b, k + 1)
+    others = torch.cat([anchors[:, None], negatives], 1)
+    texts, images = (own, others) if anchor == "text" else (others, own)
     if iais is not None:
         iais = IaisRequest(rows=torch.arange(b) * (k + 1), alignment=iais.alignment, direction=iais.direction)
-    out = model(**pair_inputs(batch, texts.reshape(-1), images.reshape(-1)), iais_request=iais)
+    out = model(**pair_inputs(pool, texts.reshape(-1), images.reshape(-1)), iais_request=iais)
     logits = model.itm_logit(out).view(b, k + 1)
     scores = torch.sigmoid(logits)
     if kind == "hinge":
@@ -177,9 +221,9 @@ def group_loss(
     stats = {"score_pos": scores[:, 0].mean().detach(), "score_neg": scores[:, 1:].mean().detach()}
     if out.iais_loss is None:
         return GroupLoss(rank, rank.new_zeros(()), stats)
-    valid = model.word_mask(batch["text_ids"][:b], batch["text_attention"][:b]).any(1)
-    if "region_attention" in batch:
-        valid = valid & batch["region_attention"][:b].any(1)
+    valid = model.word_mask(pool["text_ids"][anchors], pool["text_attention"][anchors]).any(1)
+    if "region_attention" in pool:
+        valid = valid & pool["region_attention"][anchors].any(1)
     valid = valid.float()
     iais_loss = (out.iais_loss * valid).sum() / valid.sum().clamp_min(1)
     stats["isd"] = iais_loss.detach()
@@ -237,8 +281,14 @@ def training_loss(
     total_steps: int,
     mask_id: int,
     generator: torch.Generator,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[Tensor, dict[str, float | Tensor]]:
-    """The loss of one micro-batch and its logged parts."""
+    """The loss of one micro-batch and its logged parts.
+
+    ``group``: the data-parallel ranks whose micro-batches form the global batch (ITC loss and ITC
+    mining span it; every rank must then call this for the same steps, as the equal batch counts of
+    ``data.pipeline`` and ``step_tasks`` ensure). ``None``: the micro-batch alone.
+    """
     parts: dict[str, float | Tensor] = {}
     loss = torch.zeros(())
     tasks = step_tasks(cfg, step)
@@ -250,8 +300,10 @@ def training_loss(
         mrfr = mrfr_loss(model, batch, cfg.mrfr_prob, generator)
         loss = loss + cfg.mrfr_weight * mrfr
         parts["mrfr"] = mrfr.detach()
+    emb = None  # (text, image) ITC embeddings of the micro-batch, when computed
     if "itc" in tasks:
-        itc = itc_loss(model, batch)
+        emb = itc_embeddings(model, batch)
+        itc = itc_loss(*emb, model.itc_logit_scale, group)
         loss = loss + cfg.itc_weight * itc
         parts["itc"] = itc.detach()
     if "rank" not in tasks:
@@ -266,15 +318,31 @@ def training_loss(
     if cfg.iais.direction != "alternate":
         direction = cfg.iais.direction
     request = IaisRequest(torch.empty(0), cfg.iais.alignment, direction) if cfg.iais.enabled else None
-    anchors = cfg.anchors_per_batch or None
+    num_anchors = cfg.anchors_per_batch or batch["text_ids"].shape[0]
     if cfg.mining == "itc":
-        negatives = itc_negatives(model, batch, anchor=anchor, num_hard=cfg.num_hard, num_anchors=anchors)
+        # Candidates: the whole global batch, ranked by the ITC similarity. The ITC loss's embeddings
+        # serve when it ran this step (dropout noise included); otherwise two passes without it.
+        if emb is None:
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    emb = itc_embeddings(model, batch)
+            finally:
+                model.train(was_training)
+        pool, offset = gather_pool(batch, group)
+        pool_t, pool_i = gather_rows(emb[0].detach(), group), gather_rows(emb[1].detach(), group)
+        anchors = offset + torch.arange(num_anchors)
+        own, other = (pool_t, pool_i) if anchor == "text" else (pool_i, pool_t)
+        negatives = itc_hardest(own[anchors], other, anchors, cfg.num_hard)
     else:
+        pool, anchors = batch, torch.arange(num_anchors)
         negatives = hardest_negatives(
             model, batch, anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard,
-            generator=generator, num_anchors=anchors,
+            generator=generator, num_anchors=num_anchors,
         )
-    g = group_loss(model, batch, negatives, anchor=anchor, margin=cfg.margin, iais=request, kind=cfg.rank_loss)
+    g = group_loss(model, pool, anchors, negatives, anchor=anchor, margin=cfg.margin, iais=request,
+                   kind=cfg.rank_loss)
     loss = loss + cfg.rank_weight * g.rank + w * g.iais
     parts["rank"] = g.rank.detach()
     parts["iais"] = g.iais.detach()

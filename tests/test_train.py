@@ -47,13 +47,14 @@ def losses_fall(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_deepspeed_two_ranks_train_checkpoint_and_report(tiny_demo, tmp_path):
+    """ZeRO-2 with ITC mining: the 2 hardest negatives of each pair come from both ranks' pairs."""
     out = tmp_path / "run"
-    proc = train(tiny_demo, out)
+    proc = train(tiny_demo, out, "objectives.mining=itc", "model.itc_dim=16", "objectives.itc_weight=0.5")
 
     records = losses_fall(out)
     assert [r["step"] for r in records] == list(range(3, 31, 3))
     assert all(r["bad_samples"] == 0 for r in records)
-    assert {"rank", "mlm", "iais", "iais_weight", "lr", "grad_norm", "samples_per_s"} <= set(records[-1])
+    assert {"rank", "itc", "mlm", "iais", "iais_weight", "lr", "grad_norm", "samples_per_s"} <= set(records[-1])
 
     ckpt = out / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step30"
