@@ -91,11 +91,12 @@ class ObjectiveConfig:
     rank_weight: float = 1.0
     rank_loss: Literal["hinge", "bce", "softmax"] = "hinge"  # hinge: the paper's recipe; bce: UNITER's ITM
     margin: float = 0.2  # hinge margin on sigmoid scores
-    num_candidates: int = 15  # negatives sampled per anchor and scored without gradient
+    num_candidates: int = 15  # candidates per anchor (see mining), scored without gradient
     num_hard: int = 3  # hardest of those kept in the group
-    # How hard negatives are found: "cross" scores the sampled candidates with the cross-encoder (the
-    # reference); "itc" ranks the whole global batch (every rank's micro-batch) by the contrastive
-    # similarity of unimodal passes, and num_candidates is unused.
+    # Where the candidates come from: "cross" samples them from the micro-batch (the reference);
+    # "itc" takes the global batch's (every rank's micro-batch) most similar under the contrastive
+    # embeddings of unimodal passes. The cross-encoder then scores them without gradient and keeps
+    # the num_hard highest; with num_hard == num_candidates nothing is scored.
     mining: Literal["cross", "itc"] = "cross"
     # Groups per micro-batch: the first N pairs anchor groups, the whole batch is the candidate pool
     # (0: every pair anchors one). The reference: 1 group of 32 from 400 pairs, 8 accumulated.
@@ -172,20 +173,16 @@ class ExperimentConfig:
                 p.append(f"{name}: must be at least 1 (got {value})")
         if not 0 < o.mlm_prob < 1:
             p.append(f"objectives.mlm_prob: must lie in (0, 1) (got {o.mlm_prob})")
-        if o.mining == "itc":
-            if not 1 <= o.num_hard <= t.micro_batch_size - 1:
-                p.append(f"objectives.num_hard: must lie in [1, train.micro_batch_size - 1 = {t.micro_batch_size - 1}]"
-                         f" (got {o.num_hard})")
-        elif o.num_hard < 1 or o.num_hard > o.num_candidates:
+        if o.num_hard < 1 or o.num_hard > o.num_candidates:
             p.append(
                 f"objectives.num_hard: must lie in [1, num_candidates={o.num_candidates}]"
                 f" (got {o.num_hard})"
             )
-        if o.mining == "cross" and o.num_candidates > t.micro_batch_size - 1:
+        if o.num_candidates > t.micro_batch_size - 1:
             p.append(
-                f"objectives.num_candidates: negatives are drawn from the other pairs of the"
-                f" micro-batch, so at most train.micro_batch_size - 1 = {t.micro_batch_size - 1}"
-                f" (got {o.num_candidates})"
+                f"objectives.num_candidates: candidates are other pairs of the micro-batch (mining: cross)"
+                f" or of the global batch (mining: itc), so at most train.micro_batch_size - 1 ="
+                f" {t.micro_batch_size - 1} (got {o.num_candidates})"
             )
         if not 0 <= o.anchors_per_batch <= t.micro_batch_size:
             p.append(f"objectives.anchors_per_batch: must lie in [0, train.micro_batch_size={t.micro_batch_size}]")

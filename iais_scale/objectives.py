@@ -1,9 +1,12 @@
 """Training objectives: ranking with hard-negative groups plus IAIS (spec section 5), and MLM.
 
 A batch holds B matched pairs (text i belongs to image i). Ranking builds, for every anchor, a group
-of its positive and its hardest negatives, found either as the reference does (``mining: cross``:
-sampled candidates of the micro-batch scored by the cross-encoder without gradient) or from the
-contrastive similarity of unimodal passes over the whole global batch (``mining: itc``). Text-anchored groups (negative images) carry IAIS direction L, image-anchored groups
+of its positive and its hardest negatives: the cross-encoder scores candidates without gradient and
+keeps the highest. The candidates are random pairs of the micro-batch (``mining: cross``, the
+reference) or the pairs of the whole global batch most similar under the contrastive (ITC) embeddings
+of unimodal passes (``mining: itc``; with ``num_hard == num_candidates`` they are the negatives and
+the cross-encoder scores nothing). Text-anchored groups (negative images) carry IAIS direction L,
+image-anchored groups
 (negative texts) direction V, as the reference fine-tuning alternates them. IAIS is computed on the
 positive row of each group only.
 """
@@ -63,6 +66,29 @@ def score_pairs(model: CrossModalModel, batch: dict, text_idx: Tensor, image_idx
 
 
 @torch.no_grad()
+def keep_hardest(
+    model: CrossModalModel, pool: dict, anchors: Tensor, candidates: Tensor, *, anchor: str, num_hard: int,
+    chunk: int = 1024,
+) -> Tensor:
+    """[A, num_hard] the ``candidates`` [A, C] (rows of ``pool``) that the cross-encoder scores
+    highest against each anchor row, scored without gradient and without dropout. With
+    ``num_hard == C`` all are kept and nothing is scored.
+
+    ``anchor="text"``: candidates are negative images for each text; ``"image"``: negative texts.
+    """
+    if num_hard == candidates.shape[1]:
+        return candidates
+    own = anchors[:, None].expand_as(candidates)
+    texts, images = (own, candidates) if anchor == "text" else (candidates, own)
+    was_training = model.training
+    model.eval()
+    try:
+        scores = score_pairs(model, pool, texts.reshape(-1), images.reshape(-1), chunk).view(candidates.shape)
+    finally:
+        model.train(was_training)
+    return candidates.gather(1, scores.topk(num_hard, dim=1).indices)
+
+
 def hardest_negatives(
     model: CrossModalModel,
     batch: dict,
@@ -74,28 +100,14 @@ def hardest_negatives(
     num_anchors: int | None = None,
     chunk: int = 1024,
 ) -> Tensor:
-    """[A, num_hard] indices of the hardest of ``num_candidates`` random in-batch negatives for each
-    of the first A = ``num_anchors`` pairs (all by default); the whole batch is the candidate pool.
-
-    With ``num_hard == num_candidates`` the negatives are random and nothing is scored.
-    ``anchor="text"`` mines negative images for each text, ``"image"`` negative texts for each image.
-    """
+    """The reference mining: [A, num_hard] indices of the hardest of ``num_candidates`` random
+    in-batch negatives for each of the first A = ``num_anchors`` pairs (all by default)."""
     b = batch["text_ids"].shape[0]
     a = num_anchors or b
     noise = torch.rand(a, b, generator=generator)
     noise[torch.arange(a), torch.arange(a)] = -1.0  # never the positive itself
     candidates = noise.topk(num_candidates, dim=1).indices  # a uniform random subset per anchor
-    if num_hard == num_candidates:  # keeping them all: plain random negatives, nothing to score
-        return candidates
-    anchors = torch.arange(a)[:, None].expand_as(candidates)
-    texts, images = (anchors, candidates) if anchor == "text" else (candidates, anchors)
-    was_training = model.training
-    model.eval()  # no dropout noise in the choice of negatives
-    try:
-        scores = score_pairs(model, batch, texts.reshape(-1), images.reshape(-1), chunk).view(a, num_candidates)
-    finally:
-        model.train(was_training)
-    return candidates.gather(1, scores.topk(num_hard, dim=1).indices)
+    return keep_hardest(model, batch, torch.arange(a), candidates, anchor=anchor, num_hard=num_hard, chunk=chunk)
 
 
 def gather_pool(batch: dict, group: dist.ProcessGroup | None) -> tuple[dict, int]:
@@ -320,8 +332,10 @@ def training_loss(
     request = IaisRequest(torch.empty(0), cfg.iais.alignment, direction) if cfg.iais.enabled else None
     num_anchors = cfg.anchors_per_batch or batch["text_ids"].shape[0]
     if cfg.mining == "itc":
-        # Candidates: the whole global batch, ranked by the ITC similarity. The ITC loss's embeddings
-        # serve when it ran this step (dropout noise included); otherwise two passes without it.
+        # Candidates: the num_candidates pairs of the whole global batch most similar under ITC (the
+        # cross-encoder then keeps the num_hard it scores highest, unless all are kept). The ITC
+        # loss's embeddings serve when it ran this step (dropout noise included); otherwise two
+        # passes without it.
         if emb is None:
             was_training = model.training
             model.eval()
@@ -334,7 +348,8 @@ def training_loss(
         pool_t, pool_i = gather_rows(emb[0].detach(), group), gather_rows(emb[1].detach(), group)
         anchors = offset + torch.arange(num_anchors)
         own, other = (pool_t, pool_i) if anchor == "text" else (pool_i, pool_t)
-        negatives = itc_hardest(own[anchors], other, anchors, cfg.num_hard)
+        shortlist = itc_hardest(own[anchors], other, anchors, cfg.num_candidates)
+        negatives = keep_hardest(model, pool, anchors, shortlist, anchor=anchor, num_hard=cfg.num_hard)
     else:
         pool, anchors = batch, torch.arange(num_anchors)
         negatives = hardest_negatives(

@@ -48,13 +48,14 @@ def test_value_checks(tmp_path):
         load_config(ROOT / "configs/demo.yaml", ["objectives.num_hard=9", "train.micro_batch_size=4", "train.grad_accum=0"])
     text = str(e.value)
     assert "objectives.num_hard" in text and "objectives.num_candidates" in text and "train.grad_accum" in text
-    # ITC mining ranks the global batch: num_candidates is unused, num_hard is bounded by the batch.
+    # ITC mining: an ITC shortlist of num_candidates (no larger than the micro-batch allows), and
+    # embeddings that only the ITC loss trains.
     itc = ["objectives.mining=itc", "model.itc_dim=8", "train.micro_batch_size=4", "objectives.itc_weight=1"]
-    assert load_config(ROOT / "configs/demo.yaml", [*itc, "objectives.num_hard=3"]).objectives.num_hard == 3
-    with pytest.raises(ConfigError, match=r"objectives.num_hard: must lie in \[1, train.micro_batch_size - 1 = 3\]"):
-        load_config(ROOT / "configs/demo.yaml", [*itc, "objectives.num_hard=4"])
+    assert load_config(ROOT / "configs/demo.yaml", [*itc, "objectives.num_candidates=3"]).objectives.num_hard == 3
+    with pytest.raises(ConfigError, match=r"objectives.num_candidates: .* at most train.micro_batch_size - 1 = 3"):
+        load_config(ROOT / "configs/demo.yaml", [*itc, "objectives.num_candidates=4"])
     with pytest.raises(ConfigError, match="only the ITC loss trains"):
-        load_config(ROOT / "configs/demo.yaml", [*itc[:-1], "objectives.num_hard=3"])
+        load_config(ROOT / "configs/demo.yaml", [*itc[:-1], "objectives.num_candidates=3"])
 
 
 def test_deepspeed_batch_arithmetic(tmp_path):

@@ -61,6 +61,16 @@ def test_cross_mining_keeps_the_top_scored_candidates_and_never_the_positive(set
     assert torch.equal(neg, expected)
 
 
+def test_keep_hardest_scores_only_when_it_must_choose(setup):
+    model, batch = setup
+    shortlist = torch.tensor([[4, 7, 1], [9, 2, 0]])
+    assert ob.keep_hardest(None, batch, torch.tensor([3, 5]), shortlist, anchor="image", num_hard=3) is shortlist
+    kept = ob.keep_hardest(model, batch, torch.tensor([3, 5]), shortlist, anchor="image", num_hard=1)
+    with torch.no_grad():
+        scores = ob.score_pairs(model.eval(), batch, shortlist.reshape(-1), torch.tensor([3, 3, 3, 5, 5, 5]), 64)
+    assert kept.tolist() == [[shortlist[r, scores.view(2, 3)[r].argmax()].item()] for r in range(2)]
+
+
 def test_itc_mining_ranks_the_whole_pool_and_skips_the_positive():
     emb = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
     neg = ob.itc_hardest(emb[:3], emb, torch.arange(3), 2)
@@ -91,7 +101,8 @@ def _rank_worker(rank: int, world: int, init: str, tiny_demo, out: dict) -> None
         batch = make_batch(tiny_demo, slice(rank * B, (rank + 1) * B))
         model = make_model(tok, batch["region_features"].shape[-1])
         pool, offset = ob.gather_pool(batch, dist.group.WORLD)
-        cfg = ObjectiveConfig(mining="itc", num_hard=3, itc_weight=0.5, mlm_weight=0.0, rank_loss="softmax")
+        cfg = ObjectiveConfig(mining="itc", num_candidates=6, num_hard=3, itc_weight=0.5, mlm_weight=0.0,
+                              rank_loss="softmax")
         loss, parts = ob.training_loss(model, batch, cfg, step=0, total_steps=10, mask_id=tok.mask_token_id,
                                        generator=torch.Generator().manual_seed(0), group=dist.group.WORLD)
         model.zero_grad()
@@ -105,7 +116,8 @@ def _rank_worker(rank: int, world: int, init: str, tiny_demo, out: dict) -> None
 
 def test_itc_mining_and_loss_span_the_global_batch_of_two_ranks(setup, tiny_demo, tmp_path):
     """Two gloo ranks with 8 pairs each give, on average, the loss of one process holding all 16:
-    the pool is gathered (and re-padded) exactly, mining and the ITC loss see every rank's pairs."""
+    the pool is gathered (and re-padded) exactly; the ITC shortlist of 6, the cross-encoder's choice
+    of 3 among them and the ITC loss all see every rank's pairs."""
     model, batch = setup
     out = mp.Manager().dict()
     mp.spawn(_rank_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", tiny_demo, out), nprocs=2, join=True)
@@ -115,7 +127,8 @@ def test_itc_mining_and_loss_span_the_global_batch_of_two_ranks(setup, tiny_demo
         if isinstance(v, torch.Tensor):
             assert torch.equal(out[0]["pool"][k], v) and torch.equal(out[1]["pool"][k], v), k
 
-    cfg = ObjectiveConfig(mining="itc", num_hard=3, itc_weight=0.5, mlm_weight=0.0, rank_loss="softmax")
+    cfg = ObjectiveConfig(mining="itc", num_candidates=6, num_hard=3, itc_weight=0.5, mlm_weight=0.0,
+                          rank_loss="softmax")
     loss, parts = ob.training_loss(model, batch, cfg, step=0, total_steps=10, mask_id=0,
                                    generator=torch.Generator().manual_seed(0))
     for key, whole in (("rank", parts["rank"]), ("itc", parts["itc"])):
