@@ -96,8 +96,9 @@ def fine_tune(name: str, mining: str, candidates: int, start: torch.nn.Module, a
     model = copy.deepcopy(start)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps))
+    torch.manual_seed(args.seed)  # the same dropout stream for every kind, whichever ran before
     t0 = time.perf_counter()
-    for i, batch in enumerate(itertools.islice(batches(args, collator, args.pool), cfg.train.steps)):
+    for i, batch in enumerate(itertools.islice(batches(args, collator, args.pool, args.seed), cfg.train.steps)):
         step(model, opt, batch, cfg, i, tok.mask_token_id)
         sched.step()
     seconds = time.perf_counter() - t0
@@ -111,19 +112,28 @@ def fine_tune(name: str, mining: str, candidates: int, start: torch.nn.Module, a
             "ir_r1": report["ir_r1"]}
 
 
-def mine(model, batch, cfg, anchor: str) -> torch.Tensor:
-    """The mining alone, as ``training_loss`` does it (ITC: the embeddings' two passes included)."""
+def mining_seconds(model, batch, cfg, anchor: str) -> tuple[float, float]:
+    """(the mining as ``training_loss`` does it within a step, the two unimodal passes of the pool).
+
+    The passes are timed apart: within a training step the ITC loss has made them already, so the
+    mining adds only the similarity ranking and the cross-encoder's scoring of the shortlist.
+    """
     o = cfg.objectives
     if o.mining == "cross":
-        return ob.hardest_negatives(model, batch, anchor=anchor, num_candidates=o.num_candidates,
-                                    num_hard=o.num_hard, generator=torch.Generator().manual_seed(0),
-                                    num_anchors=o.anchors_per_batch)
+        return timed(lambda: ob.hardest_negatives(
+            model, batch, anchor=anchor, num_candidates=o.num_candidates, num_hard=o.num_hard,
+            generator=torch.Generator().manual_seed(0), num_anchors=o.anchors_per_batch)), 0.0
+    emb = []
     with torch.no_grad():
-        t, i = ob.itc_embeddings(model, batch)
-    own, other = (t, i) if anchor == "text" else (i, t)
-    anchors = torch.arange(o.anchors_per_batch or t.shape[0])
-    shortlist = ob.itc_hardest(own[anchors], other, anchors, o.num_candidates)
-    return ob.keep_hardest(model, batch, anchors, shortlist, anchor=anchor, num_hard=o.num_hard)
+        passes = timed(lambda: emb.extend(ob.itc_embeddings(model, batch)))
+    own, other = emb if anchor == "text" else emb[::-1]
+    anchors = torch.arange(o.anchors_per_batch or own.shape[0])
+
+    def choose():
+        shortlist = ob.itc_hardest(own[anchors], other, anchors, o.num_candidates)
+        ob.keep_hardest(model, batch, anchors, shortlist, anchor=anchor, num_hard=o.num_hard)
+
+    return timed(choose), passes
 
 
 def timed(fn) -> float:
@@ -133,15 +143,16 @@ def timed(fn) -> float:
 
 
 def cost_per_step(model, cfgs: dict, args, tok, collator) -> dict:
-    """Steps of every kind alternately on the same batches, so that machine noise hits all alike."""
-    step_s, mine_s = {m: [] for m in cfgs}, {m: [] for m in cfgs}
-    for i, batch in enumerate(itertools.islice(batches(args, collator, args.pool, seed=2), args.repeats)):
+    """Steps of every kind alternately on the same batches, so that machine noise hits all alike.
+    Per kind: median seconds of (a training step, its mining, the ITC unimodal passes)."""
+    times = {m: [] for m in cfgs}
+    for i, batch in enumerate(itertools.islice(batches(args, collator, args.pool, seed=-1), args.repeats)):
         for m, cfg in cfgs.items():
             trial = copy.deepcopy(model)
             opt = torch.optim.AdamW(trial.parameters(), lr=cfg.optim.lr)
-            step_s[m].append(timed(lambda: step(trial, opt, batch, cfg, i, tok.mask_token_id)))
-            mine_s[m].append(timed(lambda: mine(trial.eval(), batch, cfg, "text" if i % 2 == 0 else "image")))
-    return {m: (statistics.median(step_s[m]), statistics.median(mine_s[m])) for m in cfgs}
+            full = timed(lambda: step(trial, opt, batch, cfg, i, tok.mask_token_id))
+            times[m].append((full, *mining_seconds(trial.eval(), batch, cfg, "text" if i % 2 == 0 else "image")))
+    return {m: tuple(statistics.median(x) for x in zip(*t)) for m, t in times.items()}
 
 
 def main() -> None:
@@ -157,6 +168,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps of each run")
     ap.add_argument("--lr", type=float, default=2e-4, help="fine-tuning peak learning rate")
     ap.add_argument("--pretrain-steps", type=int, default=800, help="shared pre-training steps (batch 32)")
+    ap.add_argument("--seed", type=int, default=0, help="order of the fine-tuning batches (the start is shared)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating timed steps of each kind")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", default=None, help="save the fine-tuned models (HF folders) under this folder")
@@ -175,20 +187,21 @@ def main() -> None:
     wanted = [k.replace("+K", f"+{args.shortlist}") for k in args.kinds.split(",")]
     runs = {name: fine_tune(name, m, c, start, args, tok, collator, rset) for name, (m, c) in kinds.items() if name in wanted}
     cost = cost_per_step(start, {n: ranking_config(m, c, args) for n, (m, c) in kinds.items()}, args, tok, collator)
-    cs, cm = cost["cross"]
+    cs, cm, _ = cost["cross"]
     for name, (m, c) in kinds.items():
-        s, mi = cost[name]
+        s, mi, passes = cost[name]
         scored = f"{args.anchors} x {c} cross-encoder pairs" if c > args.hard else "no cross-encoder pair"
-        line = (f"{name:6s}: {1000 * s:6.0f} ms per step ({cs / s:4.1f}x cheaper than cross), mining {1000 * mi:5.0f} ms "
-                f"({cm / mi:5.1f}x; {scored})")
+        line = f"{name:6s}: step {1000 * s:5.0f} ms ({cs / s:3.1f}x cheaper), mining {1000 * mi:5.0f} ms ({cm / mi:5.1f}x; {scored})"
+        if m == "itc":
+            line += f", +{1000 * passes:.0f} ms of unimodal passes if counted ({cm / (mi + passes):4.1f}x)"
         if name in runs and "cross" in runs:
             r, c0 = runs[name], runs["cross"]
             mean, mean0 = (r["tr_r1"] + r["ir_r1"]) / 2, (c0["tr_r1"] + c0["ir_r1"]) / 2
-            line += (f"; R@1 TR {r['tr_r1']:5.1f} ({r['tr_r1'] - c0['tr_r1']:+.1f}) "
-                     f"IR {r['ir_r1']:5.1f} ({r['ir_r1'] - c0['ir_r1']:+.1f}) mean {mean:5.2f} ({mean - mean0:+.2f})")
+            line += (f"; R@1 TR {r['tr_r1']:4.1f} ({r['tr_r1'] - c0['tr_r1']:+.1f}) "
+                     f"IR {r['ir_r1']:4.1f} ({r['ir_r1'] - c0['ir_r1']:+.1f}) mean {mean:5.2f} ({mean - mean0:+.2f})")
         print(line)
-    print(f"(median of {args.repeats} alternating timed steps; groups of 1 + {args.hard}; the mining column times "
-          f"the ITC kinds with their 2 unimodal passes of {args.pool}, which within a step the ITC loss computes anyway)")
+    print(f"(medians of {args.repeats} alternating timed steps of groups of 1 + {args.hard}, {args.pool} pairs each; "
+          f"the ITC loss computes the unimodal passes within a step anyway)")
 
 
 if __name__ == "__main__":
