@@ -13,7 +13,9 @@ cross run keeps). Each step takes ``--pool`` pairs, the first ``--anchors`` anch
   itc+K:  the K = ``--shortlist`` (63) most similar under ITC are scored by the cross-encoder, which
           keeps the ``--hard`` best: K instead of 399 joint passes per anchor.
 Steps of every kind are then timed alternately on the same batches (whole training step, and the
-mining alone), and each model's R@1 on the demo test split is printed beside the starting point's.
+mining alone), and each model's R@1 on a 300-image test split (``data/demo_mining``: the demo's
+training split, a larger test split) is printed beside the starting point's. About 20 minutes on
+2 CPU cores; the shared start is cached under ``runs/benchmarks/``.
 
     python benchmarks/mining.py [--pool 400] [--hard 31] [--shortlist 63] [--anchors 32] [--steps 100]
 """
