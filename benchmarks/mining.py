@@ -128,14 +128,9 @@ def mining_seconds(model, batch, cfg, anchor: str) -> tuple[float, float]:
     emb = []
     with torch.no_grad():
         passes = timed(lambda: emb.extend(ob.itc_embeddings(model, batch)))
-    own, other = emb if anchor == "text" else emb[::-1]
-    anchors = torch.arange(o.anchors_per_batch or own.shape[0])
-
-    def choose():
-        shortlist = ob.itc_hardest(own[anchors], other, anchors, o.num_candidates)
-        ob.keep_hardest(model, batch, anchors, shortlist, anchor=anchor, num_hard=o.num_hard)
-
-    return timed(choose), passes
+    anchors = torch.arange(o.anchors_per_batch or emb[0].shape[0])
+    return timed(lambda: ob.itc_mining(model, batch, anchors, *emb, anchor=anchor, num_candidates=o.num_candidates,
+                                       num_hard=o.num_hard)), passes
 
 
 def timed(fn) -> float:

@@ -178,6 +178,18 @@ def itc_hardest(anchor_emb: Tensor, pool_emb: Tensor, positives: Tensor, num_har
     return sim.topk(num_hard, dim=1).indices
 
 
+def itc_mining(
+    model: CrossModalModel, pool: dict, anchors: Tensor, pool_text: Tensor, pool_image: Tensor, *, anchor: str,
+    num_candidates: int, num_hard: int,
+) -> Tensor:
+    """[A, num_hard] negatives of the ``anchors`` rows of ``pool``: the ``num_candidates`` rows most
+    similar under the ITC embeddings ``pool_text`` / ``pool_image``, of which the cross-encoder keeps
+    the ``num_hard`` it scores highest (all of them, unscored, when the two counts are equal)."""
+    own, other = (pool_text, pool_image) if anchor == "text" else (pool_image, pool_text)
+    shortlist = itc_hardest(own[anchors], other, anchors, num_candidates)
+    return keep_hardest(model, pool, anchors, shortlist, anchor=anchor, num_hard=num_hard)
+
+
 def mrfr_loss(model: CrossModalModel, batch: dict, prob: float, generator: torch.Generator) -> Tensor:
     """Masked region feature regression (UNITER): zero some regions' features, regress them back."""
     valid = batch["region_attention"]
@@ -345,11 +357,11 @@ def training_loss(
             finally:
                 model.train(was_training)
         pool, offset = gather_pool(batch, group)
-        pool_t, pool_i = gather_rows(emb[0].detach(), group), gather_rows(emb[1].detach(), group)
         anchors = offset + torch.arange(num_anchors)
-        own, other = (pool_t, pool_i) if anchor == "text" else (pool_i, pool_t)
-        shortlist = itc_hardest(own[anchors], other, anchors, cfg.num_candidates)
-        negatives = keep_hardest(model, pool, anchors, shortlist, anchor=anchor, num_hard=cfg.num_hard)
+        negatives = itc_mining(
+            model, pool, anchors, gather_rows(emb[0].detach(), group), gather_rows(emb[1].detach(), group),
+            anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard,
+        )
     else:
         pool, anchors = batch, torch.arange(num_anchors)
         negatives = hardest_negatives(
