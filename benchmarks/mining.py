@@ -104,7 +104,7 @@ def fine_tune(name: str, mining: str, candidates: int, start: torch.nn.Module, a
         step(model, opt, batch, cfg, i, tok.mask_token_id)
         sched.step()
     seconds = time.perf_counter() - t0
-    report = ev.evaluate(model, collator, rset, batch_size=2048, isd_alignments=["singular"])
+    report = ev.evaluate(model, ev.EvalData(collator, rset), batch_size=2048, isd_alignments=["singular"])
     print(f"{name:6s}: {cfg.train.steps} steps in {seconds:.0f} s; TR R@1 {report['tr_r1']:.1f}, "
           f"IR R@1 {report['ir_r1']:.1f}", flush=True)
     if args.save:  # e.g. for benchmarks/rerank.py, which needs a model with ITC
@@ -127,7 +127,7 @@ def mining_seconds(model, batch, cfg, anchor: str) -> tuple[float, float]:
             generator=torch.Generator().manual_seed(0), num_anchors=o.anchors_per_batch)), 0.0
     emb = []
     with torch.no_grad():
-        passes = timed(lambda: emb.extend(ob.itc_embeddings(model, batch)))
+        passes = timed(lambda: emb.extend(model.itc_embeddings(batch)))
     anchors = torch.arange(o.anchors_per_batch or emb[0].shape[0])
     return timed(lambda: ob.itc_mining(model, batch, anchors, *emb, anchor=anchor, num_candidates=o.num_candidates,
                                        num_hard=o.num_hard)), passes
@@ -176,7 +176,7 @@ def main() -> None:
     collator = Collator(tok, 24, 8)
     rset = RetrievalSet.from_samples(read_split(Path(args.data) / "test"))
     start = pretrain(args, tok, collator)
-    report = ev.evaluate(start, collator, rset, batch_size=2048, isd_alignments=["singular"])
+    report = ev.evaluate(start, ev.EvalData(collator, rset), batch_size=2048, isd_alignments=["singular"])
     print(f"start : TR R@1 {report['tr_r1']:.1f}, IR R@1 {report['ir_r1']:.1f} after {args.pretrain_steps} "
           f"pre-training steps; fine-tuning: {args.steps} steps of {args.anchors} groups from {args.pool} pairs",
           flush=True)

@@ -27,8 +27,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from iais_scale import evaluate as ev  # noqa: E402
+from iais_scale.checkpoint import load_model  # noqa: E402
 from iais_scale.data.collate import Collator  # noqa: E402
-from iais_scale.data.retrieval import RetrievalSet, read_split  # noqa: E402
+from iais_scale.data.retrieval import RetrievalSet  # noqa: E402
 
 PENDING = 3
 MIN_REDUCTION = 10.0
@@ -50,7 +51,7 @@ def compare(model, collator: Collator, rset: RetrievalSet, k: int, batch_size: i
     text_idx = torch.arange(n_txt).repeat(n_img)
     scores = ev.score_pairs(model, texts, images, text_idx, image_idx, batch_size).view(n_img, n_txt)
     t1 = time.perf_counter()
-    txt, img = ev.itc_embeddings(model, texts, images, batch_size)
+    txt, img = ev.sharded_itc_embeddings(model, texts, images, batch_size)
     sim = img @ txt.T
     t2 = time.perf_counter()
     i2t, t2i, n_pairs = ev.rerank_scores(model, texts, images, sim, k, batch_size)
@@ -89,22 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, info = ev.load_model(args.checkpoint, args.model_dir, device=device)
+    model, tokenizer, info = load_model(args.checkpoint, args.model_dir, device=device)
     if not ev.has_itc(model):
         print(f"PENDING: {args.checkpoint} has no ITC head (config.itc_dim = {getattr(model.config, 'itc_dim', 0)});"
               " re-ranking needs a model trained with ITC (config.itc_dim > 0). Rerun with --checkpoint of one.")
         return PENDING
-    data_cfg = ev.experiment_data_config(info)
-    max_regions = data_cfg.get("max_regions")
-    samples = read_split(os.path.join(args.data, args.split), max_regions=max_regions, limit=args.max_images)
-    rset = RetrievalSet.from_samples(samples)
+    data_cfg = ev.experiment_data_config(info.run_dir)
+    collator = ev.eval_collator(tokenizer, model.config, max_text_len=ev.text_length(None, data_cfg, tokenizer, model.config),
+                                max_regions=data_cfg.get("max_regions"))
+    rset = ev.build_eval_data(collator, os.path.join(args.data, args.split), max_images=args.max_images).rset
     n_img, n_txt = len(rset.images), len(rset.captions)
     k = args.k or default_k(n_img, n_txt)
     if k < 1:
         print(f"error: {n_img} images x {n_txt} captions is too small for a 10x reduction", file=sys.stderr)
         return 2
-    collator = Collator(tokenizer, ev.text_length(None, data_cfg, tokenizer, model.config),
-                        max_regions or max(s.features.shape[0] for s in samples))
     result = compare(model, collator, rset, k, args.batch_size)
     print(f"checkpoint {args.checkpoint}, device {device}")
     print(format_result(result, n_img, n_txt))

@@ -1,40 +1,28 @@
-"""Read every shard of a data set, check each sample and collect statistics.
+"""Read every shard of a data set, check each sample and collect statistics (``verify``, ``stats``).
 
-Shared by ``verify`` (which reports the problems) and ``stats`` (which reports
-the numbers). Tar files are read with :mod:`tarfile` rather than WebDataset so
-that truncation and malformed members surface as precise messages; nothing is
-ever unpickled (``.npy`` is loaded with ``allow_pickle=False``).
-
-Besides the ``iais_scale-shards-v1`` layout, a folder of img2dataset output
-(``00000.tar``, ``00000_stats.json``, ...; samples ``{key}.jpg`` + ``{key}.txt``
-+ ``{key}.json``) is read as one split as it is: the caption comes from the
-``.txt`` member, the ``.json`` is img2dataset's own metadata (its ``width`` /
-``height``, when present, are checked against the image), and sample counts are
-checked against ``successes`` of each ``{shard}_stats.json`` instead of a
-``sizes.json``.
+The shards are read by ``iais_scale.data.shards`` and the samples checked by the loader's own
+decoding functions (``iais_scale.data.samples``), so verify and training never disagree about a
+shard; verify adds the format's stricter rules (member names, one image, image type). Nothing is
+ever unpickled.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
-import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
+from iais_scale.data import shards
 from iais_scale.data.format import (
     BOXES_EXT,
     FEAT_EXT,
-    FORMAT_NAME,
     IMAGE_EXTS,
-    JSON_EXT,
     MANIFEST_FILE,
     MEMBER_EXTS,
     SHARD_PREFIX,
@@ -43,23 +31,21 @@ from iais_scale.data.format import (
     SIZES_FILE,
     TMP_SUFFIX,
     TOKENIZER_DIR,
-    decode_npy,
-    read_sizes,
+    Manifest,
+    parse_sizes,
     validate_key,
-    validate_regions,
-    validate_sample,
 )
+from iais_scale.data.samples import TEXT_EXT, BadSample, check_image, load_regions, sample_meta
 from iais_scale.data.tokenizer import SPECIAL_TOKENS
 
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 # A JPEG with appended images (camera MPO files) is still a JPEG to every decoder.
 _PIL_ALIASES = {"MPO": "JPEG"}
 
-IAIS_LAYOUT = "iais_scale-shards-v1"
-IMG2DATASET_LAYOUT = "img2dataset"
-IMG2DATASET_EXTS: tuple[str, ...] = (*IMAGE_EXTS, "txt", JSON_EXT)
-STATS_SUFFIX = "_stats.json"
-_END_OF_ARCHIVE = 1024  # two zero blocks close every complete tar
+IAIS_LAYOUT = shards.IAIS_LAYOUT
+IMG2DATASET_LAYOUT = shards.IMG2DATASET_LAYOUT
+IMG2DATASET_EXTS: tuple[str, ...] = (*IMAGE_EXTS, TEXT_EXT, "json")
+STATS_SUFFIX = shards.STATS_SUFFIX
 
 
 @dataclass
@@ -121,57 +107,29 @@ class Report:
         self.problems.extend(other.problems)
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"non-standard JSON number {name}")
+_REASON_TEXT = {
+    "missing_json": "missing .json",
+    "missing_features": f"missing .{FEAT_EXT} / .{BOXES_EXT}",
+    "missing_image": "no image member",
+    "missing_caption": "missing or empty caption (.txt)",
+}
 
 
-def _img2dataset_meta(members: dict[str, bytes], split: str, bad: Callable[[str], None]) -> dict[str, Any] | None:
-    """The sample's metadata in our schema, from img2dataset's ``.txt`` caption and ``.json``."""
-    extra: dict[str, Any] = {}
-    if JSON_EXT in members:
-        try:
-            extra = json.loads(members[JSON_EXT].decode("utf-8"))  # img2dataset may write NaN: allowed here
-        except (UnicodeDecodeError, ValueError) as e:
-            bad(f".{JSON_EXT}: invalid JSON ({e})")
-        if not isinstance(extra, dict):
-            bad(f".{JSON_EXT}: must be an object")
-            extra = {}
-    if extra.get("status", "success") != "success":
-        bad(f".{JSON_EXT}: status {extra.get('status')!r} ({extra.get('error_message')})")
-    if "txt" not in members:
-        bad("missing .txt (the caption)")
-        return None
-    try:
-        caption = members["txt"].decode("utf-8")
-    except UnicodeDecodeError as e:
-        bad(f".txt: not UTF-8 ({e})")
-        return None
-    if not caption.strip():
-        bad(".txt: empty caption")
-        return None
-    meta: dict[str, Any] = {"split": split, "captions": [caption]}
-    for name in ("width", "height"):
-        value = extra.get(name)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue  # not recorded: nothing to compare the image with
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            bad(f".{JSON_EXT}: {name} must be a positive integer, got {value!r}")
-            continue
-        meta[name] = value
-    return meta
+def _problem_text(e: BadSample, key: str) -> str:
+    """A verify line's text for a loader's BadSample: the detail, then the loader's reason."""
+    detail = str(e)[len(e.reason) + 2:] if str(e).startswith(e.reason + ": ") else ""
+    detail = detail[len(key) + 2:] if detail.startswith(key + ": ") else detail
+    if not detail or detail == key:
+        detail = _REASON_TEXT.get(e.reason, e.reason.replace("_", " "))
+    return f"{detail} [{e.reason}]"
 
 
 def _check_sample(
-    report: Report,
-    where: str,
-    key: str,
-    members: dict[str, bytes],
-    split: str,
-    feature_dim: int | None,
-    decode_images: bool,
-    layout: str = IAIS_LAYOUT,
+    report: Report, where: str, raw: dict, split: str, feature_dim: int | None, decode_images: bool, layout: str,
+    max_regions: int | None = None,
 ) -> None:
-    """Check one sample, append ``where:key: reason`` problems and add its statistics."""
+    """Check one sample with the loader's checks plus the format's rules; add its statistics."""
+    key = raw["__key__"]
 
     def bad(reason: str) -> None:
         report.problems.append(f"{where}:{key}: {reason}")
@@ -182,109 +140,72 @@ def _check_sample(
         validate_key(key)
     except ValueError as e:
         bad(str(e))
+    if "__too_large__" in raw:
+        bad(f"members {raw['__too_large__']} over the size limit [member_too_large]")
+        return
+    allowed = IMG2DATASET_EXTS if layout == IMG2DATASET_LAYOUT else MEMBER_EXTS
+    for ext in sorted(k for k in raw if not k.startswith("__")):
+        if ext not in allowed:
+            bad(f"unknown member extension .{ext}")
 
     meta: dict[str, Any] | None = None
-    if layout == IMG2DATASET_LAYOUT:
-        meta = _img2dataset_meta(members, split, bad)
-    elif JSON_EXT not in members:
-        bad(f"missing .{JSON_EXT}")
-    else:
-        try:
-            meta = json.loads(members[JSON_EXT].decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-            bad(f".{JSON_EXT}: invalid JSON ({e})")
-        if meta is not None:
-            try:
-                validate_sample(meta)
-            except ValueError as e:
-                bad(str(e))
-                meta = None
+    try:
+        meta = sample_meta(raw)
+    except BadSample as e:
+        bad(_problem_text(e, key))
     if meta is not None:
-        if meta["split"] != split:
-            bad(f"split: {meta['split']!r} does not match the split folder {split!r}")
+        if layout != IMG2DATASET_LAYOUT and meta.get("split") != split:
+            bad(f"split: {meta.get('split')!r} does not match the split folder {split!r}")
         report.captions += len(meta["captions"])
         for caption in meta["captions"]:
             report.caption_words.add(len(caption.split()))
         if "swap" in meta:
             report.swap.append((meta["swap"]["group"], meta["swap"]["index"], key))
 
-    images = [ext for ext in IMAGE_EXTS if ext in members]
+    images = [ext for ext in IMAGE_EXTS if ext in raw]
     if len(images) > 1:
         bad(f"several images: {', '.join(images)}")
     if images:
         report.images += 1
-    if images and decode_images:
         ext = images[0]
         try:
-            with Image.open(io.BytesIO(members[ext])) as img:
-                img.load()  # full decode: catches truncated image data
-                # img2dataset names every image .jpg whatever its encode format; decoders sniff the content.
-                if layout == IAIS_LAYOUT and _PIL_ALIASES.get(img.format, img.format) != _PIL_FORMATS[ext]:
-                    bad(f".{ext}: holds a {img.format} image")
-                size = (meta.get("width", img.size[0]), meta.get("height", img.size[1])) if meta else img.size
-                if img.size != size:
-                    bad(f".{ext}: size {img.size[0]}x{img.size[1]} != json {size[0]}x{size[1]}")
-        except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-            bad(f".{ext}: cannot decode image ({type(e).__name__}: {e})")
+            check_image(raw[ext], key)  # what the loader checks for image_input=patches
+        except BadSample as e:
+            bad(f".{ext}: {_problem_text(e, key)}")
+        else:
+            if decode_images:
+                _decode_image(raw[ext], ext, meta, layout, bad)
 
-    has_feat, has_boxes = FEAT_EXT in members, BOXES_EXT in members
-    if has_boxes and not has_feat:
-        bad(f".{BOXES_EXT} without .{FEAT_EXT}")
-    if has_feat and not has_boxes:
-        bad(f".{FEAT_EXT} without .{BOXES_EXT}")
+    has_feat, has_boxes = FEAT_EXT in raw, BOXES_EXT in raw
+    if has_boxes != has_feat:
+        bad(f".{BOXES_EXT} without .{FEAT_EXT}" if has_boxes else f".{FEAT_EXT} without .{BOXES_EXT}")
     if layout == IMG2DATASET_LAYOUT and not images:
         bad("no image member (.jpg, .png or .webp)")
     elif not images and not has_feat:
         bad("neither an image nor region features")
-    if has_feat and has_boxes:
+    if has_feat and has_boxes and meta is not None:
         try:
-            feat = decode_npy(members[FEAT_EXT])
-            boxes = decode_npy(members[BOXES_EXT])
-        except Exception as e:  # np.load: ValueError for pickles and bad headers, EOFError, ...
-            bad(f"npy: cannot decode ({type(e).__name__}: {e})")
+            feat, _ = load_regions(raw, meta, feature_dim=feature_dim, max_regions=max_regions)
+        except BadSample as e:
+            bad(_problem_text(e, key))
             return
-        try:
-            width, height = (meta.get("width", np.inf), meta.get("height", np.inf)) if meta else (np.inf, np.inf)
-            validate_regions(feat, boxes, width, height)
-        except ValueError as e:
-            bad(str(e))
-            return
-        if feature_dim is not None and feat.shape[1] != feature_dim:
-            bad(f"feat: dimension {feat.shape[1]} != manifest feature_dim {feature_dim}")
         report.feature_dims.add(int(feat.shape[1]))
         report.regions.add(int(feat.shape[0]))
 
 
-def _iter_samples(
-    tf: tarfile.TarFile, where: str, problems: list[str], allowed: tuple[str, ...] = MEMBER_EXTS
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive members into samples by key (everything before the first dot)."""
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    for info in tf:
-        if not info.isfile():
-            problems.append(f"{where}: member {info.name!r} is not a regular file")
-            continue
-        name = info.name
-        if "/" in name or "." not in name:
-            problems.append(f"{where}: member {name!r} is not named KEY.EXT")
-            continue
-        k, ext = name.split(".", 1)
-        f = tf.extractfile(info)
-        assert f is not None  # regular files always have data
-        data = f.read()  # raises tarfile.ReadError on truncated data
-        if k != key:
-            if key is not None:
-                yield key, members
-            key, members = k, {}
-        if ext not in allowed:
-            problems.append(f"{where}:{k}: unknown member extension .{ext}")
-        elif ext in members:
-            problems.append(f"{where}:{k}: duplicate member .{ext}")
-        else:
-            members[ext] = data
-    if key is not None:
-        yield key, members
+def _decode_image(data: bytes, ext: str, meta: dict | None, layout: str, bad: Callable[[str], None]) -> None:
+    """The full decode (what the collator will do), the image type against its extension, its size."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            # img2dataset names every image .jpg whatever its encoding; decoders sniff the content.
+            if layout == IAIS_LAYOUT and _PIL_ALIASES.get(img.format, img.format) != _PIL_FORMATS[ext]:
+                bad(f".{ext}: holds a {img.format} image")
+            size = (meta.get("width", img.size[0]), meta.get("height", img.size[1])) if meta else img.size
+            if img.size != size:
+                bad(f".{ext}: size {img.size[0]}x{img.size[1]} != json {size[0]}x{size[1]}")
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        bad(f".{ext}: cannot decode image ({type(e).__name__}: {e})")
 
 
 def scan_shard(
@@ -294,37 +215,28 @@ def scan_shard(
     feature_dim: int | None,
     decode_images: bool = True,
     layout: str = IAIS_LAYOUT,
+    max_member_bytes: int = shards.MAX_MEMBER_BYTES,
 ) -> Report:
     """Check every sample of one shard; ``where`` prefixes problem lines."""
     report = Report(shards=1, layout=layout)
-    allowed = IMG2DATASET_EXTS if layout == IMG2DATASET_LAYOUT else MEMBER_EXTS
-    # A sample is only known to be complete once the next one starts or the
-    # archive ends properly, so the last one is held back until then.
-    pending: tuple[str, dict[str, bytes]] | None = None
+
+    def note(kind: str, detail: str) -> None:
+        if kind == "member_too_large":
+            return  # reported with its sample
+        report.problems.append(f"{where}: {detail}")
+
     try:
-        with tarfile.open(path, "r:") as tf:
-            for sample in _iter_samples(tf, where, report.problems, allowed):
-                if pending is not None:
-                    _check_sample(report, where, *pending, split, feature_dim, decode_images, layout)
-                pending = sample
-            end = tf.offset
-        # tarfile stops quietly when a file is cut at a block boundary; only the
-        # missing end-of-archive blocks reveal that.
-        with path.open("rb") as f:
-            f.seek(end)
-            tail = f.read(_END_OF_ARCHIVE)
-        if len(tail) < _END_OF_ARCHIVE or tail.count(0) != _END_OF_ARCHIVE:
-            last = f", last sample {pending[0]} possibly incomplete" if pending is not None else ""
-            report.problems.append(f"{where}: truncated tar (no end-of-archive marker after byte {end}{last})")
-            pending = None
-    except (tarfile.TarError, EOFError, OSError) as e:
-        report.problems.append(f"{where}: truncated or unreadable tar ({type(e).__name__}: {e})")
-    if pending is not None:
-        _check_sample(report, where, *pending, split, feature_dim, decode_images, layout)
+        with open(path, "rb") as f:
+            for raw in shards.iter_samples(f, str(path), note=note, max_member_bytes=max_member_bytes):
+                _check_sample(report, where, raw, split, feature_dim, decode_images, layout)
+    except shards.ShardError as e:
+        report.problems.append(f"{where}: {e}")
+    except OSError as e:
+        report.problems.append(f"{where}: unreadable ({type(e).__name__}: {e})")
     return report
 
 
-def _scan_shard_args(args: tuple[Path, str, str, int | None, bool, str]) -> Report:
+def _scan_shard_args(args: tuple) -> Report:
     return scan_shard(*args)
 
 
@@ -352,11 +264,11 @@ def scan_split(
             if p.name.startswith(SHARD_PREFIX) and p.name.endswith(TMP_SUFFIX):
                 split_problems.append(f"{where}/{p.name}: leftover temporary file (interrupted write)")
         try:
-            sizes = read_sizes(split_dir)
+            sizes = parse_sizes((split_dir / SIZES_FILE).read_bytes(), f"{where}/{SIZES_FILE}")
         except FileNotFoundError:
             split_problems.append(f"{where}/{SIZES_FILE}: missing")
         except (ValueError, OSError) as e:
-            split_problems.append(f"{where}/{SIZES_FILE}: unreadable ({e})")
+            split_problems.append(str(e) if isinstance(e, ValueError) else f"{where}/{SIZES_FILE}: unreadable ({e})")
     counts_file = "its _stats.json" if layout == IMG2DATASET_LAYOUT else SIZES_FILE
     if sizes is not None and layout != IMG2DATASET_LAYOUT:
         on_disk = {p.name for p in shards}
@@ -408,16 +320,7 @@ def scan_split(
 
 def split_layout(path: Path) -> str | None:
     """``iais_scale-shards-v1`` or ``img2dataset`` for a split folder, None for any other folder."""
-    if not path.is_dir():
-        return None
-    names = [p.name for p in path.iterdir()]
-    if any(
-        n == SIZES_FILE or SHARD_RE.match(n) or (n.startswith(SHARD_PREFIX) and n.endswith(TMP_SUFFIX)) for n in names
-    ):
-        return IAIS_LAYOUT
-    if any(n.endswith(SHARD_SUFFIX) or n.endswith(STATS_SUFFIX) for n in names):
-        return IMG2DATASET_LAYOUT
-    return None
+    return shards.layout_of(str(path))
 
 
 def _is_split_dir(path: Path) -> bool:
@@ -455,27 +358,16 @@ class DatasetScan:
         return len(self.problems) + sum(len(r.problems) for r in self.splits.values())
 
 
-def _check_manifest(root: Path) -> tuple[dict[str, Any] | None, list[str]]:
+def _check_manifest(root: Path) -> tuple[Manifest | None, list[str]]:
     path = root / MANIFEST_FILE
     if not path.exists():
         return None, []
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return None, [f"{MANIFEST_FILE}: unreadable ({e})"]
-    if not isinstance(manifest, dict):
-        return None, [f"{MANIFEST_FILE}: must be a JSON object"]
-    problems = []
-    if manifest.get("format") != FORMAT_NAME:
-        problems.append(f"{MANIFEST_FILE}: format {manifest.get('format')!r} != {FORMAT_NAME!r}")
-    dim = manifest.get("feature_dim")
-    if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
-        problems.append(f"{MANIFEST_FILE}: feature_dim must be a positive integer, got {dim!r}")
-        manifest["feature_dim"] = None
-    if not isinstance(manifest.get("splits"), dict):
-        problems.append(f"{MANIFEST_FILE}: splits must map split names to sample counts")
-        manifest["splits"] = {}
-    return manifest, problems
+    manifest, problems = Manifest.from_dict(data)
+    return manifest, [f"{MANIFEST_FILE}: {p}" for p in problems]
 
 
 def _check_tokenizer(root: Path) -> list[str]:
@@ -513,13 +405,13 @@ def scan_dataset(
         problems = []
     else:
         # Manifest order first (train, val, ...), then any unlisted split folders.
-        order = list(manifest["splits"]) if manifest else []
+        order = list(manifest.splits) if manifest else []
         split_dirs = sorted(
             (p for p in path.iterdir() if _is_split_dir(p)),
             key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name),
         )
         known = {p.name for p in split_dirs}
-        for name in manifest["splits"] if manifest else ():
+        for name in manifest.splits if manifest else ():
             if name not in known:
                 problems.append(f"{name}: listed in {MANIFEST_FILE} but missing")
         problems += _check_tokenizer(root)
@@ -527,7 +419,7 @@ def scan_dataset(
             problems.append(f"{path}: no split folders with shards found")
     for line in problems:
         emit(line)
-    feature_dim = manifest.get("feature_dim") if manifest else None
+    feature_dim = manifest.feature_dim if manifest else None
 
     splits: dict[str, Report] = {}
     for split_dir in split_dirs:
@@ -540,7 +432,7 @@ def scan_dataset(
             on_problem=on_problem,
         )
         splits[split_dir.name] = report
-        expected = manifest["splits"].get(split_dir.name) if manifest and not single else None
+        expected = manifest.splits.get(split_dir.name) if manifest and not single else None
         if expected is not None and expected != report.samples:
             line = f"{MANIFEST_FILE}: split {split_dir.name} has {expected} samples, found {report.samples}"
             report.problems.append(line)

@@ -8,6 +8,8 @@ no process group is ever created for a run that cannot work.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,14 +29,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class SourceConfig:
-    path: str = ""  # a split folder of shards (ours or img2dataset's), relative to the working directory
+    # A split: a folder (local or URL) of our shards or of img2dataset output, or a shard list such
+    # as "s3://b/cc3m/{00000..00331}.tar" or "pipe:aws s3 cp s3://b/{0..9}.tar -" ("::" joins lists).
+    path: str = ""
     weight: float = 1.0  # share of the samples drawn from this source: weight / sum of weights
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/demo"  # folder with {split}/shard-*.tar, sizes.json, tokenizer/
+    root: str = "data/demo"  # folder or URL with manifest.json, {split}/ shards, tokenizer/
     make_demo: bool = True  # generate the demo shards into `root` when they are missing
+    # Splits: a name under `root`, or a split spec of its own (see SourceConfig.path).
     train_split: str = "train"
     eval_split: str = "test"
     swap_split: str | None = "swap"  # relation-swap (Winoground-format) split, None to skip
@@ -44,12 +49,24 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 1000
     max_bad_fraction: float = 0.01  # abort when more of the samples seen are bad
-    # "epoch": every sample of {root}/{train_split} once per epoch (fine-tuning); "resampled": an
+    # "epoch": every sample of the train split once per epoch (fine-tuning); "resampled": an
     # endless weighted mixture of `sources`, shards drawn with replacement (pretraining).
     mode: Literal["epoch", "resampled"] = "epoch"
     sources: list[SourceConfig] = field(default_factory=list)  # resampled mode only
     epoch_samples: int | None = None  # resampled: samples per nominal epoch (default: the sources' total)
     bucket_by_length: bool = False  # batches of similar caption + region length
+    io_retries: int = 3  # reopen a remote shard that fails mid-way this often (then: bad_shard)
+    io_backoff_s: float = 1.0  # first retry delay, doubled each time
+    prefetch_shards: bool = True  # open the next remote shard while the current one is read
+    max_member_mb: int = 256  # a tar member (image, features) larger than this is a bad sample
+
+    def split_spec(self, split: str) -> str:
+        """A split name under ``root``, or a spec of its own (a path, URL or shard list)."""
+        from .data import storage
+
+        if "/" in split or "::" in split or "{" in split or storage.scheme(split) != "file":
+            return split
+        return storage.join(self.root, split)
 
 
 @dataclass
@@ -88,8 +105,8 @@ class ObjectiveConfig:
     mlm_weight: float = 1.0  # masked language modelling, conditioned on the image
     mlm_prob: float = 0.15
     mlm_only_steps: int = 0  # warm-up steps with MLM alone before ranking starts
-    rank_weight: float = 1.0
-    rank_loss: Literal["hinge", "bce", "softmax"] = "hinge"  # hinge: the paper's recipe; bce: UNITER's ITM
+    itm_rank_weight: float = 1.0  # ranking of hard-negative groups by the ITM head (+ IAIS on positives)
+    itm_rank_loss: Literal["hinge", "bce", "softmax"] = "hinge"  # hinge: the paper's recipe; bce: UNITER's ITM
     margin: float = 0.2  # hinge margin on sigmoid scores
     num_candidates: int = 15  # candidates per anchor (see mining), scored without gradient
     num_hard: int = 3  # hardest of those kept in the group
@@ -101,11 +118,15 @@ class ObjectiveConfig:
     # Groups per micro-batch: the first N pairs anchor groups, the whole batch is the candidate pool
     # (0: every pair anchors one). The reference: 1 group of 32 from 400 pairs, 8 accumulated.
     anchors_per_batch: int = 0
+    # "alternate": micro-steps alternate text-anchored groups (negative images, IAIS L) and
+    # image-anchored ones (negative texts, IAIS V); "both": every micro-step has both kinds (the
+    # authors' iteration: one group of each kind).
+    group_kinds: Literal["alternate", "both"] = "alternate"
     itc_weight: float = 0.0  # contrastive loss (needs model.itc_dim > 0)
     mrfr_weight: float = 0.0  # masked region feature regression (region inputs)
     mrfr_prob: float = 0.15
     # Pretraining: each step trains ONE task drawn by these ratios (UNITER's task mixing), e.g.
-    # {mlm: 2, rank: 1, mrfr: 1}; empty: every task whose weight is > 0, every step.
+    # {mlm: 2, itm_rank: 1, mrfr: 1}; empty: every task whose weight is > 0, every step.
     task_mix: dict[str, float] = field(default_factory=dict)
     iais: IaisConfig = field(default_factory=IaisConfig)
 
@@ -114,6 +135,7 @@ class ObjectiveConfig:
 class OptimConfig:
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
     weight_decay: float = 0.01
     warmup_steps: int = 50
     grad_clip: float = 2.0
@@ -123,11 +145,19 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 500
     micro_batch_size: int = 32  # pairs per rank per micro-step
-    grad_accum: int = 1
+    # The batch per optimizer step: one of these three (none: grad_accum 1). global_batch_size (pairs)
+    # and groups_per_step (ranking groups, all ranks) keep a recipe's optimisation whatever the world
+    # size: the accumulation follows from them (see batch_plan).
+    grad_accum: int | None = None
+    global_batch_size: int | None = None
+    groups_per_step: int | None = None
     seed: int = 0
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     output_dir: str = "runs/demo"
     log_every: int = 10
+    watchdog_s: float = 1800.0  # a rank without progress this long logs where it is and exits (0: off)
+    dist_timeout_s: float = 1800.0  # NCCL/gloo collective timeout
+    remote_sync: str | None = None  # a URL (s3://, gs://, file://...) that receives each complete checkpoint
     threads_per_rank: int | None = None  # torch intra-op threads; default: cores / local ranks
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end and on a signal)
     keep_checkpoints: int = 3  # newest complete step checkpoints kept (the best one is kept apart)
@@ -158,26 +188,48 @@ class ExperimentConfig:
     def validate(self) -> list[str]:
         """Value checks across fields; returns the problems (empty when fine)."""
         p: list[str] = []
-        o, t = self.objectives, self.train
+        o, t, d, m = self.objectives, self.train, self.data, self.model
         for name, value in (
             ("train.steps", t.steps),
             ("train.micro_batch_size", t.micro_batch_size),
-            ("train.grad_accum", t.grad_accum),
-            ("data.max_text_len", self.data.max_text_len - 2),
-            ("data.max_regions", self.data.max_regions),
+            ("data.max_text_len", d.max_text_len - 2),
+            ("data.max_regions", d.max_regions),
+            ("data.max_member_mb", d.max_member_mb),
             ("eval.batch_size", self.eval.batch_size),
-            ("train.keep_checkpoints", self.train.keep_checkpoints),
-            ("train.max_nonfinite_steps", self.train.max_nonfinite_steps),
+            ("train.keep_checkpoints", t.keep_checkpoints),
+            ("train.max_nonfinite_steps", t.max_nonfinite_steps),
+            ("train.log_every", t.log_every),
         ):
             if value < 1:
                 p.append(f"{name}: must be at least 1 (got {value})")
+        for name, value in (("train.grad_accum", t.grad_accum), ("train.global_batch_size", t.global_batch_size),
+                            ("train.groups_per_step", t.groups_per_step), ("eval.max_images", self.eval.max_images)):
+            if value is not None and value < 1:
+                p.append(f"{name}: must be at least 1 or null (got {value})")
+        if sum(x is not None for x in (t.grad_accum, t.global_batch_size, t.groups_per_step)) > 1:
+            p.append("train.grad_accum: give one of grad_accum, global_batch_size and groups_per_step"
+                     " (the other two follow from it and the world size)")
+        for name, value in (("data.num_workers", d.num_workers), ("data.io_retries", d.io_retries),
+                            ("data.shuffle_buffer", d.shuffle_buffer), ("optim.warmup_steps", self.optim.warmup_steps),
+                            ("train.watchdog_s", t.watchdog_s), ("data.io_backoff_s", d.io_backoff_s)):
+            if not value >= 0:  # also catches NaN
+                p.append(f"{name}: must be >= 0 (got {value})")
+        for name, value in (("optim.lr", self.optim.lr), ("optim.eps", self.optim.eps),
+                            ("train.dist_timeout_s", t.dist_timeout_s)):
+            if not (value > 0 and math.isfinite(value)):
+                p.append(f"{name}: must be a positive finite number (got {value})")
+        if not (self.optim.grad_clip >= 0 and math.isfinite(self.optim.grad_clip)):
+            p.append(f"optim.grad_clip: must be >= 0 (0: off) and finite (got {self.optim.grad_clip})")
+        if not (self.optim.weight_decay >= 0 and math.isfinite(self.optim.weight_decay)):
+            p.append(f"optim.weight_decay: must be >= 0 and finite (got {self.optim.weight_decay})")
+        if not all(0 <= b < 1 for b in self.optim.betas):
+            p.append(f"optim.betas: each must lie in [0, 1) (got {list(self.optim.betas)})")
+        if not 0 <= m.dropout < 1:
+            p.append(f"model.dropout: must lie in [0, 1) (got {m.dropout})")
         if not 0 < o.mlm_prob < 1:
             p.append(f"objectives.mlm_prob: must lie in (0, 1) (got {o.mlm_prob})")
         if o.num_hard < 1 or o.num_hard > o.num_candidates:
-            p.append(
-                f"objectives.num_hard: must lie in [1, num_candidates={o.num_candidates}]"
-                f" (got {o.num_hard})"
-            )
+            p.append(f"objectives.num_hard: must lie in [1, num_candidates={o.num_candidates}] (got {o.num_hard})")
         if o.num_candidates > t.micro_batch_size - 1:
             p.append(
                 f"objectives.num_candidates: candidates are other pairs of the micro-batch (mining: cross)"
@@ -186,51 +238,117 @@ class ExperimentConfig:
             )
         if not 0 <= o.anchors_per_batch <= t.micro_batch_size:
             p.append(f"objectives.anchors_per_batch: must lie in [0, train.micro_batch_size={t.micro_batch_size}]")
-        if o.mlm_only_steps >= t.steps and o.rank_weight > 0:
+        if o.mlm_only_steps >= t.steps and o.itm_rank_weight > 0:
             p.append(f"objectives.mlm_only_steps: must be below train.steps={t.steps}")
         for name in ("checkpoint_every", "eval_every"):
             if getattr(t, name) < 0:
                 p.append(f"train.{name}: must be 0 (off) or positive (got {getattr(t, name)})")
-        for task in o.task_mix:
-            if task not in TASKS:
+        for task, ratio in o.task_mix.items():
+            if task == "rank":
+                p.append("objectives.task_mix: the task 'rank' is now called 'itm_rank'")
+            elif task not in TASKS:
                 p.append(f"objectives.task_mix: unknown task {task!r} (tasks: {', '.join(TASKS)})")
-        if (o.itc_weight > 0 or o.mining == "itc" or o.task_mix.get("itc")) and self.model.itc_dim <= 0:
+            elif ratio is not None and not ratio >= 0:
+                p.append(f"objectives.task_mix.{task}: must be >= 0 (got {ratio})")
+        if (o.itc_weight > 0 or o.mining == "itc" or o.task_mix.get("itc")) and m.itc_dim <= 0:
             p.append("model.itc_dim: must be > 0 for the ITC loss or ITC mining")
         if o.mining == "itc" and o.itc_weight <= 0 and not o.task_mix.get("itc"):
             p.append("objectives.mining: 'itc' ranks by embeddings that only the ITC loss trains;"
                      " set objectives.itc_weight > 0 (or an 'itc' share in objectives.task_mix)")
-        if (o.mrfr_weight > 0 or o.task_mix.get("mrfr")) and self.model.image_input != "regions":
+        if (o.mrfr_weight > 0 or o.task_mix.get("mrfr")) and m.image_input != "regions":
             p.append("objectives.mrfr_weight: masked region regression needs model.image_input 'regions'")
-        if not self.objectives.iais.layers:
+        if not o.iais.layers:
             p.append("objectives.iais.layers: name at least one layer")
+        n_layers = m.num_layers or MODEL_SIZES.get(m.size, (None, None))[1]
+        if n_layers is not None:
+            out = [i for i in o.iais.layers if not -n_layers <= i < n_layers]
+            if out:
+                p.append(f"objectives.iais.layers: {out} out of range for a {n_layers}-layer model"
+                         f" (use 0..{n_layers - 1} or negative indices from the end)")
+        if not (o.iais.weight >= 0 and math.isfinite(o.iais.weight)):
+            p.append(f"objectives.iais.weight: must be >= 0 and finite (got {o.iais.weight})")
         for a in self.eval.isd_alignments:
             if a not in ("singular", "distributed", "congruence"):
                 p.append(f"eval.isd_alignments: unknown alignment {a!r}")
-        if not 0 <= self.data.max_bad_fraction <= 1:
+        if not 0 <= d.max_bad_fraction <= 1:
             p.append("data.max_bad_fraction: must lie in [0, 1]")
-        if self.data.mode == "resampled" and not self.data.sources:
+        if d.mode == "resampled" and not d.sources:
             p.append("data.sources: data.mode 'resampled' needs at least one source {path, weight}")
-        if self.data.mode == "epoch" and self.data.sources:
+        if d.mode == "epoch" and d.sources:
             p.append("data.sources: only used when data.mode is 'resampled' (epoch mode reads data.train_split)")
-        for i, src in enumerate(self.data.sources):
+        for i, src in enumerate(d.sources):
             if src is not None and not src.path:
-                p.append(f"data.sources[{i}].path: required (a split folder of shards)")
+                p.append(f"data.sources[{i}].path: required (a split folder, URL or shard list)")
             if src is not None and not src.weight > 0:
                 p.append(f"data.sources[{i}].weight: must be positive (got {src.weight})")
-        if self.data.epoch_samples is not None and self.data.epoch_samples < 1:
-            p.append(f"data.epoch_samples: must be at least 1 (got {self.data.epoch_samples})")
-        if self.model.size not in MODEL_SIZES and self.model.size != "custom":
-            p.append(f"model.size: one of {sorted(MODEL_SIZES)} or 'custom' (got {self.model.size!r})")
-        if self.model.init_from is not None and not self.model.init_from.startswith(("bert:", "uniter:")):
-            p.append(f"model.init_from: 'bert:FOLDER' or 'uniter:FILE' (got {self.model.init_from!r})")
-        if self.model.size == "custom":
+        if d.epoch_samples is not None and d.epoch_samples < 1:
+            p.append(f"data.epoch_samples: must be at least 1 (got {d.epoch_samples})")
+        if m.size not in MODEL_SIZES and m.size != "custom":
+            p.append(f"model.size: one of {sorted(MODEL_SIZES)} or 'custom' (got {m.size!r})")
+        if m.init_from is not None and not m.init_from.startswith(("bert:", "uniter:")):
+            p.append(f"model.init_from: 'bert:FOLDER' or 'uniter:FILE' (got {m.init_from!r})")
+        if m.size == "custom":
             for dim in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-                if getattr(self.model, dim) is None:
+                if getattr(m, dim) is None:
                     p.append(f"model.{dim}: required when model.size is 'custom'")
+        p += deepspeed_file_problems(t.deepspeed_config)
         return p
 
 
-TASKS = ("mlm", "rank", "mrfr", "itc")
+def groups_per_micro_step(o: ObjectiveConfig, micro_batch_size: int) -> int:
+    """Ranking groups one rank back-propagates per micro-step."""
+    return (o.anchors_per_batch or micro_batch_size) * (2 if o.group_kinds == "both" else 1)
+
+
+def batch_plan(cfg: ExperimentConfig, world: int) -> tuple[int, str]:
+    """(gradient accumulation steps for ``world`` ranks, a line saying how it follows from the recipe).
+
+    Raises ConfigError when the recipe's global batch (pairs or groups per step) is not a whole
+    number of micro-steps on this world size.
+    """
+    t = cfg.train
+    per_micro = t.micro_batch_size * world
+    if t.global_batch_size is not None:
+        total, unit, per = t.global_batch_size, "pairs", per_micro
+    elif t.groups_per_step is not None:
+        total, unit, per = t.groups_per_step, "ranking groups", groups_per_micro_step(cfg.objectives, t.micro_batch_size) * world
+    else:
+        accum = t.grad_accum or 1
+        return accum, f"{accum} micro-step(s) of {t.micro_batch_size} pairs x {world} rank(s) per optimizer step"
+    if total % per:
+        raise ConfigError([
+            f"train.{'global_batch_size' if unit == 'pairs' else 'groups_per_step'}: {total} {unit} per step cannot"
+            f" be split into micro-steps of {per} {unit} ({world} rank(s)); choose a world size or"
+            " train.micro_batch_size that divides it"
+        ])
+    accum = total // per
+    return accum, f"{total} {unit} per step = {accum} micro-step(s) x {per // world} {unit} x {world} rank(s)"
+
+
+def deepspeed_file_problems(path: str) -> list[str]:
+    """What is wrong with a DeepSpeed JSON file that no later stage should find out the hard way."""
+    f = Path(path)
+    if not f.is_file():
+        return [f"train.deepspeed_config: {path} not found"]
+    try:
+        ds = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        return [f"train.deepspeed_config: {path} is not valid JSON ({e})"]
+    if not isinstance(ds, dict):
+        return [f"train.deepspeed_config: {path} must hold a JSON object"]
+    p = []
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3):
+        p.append(f"train.deepspeed_config: {path}: zero_optimization.stage must be 0, 1, 2 or 3 (got {stage!r})")
+    if "optimizer" in ds or "scheduler" in ds:
+        p.append(f"train.deepspeed_config: {path}: optimizer/scheduler come from the experiment's optim section")
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        p.append(f"train.deepspeed_config: {path}: fp16 and bf16 are both enabled")
+    return p
+
+
+TASKS = ("mlm", "itm_rank", "mrfr", "itc")
 
 # name -> (hidden, layers, heads, intermediate)
 MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -295,12 +413,22 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
+# Keys that were renamed: the old name is rejected with the new one.
+RENAMED = {
+    "objectives.rank_weight": "objectives.itm_rank_weight",
+    "objectives.rank_loss": "objectives.itm_rank_loss",
+}
+
+
 def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
+        if path in RENAMED:
+            problems.append(f"{path}: renamed to {RENAMED[path]}")
+            continue
         if key not in names:
             problems.append(f"{path}: unknown key (valid: {', '.join(sorted(names))})")
             continue
@@ -337,8 +465,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _set_override(data, key.strip(), raw)
     problems: list[str] = []
     cfg = _build(ExperimentConfig, data, "", problems)
-    if not problems:
-        problems = cfg.validate()
+    # Fields that failed their type check keep their defaults; value checks of every other field
+    # still run, so one report lists everything.
+    broken = {q.split(":", 1)[0] for q in problems}
+    problems += [q for q in cfg.validate() if q.split(":", 1)[0] not in broken]
     if problems:
         raise ConfigError(problems)
     return cfg

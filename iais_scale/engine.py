@@ -1,12 +1,13 @@
-"""The trainer: DeepSpeed setup, the training loop, checkpoints and the final evaluation.
+"""The trainer: builds its parts from the config, then runs the loop (docs/training.md).
 
-``run(cfg)`` is the whole job: check the config's paths, start the process group, build the model
-and the stream, hand both to ``deepspeed.initialize``, step, checkpoint, evaluate. Each step's loss
-comes from ``objectives.training_loss``; everything the model sees comes from ``data/``.
+``Trainer(cfg).fit(resume)`` is the whole job. The parts, each with one job: the data stream
+(``data.pipeline``), the loss (``objectives.training_loss``), checkpoints (``checkpoint``), metrics
+(``metrics``), signals and requeue (``preemption``), evaluation (``evaluate``).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -14,23 +15,29 @@ import os
 import random
 import shutil
 import signal
-import subprocess
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import checkpoint as ckpt
 from . import evaluate as ev
-from .config import ConfigError, ExperimentConfig, to_dict
-from .data import format as fmt
+from .config import ConfigError, ExperimentConfig, batch_plan, to_dict
+from .data import storage
 from .data.collate import Collator
-from .data.pipeline import make_train_stream, split_shards, train_loader
-from .data.retrieval import RetrievalSet, read_split, swap_groups
+from .data.format import TOKENIZER_DIR, Manifest
+from .data.pipeline import Consumed, StreamStart, make_train_stream, train_loader
 from .data.samples import BadSampleCounter
+from .data.shards import resolve_split
+from .metrics import MetricsLogger, Window, all_reduce_record
 from .model import CrossModalModel, config_from_experiment
 from .objectives import training_loss
+from .preemption import EXIT_INTERRUPTED, Preemption, StopTraining, Watchdog, requeue
 
 log = logging.getLogger("iais_scale")
 
@@ -39,56 +46,133 @@ log = logging.getLogger("iais_scale")
 
 
 def prepare_data(cfg: ExperimentConfig) -> None:
-    """Generate the demo shards when asked and missing (local rank 0 only; the others wait for it)."""
+    """Generate the demo data when asked and missing: global rank 0 writes it (atomically, see
+    ``make_demo``); every other rank, on any node of a shared file system, waits for it."""
     root = Path(cfg.data.root)
-    if (root / fmt.MANIFEST_FILE).is_file() or not cfg.data.make_demo:
+    if not cfg.data.make_demo or not storage.is_local(cfg.data.root) or (root / "manifest.json").is_file():
         return
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         from .data.demo import make_demo
 
         log.info("demo shards missing under %s: generating them", root)
         make_demo(root)
-    else:
-        deadline = time.time() + 600
-        while not (root / fmt.MANIFEST_FILE).is_file():
-            if time.time() > deadline:
-                raise TimeoutError(f"waited 10 minutes for local rank 0 to write {root}")
-            time.sleep(1)
+        return
+    deadline = time.time() + 600
+    while not (root / "manifest.json").is_file():
+        if time.time() > deadline:
+            raise TimeoutError(f"waited 10 minutes for rank 0 to write the demo data into {root}")
+        time.sleep(1)
 
 
-def check_paths(cfg: ExperimentConfig) -> list[str]:
-    """Problems with the files a run needs, all at once (before any process group exists)."""
-    problems = []
-    root = Path(cfg.data.root)
-    if not (root / fmt.MANIFEST_FILE).is_file():
-        problems.append(f"data.root: {root}/{fmt.MANIFEST_FILE} not found (make it with `python -m data_tools`)")
-    train = [root / cfg.data.train_split] if cfg.data.mode == "epoch" else [Path(s.path) for s in cfg.data.sources]
-    evals = [root / cfg.data.eval_split] + ([root / cfg.data.swap_split] if cfg.data.swap_split else [])
-    for folder in train + evals:
+def _manifest(cfg: ExperimentConfig) -> Manifest | None:
+    try:
+        return Manifest.read(cfg.data.root)
+    except FileNotFoundError:
+        return None
+
+
+def feature_dim(cfg: ExperimentConfig, manifest: Manifest | None) -> int | None:
+    """D of the region features: the model config's, else the data set's; None for pixel models."""
+    if cfg.model.image_input != "regions":
+        return None
+    return cfg.model.region_feature_dim or (manifest.feature_dim if manifest else None)
+
+
+def tokenizer_dir(cfg: ExperimentConfig) -> str:
+    return cfg.data.tokenizer or storage.join(cfg.data.root, TOKENIZER_DIR)
+
+
+def check_inputs(cfg: ExperimentConfig, world: int) -> list[str]:
+    """Problems with the data, tokenizer and initial weights a run needs, all at once, before any
+    process group exists (every rank runs it, reading only)."""
+    p: list[str] = []
+    d = cfg.data
+    manifest = None
+    try:
+        manifest = _manifest(cfg)
+    except ValueError as e:
+        p.append(f"data.root: {e}")
+    if cfg.model.image_input == "regions" and feature_dim(cfg, manifest) is None:
+        p.append(f"model.region_feature_dim: unknown (no {storage.join(d.root, 'manifest.json')} gives it); set it")
+    specs = [d.split_spec(d.train_split)] if d.mode == "epoch" else [s.path for s in d.sources]
+    for spec in specs:
         try:
-            split_shards(folder)
-        except FileNotFoundError as e:
-            problems.append(f"data: {folder}: {e}")
-    tok = Path(cfg.data.tokenizer or root / fmt.TOKENIZER_DIR)
-    if not (tok / "tokenizer.json").is_file() and not (tok / "vocab.txt").is_file():
-        problems.append(f"data.tokenizer: no tokenizer files in {tok}")
-    if not Path(cfg.train.deepspeed_config).is_file():
-        problems.append(f"train.deepspeed_config: {cfg.train.deepspeed_config} not found")
-    return problems
+            split = resolve_split(spec, need_sizes=d.mode == "epoch" or d.epoch_samples is None)
+            if d.mode == "epoch" and (split.total or 0) < world * cfg.train.micro_batch_size:
+                p.append(f"data.train_split: {spec} holds {split.total} samples, fewer than one micro-batch per rank"
+                         f" ({world} ranks x train.micro_batch_size={cfg.train.micro_batch_size})")
+        except (FileNotFoundError, ValueError) as e:
+            p.append(f"data: {e}")
+    evals = [d.split_spec(d.eval_split)] + ([d.split_spec(d.swap_split)] if d.swap_split else [])
+    for spec in evals:
+        try:
+            resolve_split(spec, need_sizes=False)
+        except (FileNotFoundError, ValueError) as e:
+            p.append(f"data: {e}")
+    tok = tokenizer_dir(cfg)
+    problem = storage.missing_handler(tok)
+    if problem:
+        p.append(f"data.tokenizer: {problem}")
+    elif not any(storage.exists(storage.join(tok, f)) for f in ("tokenizer.json", "vocab.txt")):
+        p.append(f"data.tokenizer: no tokenizer files (tokenizer.json or vocab.txt) in {tok}")
+    elif cfg.model.init_from:
+        p += _vocab_problems(cfg, tok)
+    if cfg.train.remote_sync and storage.missing_handler(cfg.train.remote_sync):
+        p.append(f"train.remote_sync: {storage.missing_handler(cfg.train.remote_sync)}")
+    try:
+        batch_plan(cfg, world)
+    except ConfigError as e:
+        p += e.problems
+    return p
 
 
-def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON with the batch arithmetic of the experiment config filled in.
+def _vocab_problems(cfg: ExperimentConfig, tok: str) -> list[str]:
+    """An imported checkpoint's word embeddings must match the tokenizer (UNITER: cased BERT, 28,996)."""
+    from .model.loading import checkpoint_vocab_size
 
-    The experiment config owns micro-batch, accumulation and clipping; a DeepSpeed file that states
-    different values is a contradiction and is rejected rather than silently overridden.
-    """
+    kind, path = cfg.model.init_from.split(":", 1)
+    try:
+        ckpt_vocab = checkpoint_vocab_size(kind, path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        return [f"model.init_from: {e}"]
+    tok_vocab = _tokenizer_size(tok)
+    if ckpt_vocab is not None and tok_vocab is not None and ckpt_vocab != tok_vocab:
+        hint = (" UNITER's checkpoints use the cased BERT vocabulary (bert-base-cased, 28,996 tokens)"
+                if ckpt_vocab == 28996 else "")
+        return [f"data.tokenizer: {tok} has {tok_vocab} tokens but {cfg.model.init_from} has {ckpt_vocab} word"
+                f" embeddings: the tokenizer is not the one the checkpoint was trained with.{hint}"]
+    return []
+
+
+def _tokenizer_size(tok: str) -> int | None:
+    try:
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(_local_tokenizer(tok)))
+    except Exception:  # reported by the caller's other checks
+        return None
+
+
+def _local_tokenizer(tok: str) -> str:
+    """A local folder for ``AutoTokenizer``: the folder itself, or a private copy of a remote one
+    (every rank copies its own: nothing shared is written)."""
+    if storage.is_local(tok):
+        return tok
+    local = tempfile.mkdtemp(prefix="iais-tokenizer-")
+    storage.copy_tree(tok, local)
+    return local
+
+
+def deepspeed_config(cfg: ExperimentConfig, world_size: int, grad_accum: int) -> dict:
+    """The DeepSpeed JSON with the batch arithmetic of the experiment config filled in. The
+    experiment config owns micro-batch, accumulation and clipping; a DeepSpeed file that states
+    other values is a contradiction and is rejected rather than silently overridden."""
     ds = json.loads(Path(cfg.train.deepspeed_config).read_text())
     t = cfg.train
     want = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": t.micro_batch_size * grad_accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
     }
     problems = [
@@ -97,8 +181,6 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict:
         for k, v in want.items()
         if k in ds and ds[k] != "auto" and ds[k] != v
     ]
-    if "optimizer" in ds or "scheduler" in ds:
-        problems.append(f"{cfg.train.deepspeed_config}: optimizer/scheduler come from the experiment's optim section")
     if problems:
         raise ConfigError(problems)
     ds.update(want)
@@ -106,10 +188,8 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict:
 
 
 def setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s",
-    )
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", force=True)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -123,17 +203,13 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int, ds_config: dict | None = None) -> CrossModalModel:
+def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int | None, ds_config: dict | None = None) -> CrossModalModel:
     """The model of an experiment. Under ZeRO-3 it is built inside ``deepspeed.zero.Init`` (through
     transformers' own integration), so each rank only ever holds its partition of the weights."""
     hf_cfg = config_from_experiment(
-        cfg.model,
-        vocab_size=len(tokenizer),
-        region_feature_dim=feature_dim,
-        cls_token_id=tokenizer.cls_token_id,
-        sep_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        iais_layers=cfg.objectives.iais.layers,
+        cfg.model, vocab_size=len(tokenizer), region_feature_dim=feature_dim or 1,
+        cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id, iais_layers=cfg.objectives.iais.layers,
         max_text_len=cfg.data.max_text_len,
     )
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
@@ -157,208 +233,274 @@ def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int, ds_config: d
     return model
 
 
-# --------------------------------------------------------------------------- the job
+def _optimizer(cfg: ExperimentConfig, model: torch.nn.Module, ds_cfg: dict):
+    # Under ZeRO-3 the parameters are already partitioned (flat): their shape is ds_shape.
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in model.parameters()]
+    decay = [p for p, m in zip(model.parameters(), matrix) if m]
+    no_decay = [p for p, m in zip(model.parameters(), matrix) if not m]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    o = cfg.optim
+    if ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+        # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's vectorised Adam (compiled once).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-COMPLETE = "COMPLETE"  # marker written into a checkpoint folder once every rank has saved
-EXIT_INTERRUPTED = 143  # stopped by a signal, checkpoint saved, no requeue asked
-
-
-class StopTraining(Exception):
-    """Raised on a signal after the checkpoint is saved; ``code`` is the process exit code."""
-
-    def __init__(self, code: int):
-        self.code = code
-        super().__init__(f"stopped by a signal (exit code {code})")
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete step checkpoint, oldest first."""
-    found = []
-    for d in ckpt_dir.glob("step*"):
-        if (d / COMPLETE).is_file() and d.name[4:].isdigit():
-            found.append((int(d.name[4:]), d))
-    return sorted(found)
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
 
 
-def resolve_resume(resume: str, out_dir: Path) -> Path | None:
-    """The checkpoint folder to resume from: ``none``, ``auto`` (newest complete) or a path."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(out_dir / "checkpoints")
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} marker)")
-    return path
+# --------------------------------------------------------------------------- state helpers
+
+
+def _flatten(state: dict, prefix: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Nested state -> (JSON scalars, tensors keyed by dotted path)."""
+    scalars: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            s, t = _flatten(v, key + ".")
+            scalars.update(s)
+            tensors.update(t)
+        elif isinstance(v, torch.Tensor):
+            tensors[key] = v
+        elif isinstance(v, np.ndarray):
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(v))
+        else:
+            scalars[key] = v
+    return scalars, tensors
+
+
+def _rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": torch.tensor(internal, dtype=torch.int64),
+            "python_version": version, "python_gauss": gauss}
+
+
+def _set_rng_state(scalars: dict, tensors: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    random.setstate((scalars["rng.python_version"], tuple(tensors["rng.python"].tolist()), scalars["rng.python_gauss"]))
+
+
+class DataProgress:
+    """Where this rank's training stream is: batches taken since the stream's origin, the origin
+    (epoch and the positions it covers), and which positions of the current epoch were taken."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.origin_epoch = 0
+        self.plan: np.ndarray | None = None
+        self.consumed = Consumed()
+
+    def start(self) -> StreamStart:
+        return StreamStart(self.origin_epoch, self.plan, self.batches)
+
+    def take(self, batch: dict, num_samples: int | None) -> None:
+        self.batches += 1
+        if num_samples is not None and batch.get("positions") and batch["positions"][0] >= 0:
+            self.consumed.add(batch["epoch"], batch["positions"], num_samples)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "origin_epoch": self.origin_epoch,
+                "has_plan": self.plan is not None,
+                "plan": self.plan if self.plan is not None else np.zeros(0, np.int64),
+                "consumed_epoch": self.consumed.epoch,
+                "consumed": np.packbits(self.consumed.bits), "consumed_len": int(self.consumed.bits.size)}
+
+
+# --------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
-    """One training run on this rank: the DeepSpeed engine, the stream, the counters, the signals."""
+    """One training run on this rank: builds the parts, resumes, steps, checkpoints, evaluates."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, resume: str = "none"):
         import deepspeed
         from transformers import AutoTokenizer
 
         self.cfg = cfg
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        env_rank, env_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(env_world)))
         torch.set_num_threads(cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // local_world))
-        setup_logging(int(os.environ.get("RANK", "0")))
+        setup_logging(env_rank)
         prepare_data(cfg)
-        problems = check_paths(cfg)
+        problems = check_inputs(cfg, env_world)
         if problems:
             raise ConfigError(problems)
 
-        deepspeed.init_distributed(dist_backend=None)
+        deepspeed.init_distributed(dist_backend=None, timeout=datetime.timedelta(seconds=cfg.train.dist_timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        ds_cfg = deepspeed_config(cfg, self.world)
+        self.watchdog = Watchdog(self.rank, cfg.train.watchdog_s)
+        self.watchdog.start()
+        self.grad_accum, plan_line = batch_plan(cfg, self.world)
+        ds_cfg = deepspeed_config(cfg, self.world, self.grad_accum)
         self.out_dir = Path(cfg.train.output_dir)
-        self.root = Path(cfg.data.root)
-        manifest = json.loads((self.root / fmt.MANIFEST_FILE).read_text())
-        self.tokenizer = AutoTokenizer.from_pretrained(str(cfg.data.tokenizer or self.root / fmt.TOKENIZER_DIR))
+        self.checkpoints = ckpt.Checkpointer(self.out_dir, rank=self.rank, world=self.world,
+                                             keep=cfg.train.keep_checkpoints, remote_sync=cfg.train.remote_sync)
+        self.manifest = _manifest(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(_local_tokenizer(tokenizer_dir(cfg)))
+        fdim = feature_dim(cfg, self.manifest)
         self.collator = Collator(self.tokenizer, cfg.data.max_text_len, cfg.data.max_regions,
-                                 image_input=cfg.model.image_input, image_size=cfg.model.image_size)
+                                 image_input=cfg.model.image_input, image_size=cfg.model.image_size, feature_dim=fdim)
 
+        self.resume_from = self.checkpoints.choose(ckpt.resume_candidates(resume, self.out_dir))
+        if self.resume_from is None and resume != "none" and self.rank == 0:
+            log.info("--resume %s: no complete checkpoint in %s, starting at step 0", resume,
+                     self.out_dir / ckpt.CHECKPOINTS)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(cfg, self.tokenizer, manifest["feature_dim"], ds_cfg)
-        # Under ZeRO-3 the parameters are already partitioned (flat): their shape is ds_shape.
-        matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in model.parameters()]
-        decay = [p for p, m in zip(model.parameters(), matrix) if m]
-        no_decay = [p for p, m in zip(model.parameters(), matrix) if not m]
-        groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
-            # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's vectorised Adam (compiled once).
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, adamw_mode=True)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps)
-        )
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=ds_cfg
-        )
+        model = build_model(cfg, self.tokenizer, fdim, ds_cfg)
+        optimizer = _optimizer(cfg, model, ds_cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
+                                                    config=ds_cfg)
         self.module: CrossModalModel = self.engine.module
+        self.fp16 = bool(ds_cfg.get("fp16", {}).get("enabled"))
         if self.rank == 0:
             n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-            log.info("model: %.2fM parameters, %d ranks, ZeRO stage %d", n_params / 1e6, self.world,
-                     self.engine.zero_optimization_stage())
+            log.info("model: %.2fM parameters, %d ranks, ZeRO stage %d; batch: %s", n_params / 1e6, self.world,
+                     self.engine.zero_optimization_stage(), plan_line)
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            storage.write_bytes_atomic(str(self.out_dir / "config.json"), json.dumps(to_dict(cfg), indent=2).encode())
             # The model's config and tokenizer: what evaluation and export need beside the weights.
-            self.module.config.save_pretrained(self.out_dir / "model")
-            self.tokenizer.save_pretrained(self.out_dir / "model")
+            staging = Path(tempfile.mkdtemp(prefix=".model-", dir=self.out_dir))
+            self.module.config.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            shutil.rmtree(self.out_dir / ckpt.MODEL_DIR, ignore_errors=True)
+            os.replace(staging, self.out_dir / ckpt.MODEL_DIR)
 
         self.step = 0
-        self.batches_seen = 0  # micro-batches taken from this rank's stream
+        self.progress = DataProgress()
         self.bad = BadSampleCounter(cfg.data.max_bad_fraction, rank=self.rank)
         self.best_rsum = -1.0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.overflow_total = 0
         self.tokens_seen = 0  # text + image tokens of the matched pairs, for throughput
-        self._signal: int | None = None
-        self._eval_sets = None
+        self.preemption = Preemption(self.rank)
+        self._eval_data: ev.EvalData | None = None
+        self._stream = None
         self._rng_to_restore = None
 
-    # ------------------------------------------------------------------ signals
+    # ------------------------------------------------------------------ state
 
-    def install_signal_handlers(self) -> None:
-        """SIGUSR1/SIGTERM: finish the step, save, stop; a second signal exits at once."""
+    def state_dict(self) -> dict:
+        """Everything of this rank that a resume needs besides DeepSpeed's weights and optimizer."""
+        return {
+            "step": self.step, "tokens_seen": self.tokens_seen, "best_rsum": self.best_rsum,
+            "nonfinite_total": self.nonfinite_total, "overflow_total": self.overflow_total,
+            "layout": {"world_size": self.world, "micro_batch_size": self.cfg.train.micro_batch_size,
+                       "num_workers": self.cfg.data.num_workers, "mode": self.cfg.data.mode,
+                       "seed": self.cfg.train.seed},
+            "data": self.progress.state_dict(), "bad": {"good": self.bad.good, "reasons": dict(self.bad.bad)},
+            "rng": _rng_state(),
+        }
 
-        first_at = 0.0
+    def load_state_dict(self, scalars: dict, tensors: dict, peers: list[tuple[dict, dict]]) -> str:
+        """Restore this rank's state; ``peers`` are every saved rank's states (for a continuation on
+        another layout). Returns a line that says how the data stream continues."""
+        self.step, self.tokens_seen = scalars["step"], scalars["tokens_seen"]
+        self.best_rsum = scalars["best_rsum"]
+        self.nonfinite_total, self.overflow_total = scalars["nonfinite_total"], scalars.get("overflow_total", 0)
+        layout = {k[len("layout."):]: v for k, v in scalars.items() if k.startswith("layout.")}
+        here = self.state_dict()["layout"]
+        same = layout == here
+        p = self.progress
+        if same:
+            p.batches, p.origin_epoch = scalars["data.batches"], scalars["data.origin_epoch"]
+            p.plan = tensors["data.plan"].numpy() if scalars["data.has_plan"] else None
+            p.consumed = _unpack_consumed(scalars, tensors)
+            self.bad.good, self.bad.bad = scalars["bad.good"] if "bad.good" in scalars else 0, Counter(
+                {k[len("bad.reasons."):]: v for k, v in scalars.items() if k.startswith("bad.reasons.")})
+            self._rng_to_restore = (scalars, tensors)
+            return f"the data stream replays exactly (same layout: {here})"
+        return self._continue_elsewhere(layout, here, peers)
 
-        def handler(signum, frame):
-            nonlocal first_at
-            if self._signal is not None:
-                # SLURM and the DeepSpeed launcher both forward a SIGTERM: a repeat within seconds
-                # is the same request; a later one is the user insisting.
-                if signum == self._signal and time.monotonic() - first_at < 5.0:
-                    return
-                os._exit(128 + signum)
-            self._signal, first_at = signum, time.monotonic()
-            log.warning("rank %d: got signal %d; stopping after this step", self.rank, signum)
-
-        signal.signal(signal.SIGUSR1, handler)
-        signal.signal(signal.SIGTERM, handler)
-
-    def _stop_requested(self) -> int:
-        """The signal any rank got (0 if none): every rank stops at the same step."""
-        flag = torch.tensor([self._signal or 0], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag)
+    def _continue_elsewhere(self, old: dict, new: dict, peers: list[tuple[dict, dict]]) -> str:
+        """Another world size, micro-batch or worker count: continue the interrupted epoch with the
+        samples no rank had taken, split over the ranks of this run (docs/data-format.md)."""
+        if old.get("seed") != new["seed"] or old.get("mode") != new["mode"]:
+            raise ConfigError([f"--resume: the checkpoint's data stream (seed {old.get('seed')}, mode"
+                               f" {old.get('mode')}) differs from this run's ({new['seed']}, {new['mode']})"])
+        good = sum(s.get("bad.good", 0) for s, _ in peers)
+        reasons: Counter = Counter()
+        for s, _ in peers:
+            reasons.update({k[len("bad.reasons."):]: v for k, v in s.items() if k.startswith("bad.reasons.")})
+        # The job's counters are kept once (on rank 0), so that their sum over ranks stays right.
+        if self.rank == 0:
+            self.bad.good, self.bad.bad = good, reasons
+        epoch = max(s["data.consumed_epoch"] for s, _ in peers)
+        p = self.progress
+        p.batches, p.consumed = 0, Consumed()
+        if self.cfg.data.mode == "resampled" or epoch < 0:
+            p.origin_epoch, p.plan = max(epoch, 0), None
+            return f"layout {old} -> {new}: the stream restarts its nominal epoch {p.origin_epoch} on the new layout"
+        taken = None
+        for s, t in peers:
+            bits = _unpack_consumed(s, t)
+            if bits.epoch == epoch:
+                taken = bits.bits if taken is None else taken | bits.bits
+        s0, t0 = peers[0]
+        if s0["data.has_plan"] and s0["data.origin_epoch"] == epoch:
+            planned = t0["data.plan"].numpy()
+        else:
+            planned = np.arange(taken.size if taken is not None else 0, dtype=np.int64)
+        remaining = planned[~taken[planned]] if taken is not None else planned
+        p.origin_epoch, p.plan = epoch, remaining.astype(np.int64)
+        return (f"layout {old} -> {new}: epoch {epoch} continues with the {len(remaining)} of its samples no rank had"
+                " taken, split over the new ranks; later epochs follow the new layout")
 
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, tag: str) -> Path:
-        """Save with DeepSpeed, then this rank's own state; mark complete once every rank is done.
+        self.watchdog.beat(f"saving {tag}")
+        scalars, tensors = _flatten(self.state_dict())
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-        The marker is written last, so a crash while saving leaves a folder that resume ignores and
-        the previous complete checkpoint untouched.
-        """
-        ckpt_dir = self.out_dir / "checkpoints"
-        folder = ckpt_dir / tag
-        if self.rank == 0 and folder.exists():
-            (folder / COMPLETE).unlink(missing_ok=True)  # overwriting: incomplete until done again
-        dist.barrier()
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": self.step})
-        torch.save(
-            {
-                "step": self.step,
-                "batches_seen": self.batches_seen,
-                "bad_good": self.bad.good,
-                "bad": dict(self.bad.bad),
-                "best_rsum": self.best_rsum,
-                "rng_torch": torch.get_rng_state(),
-                "rng_python": random.getstate(),
-            },
-            folder / f"rank{self.rank:05d}_state.pt",
-        )
-        dist.barrier()
-        if self.rank == 0:
-            (folder / COMPLETE).write_text(json.dumps({"step": self.step, "time": time.time()}))
-            self._prune(ckpt_dir)
-        dist.barrier()
+        folder = self.checkpoints.save(self.engine, tag, scalars, tensors,
+                                       client_state={"step": self.step, UNIVERSAL_CHECKPOINT_INFO: {}})
         return folder
 
-    def _prune(self, ckpt_dir: Path) -> None:
-        found = complete_checkpoints(ckpt_dir)
-        for _, folder in found[: max(0, len(found) - self.cfg.train.keep_checkpoints)]:
-            shutil.rmtree(folder, ignore_errors=True)
-
     def load(self, folder: Path) -> None:
-        self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
-        state = torch.load(folder / f"rank{self.rank:05d}_state.pt", weights_only=False)
-        self.step, self.batches_seen = state["step"], state["batches_seen"]
-        self.bad.good, self.bad.bad = state["bad_good"], Counter(state["bad"])
-        self.best_rsum = state["best_rsum"]
-        # Restored only once the data loader iterator exists: creating it draws from the torch RNG.
-        self._rng_to_restore = (state["rng_torch"], state["rng_python"])
+        marker = ckpt.read_marker(folder) or {}
+        saved_world = marker.get("world_size", self.world)
+        load_from = folder
+        if saved_world != self.world:
+            load_from = self._universal(folder)
+        self.engine.load_checkpoint(str(load_from.parent), tag=load_from.name, load_module_strict=True)
+        peers = [ckpt.read_state(ckpt.state_file(folder, r)) for r in range(saved_world)]
+        mine = peers[self.rank] if saved_world == self.world else peers[0]
+        how = self.load_state_dict(*mine, peers)
         if self.rank == 0:
-            log.info("resumed from step %d (%s)", self.step, folder)
+            log.info("resumed from step %d (%s); %s", self.step, folder, how)
+
+    def _universal(self, folder: Path) -> Path:
+        raise ckpt.CheckpointError(
+            f"{folder} was saved by {ckpt.read_marker(folder).get('world_size')} ranks, this run has {self.world}")
 
     # ------------------------------------------------------------------ one step
 
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns the logged loss parts.
 
-        A non-finite loss or gradient on any rank makes DeepSpeed skip the optimizer step on every
-        rank (its overflow check sees a non-finite global gradient norm and zeroes the gradients); a
-        non-finite loss is poisoned to NaN first so its gradient is surely non-finite. Skipped steps
-        are counted, and too many in a row abort the run.
+        A non-finite loss on any rank is poisoned to NaN so that DeepSpeed skips the update on every
+        rank; such steps are counted and too many in a row abort. With fp16, a step DeepSpeed skips
+        for a loss-scale overflow (finite loss) is counted apart and never aborts the run.
         """
         cfg = self.cfg
         parts_out: dict[str, float] = {}
         generator = torch.Generator()
-        for micro in range(cfg.train.grad_accum):
+        bad_loss = torch.zeros(1)
+        for micro in range(self.grad_accum):
+            self.watchdog.beat(f"step {self.step}: reading micro-batch {micro}")
             batch = next(batches)
-            self.batches_seen += 1
+            self.progress.take(batch, getattr(self._stream, "num_samples", None))
             image_tokens = batch["region_attention"].sum() if "region_attention" in batch else (
                 batch["pixel_values"].shape[0] * (cfg.model.image_size // cfg.model.patch_size) ** 2)
             self.tokens_seen += int(batch["text_attention"].sum() + image_tokens)
             self.bad.merge(*batch.pop("sample_counts"))
+            batch.pop("positions", None), batch.pop("epoch", None)
             # Mining and masking draw from a generator seeded by (seed, rank, step, micro-step).
             generator.manual_seed(hash((cfg.train.seed, self.rank, self.step, micro)) % (1 << 62))
+            self.watchdog.beat(f"step {self.step}: forward/backward of micro-batch {micro}")
             loss, parts = training_loss(
                 self.module, batch, cfg.objectives, step=self.step, total_steps=cfg.train.steps,
                 mask_id=self.tokenizer.mask_token_id, generator=generator,
@@ -367,21 +509,30 @@ class Trainer:
             if not torch.isfinite(loss.detach()):
                 log.warning("rank %d step %d: non-finite loss %s; the step will be skipped", self.rank, self.step, loss)
                 loss = loss * torch.tensor(float("nan"))
+                bad_loss[0] = 1
             self.engine.backward(loss)
             self.engine.step()
             parts["loss"] = loss.detach()
             for k, v in parts.items():
-                parts_out[k] = parts_out.get(k, 0.0) + float(v) / cfg.train.grad_accum
+                parts_out[k] = parts_out.get(k, 0.0) + float(v) / self.grad_accum
+        if self.world > 1:
+            dist.all_reduce(bad_loss, op=dist.ReduceOp.MAX)
         grad_norm = _grad_norm(self.engine)
-        if not math.isfinite(grad_norm):
+        applied = self.engine.was_step_applied()
+        if bad_loss.item() or (not applied and not self.fp16) or (applied and not math.isfinite(grad_norm)):
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
-            log.warning("step %d: non-finite gradient norm; DeepSpeed skipped the update", self.step)
+            log.warning("step %d: non-finite loss or gradient; DeepSpeed skipped the update", self.step)
             if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
                 raise RuntimeError(f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}: aborting")
         else:
             self.nonfinite_in_row = 0
-        parts_out["grad_norm"] = grad_norm
+            if not applied:  # fp16 loss-scale overflow: the scaler lowers its scale and goes on
+                self.overflow_total += 1
+                log.info("step %d: fp16 loss-scale overflow, update skipped (scale now %s)", self.step,
+                         getattr(self.engine.optimizer, "cur_scale", "?"))
+        parts_out["grad_norm"] = grad_norm if applied else float("nan")
+        parts_out["overflow_steps_total"] = float(self.overflow_total)
         self.step += 1
         return parts_out
 
@@ -389,18 +540,17 @@ class Trainer:
 
     def evaluate(self) -> dict:
         cfg = self.cfg
-        if self._eval_sets is None:
-            kind = dict(max_regions=cfg.data.max_regions, image_input=cfg.model.image_input)
-            images = read_split(self.root / cfg.data.eval_split, limit=cfg.eval.max_images, **kind)
-            swaps = None
-            if cfg.data.swap_split:
-                swaps = swap_groups(read_split(self.root / cfg.data.swap_split, **kind))
-            self._eval_sets = (RetrievalSet.from_samples(images), swaps)
-        rset, swaps = self._eval_sets
-        report = ev.evaluate(self.module, self.collator, rset, swaps, batch_size=cfg.eval.batch_size,
+        self.watchdog.beat(f"evaluating at step {self.step}")
+        if self._eval_data is None:
+            self._eval_data = ev.build_eval_data(
+                self.collator, cfg.data.split_spec(cfg.data.eval_split),
+                cfg.data.split_spec(cfg.data.swap_split) if cfg.data.swap_split else None,
+                max_images=cfg.eval.max_images)
+        report = ev.evaluate(self.module, self._eval_data, batch_size=cfg.eval.batch_size,
                              isd_alignments=cfg.eval.isd_alignments)
-        report["bad_samples"] = dict(self.bad.bad)
+        report["bad_samples"] = _sum_counts(dict(self.bad.bad), self.world)  # the job's, not rank 0's
         report["nonfinite_steps"] = self.nonfinite_total
+        report["overflow_steps"] = self.overflow_total
         if self.rank == 0:
             ev.write_report(report, self.out_dir, step=self.step)
             print(ev.markdown_table(report), flush=True)
@@ -408,44 +558,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, resume: str = "none") -> dict:
+    def fit(self) -> dict:
         cfg = self.cfg
-        folder = resolve_resume(resume, self.out_dir)
-        if folder is not None:
-            self.load(folder)
-        elif resume == "auto" and self.rank == 0:
-            log.info("--resume auto: no complete checkpoint in %s, starting at step 0", self.out_dir / "checkpoints")
-        self.install_signal_handlers()
-        stream = make_train_stream(cfg.data, self.collator, cfg.train.micro_batch_size, self.rank, self.world,
-                                   cfg.train.seed, self.batches_seen)
-        batches = iter(train_loader(stream, cfg.data.num_workers))
-        if self._rng_to_restore is not None:
-            torch.set_rng_state(self._rng_to_restore[0])
-            random.setstate(self._rng_to_restore[1])
+        if self.resume_from is not None:
+            self.load(self.resume_from)
+        self.preemption.install()
+        self._stream = make_train_stream(cfg.data, self.collator, cfg.train.micro_batch_size, self.rank, self.world,
+                                         cfg.train.seed, self.progress.start())
+        batches = iter(train_loader(self._stream, cfg.data.num_workers))
+        if self._rng_to_restore is not None:  # after the loader exists: creating it draws from the torch RNG
+            _set_rng_state(*self._rng_to_restore)
         logger = MetricsLogger(self.out_dir, self.rank, cfg.train.steps, initial=self.step)
         self.engine.train()
-        # Loss parts are averaged over the steps of a logging window; keys that some steps lack
-        # (before ranking starts, say) average over the steps that have them.
-        t_log, steps_in_window, window, tokens_at = time.perf_counter(), 0, {}, self.tokens_seen
+        window = Window()
+        window.reset(self.tokens_seen)
+        pairs_per_step = self.grad_accum * cfg.train.micro_batch_size
         try:
             while self.step < cfg.train.steps:
-                parts = self.train_step(batches)
-                steps_in_window += 1
-                for k, v in parts.items():
-                    total, count = window.get(k, (0.0, 0))
-                    window[k] = (total + v, count + 1)
+                window.add(self.train_step(batches))
                 logger.tick()
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                    elapsed = time.perf_counter() - t_log
-                    record = {k: total / count for k, (total, count) in window.items()}  # same keys on every rank
-                    pairs = steps_in_window * cfg.train.grad_accum * cfg.train.micro_batch_size
-                    record.update(
-                        step=self.step, lr=self.scheduler.get_last_lr()[0], samples_per_s=pairs / elapsed,
-                        tokens_per_s=(self.tokens_seen - tokens_at) / elapsed, memory_mb=_peak_memory_mb(),
-                        bad_samples=sum(self.bad.bad.values()), nonfinite_steps=self.nonfinite_total,
-                    )
-                    logger.log(_all_reduce_mean(record, self.world))
-                    t_log, steps_in_window, window, tokens_at = time.perf_counter(), 0, {}, self.tokens_seen
+                    record = window.record(step=self.step, pairs_per_step=pairs_per_step, tokens=self.tokens_seen)
+                    record.update(lr=self.scheduler.get_last_lr()[0], bad_samples=sum(self.bad.bad.values()),
+                                  nonfinite_steps=self.nonfinite_total)
+                    logger.log(all_reduce_record(record, self.world))
+                    window.reset(self.tokens_seen)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                     rsum = self.evaluate()["rsum"]
                     if rsum > self.best_rsum:
@@ -454,111 +591,58 @@ class Trainer:
                     self.engine.train()
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     self.save(f"step{self.step}")
-                signum = self._stop_requested()
+                self.watchdog.beat(f"step {self.step}: agreeing on stop requests")
+                signum = self.preemption.agreed()
                 if signum:
                     self._stop_on_signal(signum)
         finally:
             logger.close()
 
-        if not (self.out_dir / "checkpoints" / f"step{self.step}" / COMPLETE).is_file():
+        if not (self.out_dir / ckpt.CHECKPOINTS / f"step{self.step}" / ckpt.COMPLETE).is_file():
             self.save(f"step{self.step}")
         if self.rank == 0:  # a consolidated Hugging Face folder, whatever the ZeRO stage
-            from .model.loading import export_hf
-
-            export_hf(self.out_dir / "checkpoints", self.out_dir / "hf_model", tag=f"step{self.step}")
+            self.watchdog.beat("exporting hf_model")
+            ckpt.export_hf(self.out_dir / ckpt.CHECKPOINTS / f"step{self.step}", self.out_dir / "hf_model")
         dist.barrier()
         report = self.evaluate()
         dist.barrier()
+        self.watchdog.stop()
         return report
 
     def _stop_on_signal(self, signum: int) -> None:
         folder = self.save(f"step{self.step}")
         code = EXIT_INTERRUPTED
-        job = os.environ.get("SLURM_JOB_ID")
-        if signum == signal.SIGUSR1 and job:
-            # Rank 0 asks; every rank learns whether SLURM accepted, and exits 0 only if it did.
-            ok = torch.zeros(1)
-            if self.rank == 0:
-                log.warning("checkpoint %s saved; asking SLURM to requeue job %s", folder, job)
-                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-                ok[0] = float(result.returncode == 0)
-                if result.returncode:
-                    log.error("scontrol requeue failed (%s): stopping as interrupted", result.stderr.strip())
-            dist.broadcast(ok, src=0)
-            code = 0 if ok.item() else EXIT_INTERRUPTED
+        if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID"):
+            code = 0 if requeue(self.rank, str(folder)) else EXIT_INTERRUPTED
         elif self.rank == 0:
             log.warning("checkpoint %s saved; stopping (exit code %d)", folder, code)
         dist.barrier()
+        self.watchdog.stop()
         raise StopTraining(code)
 
 
 def run(cfg: ExperimentConfig, resume: str = "none") -> dict:
     """Train, checkpoint, evaluate; returns the final evaluation report."""
-    return Trainer(cfg).fit(resume)
+    return Trainer(cfg, resume).fit()
+
+
+def _unpack_consumed(scalars: dict, tensors: dict) -> Consumed:
+    n = scalars["data.consumed_len"]
+    return Consumed(scalars["data.consumed_epoch"], np.unpackbits(tensors["data.consumed"].numpy(), count=n).astype(bool))
+
+
+def _sum_counts(counts: dict[str, int], world: int) -> dict[str, int]:
+    """{reason: count} summed over ranks."""
+    if world == 1:
+        return dict(counts)
+    parts: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(parts, counts)
+    total: Counter = Counter()
+    for p in parts:
+        total.update(p)
+    return dict(total)
 
 
 def _grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else float("nan")
-
-
-def _all_reduce_mean(record: dict, world: int) -> dict:
-    """Average the numeric entries over ranks (every rank logs the same keys in the same order)."""
-    keys = sorted(k for k, v in record.items() if k != "step")
-    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(values)
-        values /= world
-    out = dict(zip(keys, values.tolist()))
-    out["step"] = record["step"]
-    for k in ("samples_per_s", "tokens_per_s", "bad_samples"):  # sums over ranks, not means
-        out[k] *= world
-    return out
-
-
-def _peak_memory_mb() -> float:
-    """Peak accelerator memory of this rank, or the process's peak RSS on the CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class MetricsLogger:
-    """Rank 0 writes each record to the log, ``train_log.jsonl`` and TensorBoard, and shows a tqdm bar."""
-
-    def __init__(self, out_dir: Path, rank: int, total_steps: int, initial: int = 0):
-        self.rank = rank
-        self.jsonl = self.tb = self.bar = None
-        if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            from tqdm import tqdm
-
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(out_dir / "train_log.jsonl", "a")
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            self.bar = tqdm(total=total_steps, initial=initial, desc="train", unit="step", mininterval=5)
-
-    def tick(self) -> None:
-        if self.bar is not None:
-            self.bar.update()
-
-    def log(self, record: dict) -> None:
-        if self.rank != 0:
-            return
-        step = record["step"]
-        main = ("loss", "mlm", "rank", "iais", "iais_weight", "entropy_S_L", "entropy_S_V")
-        shown = "  ".join(f"{k}={record[k]:.4g}" for k in main if k in record)
-        log.info("step %d  %s  %.0f samples/s", step, shown, record["samples_per_s"])
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        for k, v in record.items():
-            if k != "step":
-                self.tb.add_scalar(f"train/{k}", v, step)
-
-    def close(self) -> None:
-        if self.rank == 0:
-            self.bar.close()
-            self.jsonl.close()
-            self.tb.close()

@@ -1,20 +1,7 @@
-"""Retrieval evaluation: all-pairs scoring and top-k re-ranking sharded over ranks, recall metrics,
-ISD beside attention entropies, relation swaps, and loading of trained checkpoints.
-
-Runs without the trainer: it needs a model, a collator and the evaluation sets. Every rank scores an
-equal slice of the (image, caption) pairs in inference micro-batches (equal, so ZeRO-3's collective
-parameter gathers stay in step), and the results are gathered on all ranks, so every rank returns
-the same report. Without a process group it is a single rank.
-
-Two scoring protocols:
-
-- **all pairs**: the cross-encoder (ITM head) scores every image with every caption.
-- **re-ranking** (ALBEF/BLIP): the contrastive (ITC) embeddings of the model's text-only and
-  image-only passes shortlist the top k candidates of every query; the cross-encoder scores only
-  the union of the shortlisted pairs (a pair shortlisted by both directions is scored once).
-  Candidates outside a query's shortlist score -inf, so they rank after every shortlisted one and,
-  since ties count against the query, a right answer outside the shortlist is never credited
-  within the top k.
+"""Retrieval evaluation without the trainer: all-pairs scoring and ITC top-k re-ranking sharded over
+ranks, recall metrics, ISD/ISDa beside attention entropies, relation swaps, and the one builder of
+evaluation inputs (``build_eval_data``) used by the trainer, ``launchers/evaluate.py`` and ``viz``.
+The protocols are described in docs/training.md ("Evaluation").
 """
 
 from __future__ import annotations
@@ -24,7 +11,9 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,7 +22,8 @@ from torch import Tensor
 
 from . import iais
 from .data.collate import Collator
-from .data.retrieval import RetrievalSet, SwapGroup
+from .data.pipeline import DEFAULT_IO, IoOptions
+from .data.retrieval import RetrievalSet, SwapGroup, read_split, swap_groups
 from .model import CrossModalModel, IaisRequest
 
 log = logging.getLogger(__name__)
@@ -173,9 +163,9 @@ def score_pairs(
     device = _device(model)
 
     def fn(rows: Tensor) -> Tensor:
-        inputs = _select(texts, text_idx[rows], device)
-        inputs.update(_select(images, image_idx[rows], device))
-        return model.itm_logit(model(**inputs)).float()
+        t, i = text_idx[rows], image_idx[rows]
+        return model.pair_logits(_select(texts, t, device), _select(images, i, device),
+                                 torch.arange(t.numel(), device=device), torch.arange(i.numel(), device=device)).float()
 
     return sharded_map(fn, text_idx.numel(), batch_size)
 
@@ -186,7 +176,7 @@ def has_itc(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def itc_embeddings(model: CrossModalModel, texts: dict, images: dict, batch_size: int) -> tuple[Tensor, Tensor]:
+def sharded_itc_embeddings(model: CrossModalModel, texts: dict, images: dict, batch_size: int) -> tuple[Tensor, Tensor]:
     """L2-normalised ITC embeddings (text [n_txt, d], image [n_img, d]) from the model's text-only
     and image-only passes (``itc_text(text_ids, text_attention)``, ``itc_image(**image_inputs)``),
     sharded over ranks."""
@@ -370,7 +360,7 @@ def degenerate_warning(layers: list[int]) -> str:
     )
 
 
-def phrase_annotations(rset: RetrievalSet, texts: dict) -> Tensor | None:
+def phrase_annotations(rset: RetrievalSet, collator: Collator) -> Tensor | None:
     """Hook for ISDa: word -> annotated region [n_captions, Lt] (-1: none), or None.
 
     ISDa needs phrase-box annotations (e.g. Flickr30k Entities: each word of an annotated phrase
@@ -389,15 +379,12 @@ def phrase_annotations(rset: RetrievalSet, texts: dict) -> Tensor | None:
 @torch.no_grad()
 def evaluate(
     model: CrossModalModel,
-    collator: Collator,
-    rset: RetrievalSet,
-    swaps: list[SwapGroup] | None = None,
+    data: EvalData,
     *,
     batch_size: int = 512,
     isd_alignments: tuple[str, ...] | list[str] = ("singular", "distributed", "congruence"),
     rerank_k: int | None = None,
     all_pairs: bool = True,
-    word_to_region: Tensor | None = None,
 ) -> dict:
     """The full report: recall metrics, ISD and entropies, relation-swap scores, throughput.
 
@@ -410,6 +397,7 @@ def evaluate(
         raise ValueError("all_pairs=False needs rerank_k: there would be nothing to score")
     if rerank_k is not None and not has_itc(model):
         raise ValueError("re-ranking needs a model with an ITC head (config.itc_dim > 0, itc_text/itc_image)")
+    collator, rset, swaps, word_to_region = data.collator, data.rset, data.swaps, data.word_to_region
     was_training = model.training
     model.eval()
     try:
@@ -432,7 +420,7 @@ def evaluate(
             )
         if rerank_k is not None:
             t1 = time.perf_counter()
-            txt_emb, img_emb = itc_embeddings(model, texts, images, batch_size)
+            txt_emb, img_emb = sharded_itc_embeddings(model, texts, images, batch_size)
             sim = img_emb @ txt_emb.T
             t_itc = time.perf_counter() - t1
             report["itc"] = {"seconds": t_itc, **retrieval_metrics(sim, rset.caption_image)}
@@ -459,9 +447,8 @@ def evaluate(
                     seconds=time.perf_counter() - t0,
                     **{k: rerank[k] for k in METRIC_KEYS},
                 )
+        report["skipped_samples"] = data.skipped
         matched_images = {k: v.index_select(0, rset.caption_image) for k, v in images.items()}
-        if word_to_region is None:
-            word_to_region = phrase_annotations(rset, texts)
         report["relations"] = relation_report(
             model, texts, matched_images, list(isd_alignments), batch_size, word_to_region
         )
@@ -480,7 +467,7 @@ def evaluate(
             s = score_pairs(model, swap_texts, swap_images, ci, ij, batch_size).view(-1, 2, 2)
             report["relation_swap"] = {"groups": len(swaps), **winoground_scores(s)}
             if has_itc(model):
-                t_emb, i_emb = itc_embeddings(model, swap_texts, swap_images, batch_size)
+                t_emb, i_emb = sharded_itc_embeddings(model, swap_texts, swap_images, batch_size)
                 s_itc = (t_emb[ci] * i_emb[ij]).sum(-1).view(-1, 2, 2)
                 report["relation_swap_itc"] = {"groups": len(swaps), **winoground_scores(s_itc)}
         return report
@@ -558,116 +545,49 @@ def write_report(report: dict, out_dir: str | Path, step: int | None = None) -> 
     return out_dir / "eval.json"
 
 
-# --------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------- inputs
 
 
-# Pre-training heads: a checkpoint older than one of them may lack its weights without harm here.
-UNUSED_BY_EVALUATION = ("mlm.", "mrfr.")
-HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+@dataclass
+class EvalData:
+    """What an evaluation reads: the collator, the retrieval set, relation-swap groups (optional),
+    and what was skipped while reading them."""
+
+    collator: Collator
+    rset: RetrievalSet
+    swaps: list[SwapGroup] | None = None
+    word_to_region: Tensor | None = None  # [n_captions, Lt] phrase annotations (ISDa), -1: none
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
-def resolve_checkpoint(path: str | Path, model_dir: str | Path | None = None) -> dict:
-    """What ``path`` is and where its parts live, without loading anything.
-
-    - a Hugging Face folder (config.json + weights): ``{"kind": "hf", "model_dir": path}``;
-    - a run's DeepSpeed ``checkpoints/`` folder (with DeepSpeed's ``latest`` file) or one tag folder
-      ``checkpoints/step{N}``: ``{"kind": "deepspeed", "checkpoint_dir", "tag", "model_dir"}``; the
-      config and tokenizer come from the run folder's ``model/`` (``{output_dir}/model/``), else
-      from its ``hf_model/`` (runs that predate ``model/``), or from ``model_dir`` when given.
-
-    ``run_dir`` is the run folder (None for a stand-alone HF folder), ``step`` the step a
-    ``step{N}`` tag or the run's ``train_log.jsonl`` implies (None if unknown).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path}: not a folder")
-    if (path / "config.json").is_file() and any((path / w).is_file() for w in HF_WEIGHTS):
-        run_dir = path.parent if (path.parent / "train_log.jsonl").is_file() else None
-        return {"kind": "hf", "path": str(path), "model_dir": str(model_dir or path),
-                "run_dir": run_dir and str(run_dir), "step": run_dir and _last_logged_step(run_dir)}
-    if (path / "latest").is_file():
-        ckpt_dir, tag = path, (path / "latest").read_text().strip()
-    elif any(path.glob("*model_states.pt")):
-        ckpt_dir, tag = path.parent, path.name
-    else:
-        raise FileNotFoundError(
-            f"checkpoint {path}: neither a Hugging Face folder (config.json + {HF_WEIGHTS[0]}) nor a DeepSpeed"
-            " checkpoint folder (a 'latest' file, or a tag folder holding *model_states.pt)"
-        )
-    if not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"checkpoint {ckpt_dir}: tag folder {tag!r} not found")
-    run_dir = ckpt_dir.parent
-    if model_dir is None:
-        for candidate in (run_dir / "model", run_dir / "hf_model"):
-            if (candidate / "config.json").is_file():
-                model_dir = candidate
-                break
-        else:
-            raise FileNotFoundError(
-                f"checkpoint {path}: no model config in {run_dir / 'model'} (the trainer writes config.json and the"
-                " tokenizer there); pass the folder holding them explicitly"
-            )
-    m = re.search(r"(\d+)$", tag)
-    return {"kind": "deepspeed", "path": str(path), "checkpoint_dir": str(ckpt_dir), "tag": tag,
-            "model_dir": str(model_dir), "run_dir": str(run_dir), "step": int(m.group(1)) if m else None}
+def eval_collator(tokenizer, config, *, max_text_len: int, max_regions: int | None) -> Collator:
+    """The collator of a trained model: its image input (regions or pixels), size and feature D."""
+    return Collator(tokenizer, max_text_len, max_regions or 0, image_input=config.image_input,
+                    image_size=getattr(config, "image_size", 384),
+                    feature_dim=config.region_feature_dim if config.image_input == "regions" else None)
 
 
-def _last_logged_step(run_dir: Path) -> int | None:
-    """The step of the last record of a run's ``train_log.jsonl`` (the step its ``hf_model/`` holds)."""
-    try:
-        lines = (run_dir / "train_log.jsonl").read_text().splitlines()
-        return int(json.loads(lines[-1])["step"]) if lines else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def build_eval_data(collator: Collator, split: str, swap_split: str | None = None, *, max_images: int | None = None,
+                    io: IoOptions = DEFAULT_IO) -> EvalData:
+    """Read an evaluation split (and a relation-swap split) for ``collator``'s model. A collator
+    without a region bound (``max_regions`` 0) takes the largest of the split."""
+    skipped: Counter = Counter()
+    kind = dict(max_regions=collator.max_regions or None, image_input=collator.image_input,
+                feature_dim=collator.feature_dim, io=io, counts=skipped)
+    samples = read_split(split, limit=max_images, **kind)
+    swaps = swap_groups(read_split(swap_split, **kind)) if swap_split else None
+    if not collator.max_regions and collator.image_input == "regions":
+        collator.max_regions = max(s.features.shape[0] for s in samples)
+    rset = RetrievalSet.from_samples(samples)
+    return EvalData(collator, rset, swaps, phrase_annotations(rset, collator), dict(skipped))
 
 
-def load_model(path: str | Path, model_dir: str | Path | None = None, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer, info) from a Hugging Face folder or a DeepSpeed checkpoint.
-
-    DeepSpeed weights are consolidated by DeepSpeed's own
-    ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` (any ZeRO stage, any world size).
-    """
-    from transformers import AutoTokenizer
-
-    from .model import CrossModalConfig
-
-    info = resolve_checkpoint(path, model_dir)
-    if info["kind"] == "hf":
-        model = CrossModalModel.from_pretrained(info["model_dir"])
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        config = CrossModalConfig.from_pretrained(info["model_dir"])
-        model = CrossModalModel(config)
-        state = get_fp32_state_dict_from_zero_checkpoint(info["checkpoint_dir"], tag=info["tag"])
-        result = model.load_state_dict(state, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or ())
-        missing = [k for k in result.missing_keys if k not in tied]
-        unused = [k for k in missing if k.startswith(UNUSED_BY_EVALUATION)]
-        if unused:
-            log.warning("checkpoint %s lacks %d weights of heads that evaluation does not use (left at their"
-                        " initial values): %s", path, len(unused), unused[:5])
-        missing = [k for k in missing if k not in unused]
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"checkpoint {path} does not fit the config in {info['model_dir']}:"
-                f" missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}"
-            )
-        if tied & set(result.missing_keys):
-            model.tie_weights()
-    # Passing the config keeps AutoTokenizer from re-reading config.json as an unknown model type.
-    tokenizer = AutoTokenizer.from_pretrained(info["model_dir"], config=model.config)
-    return model.to(device).eval(), tokenizer, info
-
-
-def experiment_data_config(info: dict) -> dict:
+def experiment_data_config(run_dir: Path | None) -> dict:
     """The ``data`` section of the run's experiment config (``{run_dir}/config.json``), or {}."""
-    run_dir = info.get("run_dir")
     if not run_dir:
         return {}
-    f = Path(run_dir) / "config.json"
     try:
-        data = json.loads(f.read_text()).get("data", {})
+        data = json.loads((Path(run_dir) / "config.json").read_text()).get("data", {})
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

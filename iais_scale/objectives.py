@@ -24,14 +24,7 @@ from torch import Tensor
 
 from .config import IaisConfig, ObjectiveConfig
 from .model import CrossModalModel, IaisRequest
-from .model.encoder import IMAGE_INPUTS
-
-TEXT_KEYS = ("text_ids", "text_attention")
-
-
-def image_keys(batch: dict) -> list[str]:
-    """The image inputs a batch carries: region features or pixels."""
-    return [k for k in IMAGE_INPUTS if k in batch]
+from .model.encoder import image_tensors, select_pairs
 
 
 def iais_weight(step: int, total: int, cfg: IaisConfig) -> float:
@@ -48,21 +41,11 @@ def iais_weight(step: int, total: int, cfg: IaisConfig) -> float:
     return cfg.weight * schedule
 
 
-def pair_inputs(batch: dict, text_idx: Tensor, image_idx: Tensor) -> dict[str, Tensor]:
-    """Model inputs for the pairs (text_idx[p], image_idx[p]) of a batch."""
-    out = {k: batch[k].index_select(0, text_idx) for k in TEXT_KEYS}
-    out.update({k: batch[k].index_select(0, image_idx) for k in image_keys(batch)})
-    return out
-
-
 @torch.no_grad()
-def score_pairs(model: CrossModalModel, batch: dict, text_idx: Tensor, image_idx: Tensor, chunk: int) -> Tensor:
-    """ITM logits of many pairs, in inference micro-batches of ``chunk`` pairs."""
-    scores = []
-    for s in range(0, text_idx.numel(), chunk):
-        out = model(**pair_inputs(batch, text_idx[s : s + chunk], image_idx[s : s + chunk]))
-        scores.append(model.itm_logit(out))
-    return torch.cat(scores)
+def score_candidates(model: CrossModalModel, pool: dict, text_idx: Tensor, image_idx: Tensor, chunk: int) -> Tensor:
+    """ITM logits of many pairs of ``pool``, without gradient, in chunks of ``chunk`` pairs."""
+    return torch.cat([model.pair_logits(pool, pool, text_idx[s : s + chunk], image_idx[s : s + chunk])
+                      for s in range(0, text_idx.numel(), chunk)])
 
 
 @torch.no_grad()
@@ -83,7 +66,7 @@ def keep_hardest(
     was_training = model.training
     model.eval()
     try:
-        scores = score_pairs(model, pool, texts.reshape(-1), images.reshape(-1), chunk).view(candidates.shape)
+        scores = score_candidates(model, pool, texts.reshape(-1), images.reshape(-1), chunk).view(candidates.shape)
     finally:
         model.train(was_training)
     return candidates.gather(1, scores.topk(num_hard, dim=1).indices)
@@ -144,13 +127,6 @@ def gather_rows(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts)
     return torch.cat(dist_nn.all_gather(x, group=group))
-
-
-def itc_embeddings(model: CrossModalModel, batch: dict) -> tuple[Tensor, Tensor]:
-    """[B, itc_dim] text and image embeddings of a batch's text-only and image-only passes."""
-    t = model.itc_text(batch["text_ids"], batch["text_attention"])
-    i = model.itc_image(**{k: batch[k] for k in image_keys(batch)})
-    return t, i
 
 
 def itc_loss(text: Tensor, image: Tensor, logit_scale: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
@@ -233,7 +209,7 @@ def group_loss(
     texts, images = (own, others) if anchor == "text" else (others, own)
     if iais is not None:
         iais = IaisRequest(rows=torch.arange(b) * (k + 1), alignment=iais.alignment, direction=iais.direction)
-    out = model(**pair_inputs(pool, texts.reshape(-1), images.reshape(-1)), iais_request=iais)
+    out = model(**select_pairs(pool, pool, texts.reshape(-1), images.reshape(-1)), iais_request=iais)
     logits = model.itm_logit(out).view(b, k + 1)
     scores = torch.sigmoid(logits)
     if kind == "hinge":
@@ -276,7 +252,7 @@ def mask_words(batch: dict, model: CrossModalModel, prob: float, mask_id: int, v
 def mlm_loss(model: CrossModalModel, batch: dict, prob: float, mask_id: int, generator: torch.Generator) -> Tensor:
     """Masked language modelling of the captions, conditioned on their images."""
     masked, labels = mask_words(batch, model, prob, mask_id, model.config.vocab_size, generator)
-    out = model(text_ids=masked, **{k: batch[k] for k in ("text_attention", *image_keys(batch))})
+    out = model(text_ids=masked, text_attention=batch["text_attention"], **image_tensors(batch))
     logits = model.mlm_logits(out, masked.shape[1])
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
@@ -292,7 +268,7 @@ def step_tasks(cfg: ObjectiveConfig, step: int) -> list[str]:
         ratios = torch.tensor([cfg.task_mix[n] for n in names], dtype=torch.float)
         draw = torch.Generator().manual_seed(step)
         return [names[int(torch.multinomial(ratios, 1, generator=draw))]]
-    weights = {"mlm": cfg.mlm_weight, "rank": cfg.rank_weight, "mrfr": cfg.mrfr_weight, "itc": cfg.itc_weight}
+    weights = {"mlm": cfg.mlm_weight, "itm_rank": cfg.itm_rank_weight, "mrfr": cfg.mrfr_weight, "itc": cfg.itc_weight}
     return [t for t, w in weights.items() if w > 0]
 
 
@@ -326,52 +302,61 @@ def training_loss(
         parts["mrfr"] = mrfr.detach()
     emb = None  # (text, image) ITC embeddings of the micro-batch, when computed
     if "itc" in tasks:
-        emb = itc_embeddings(model, batch)
+        emb = model.itc_embeddings(batch)
         itc = itc_loss(*emb, model.itc_logit_scale, group)
         loss = loss + cfg.itc_weight * itc
         parts["itc"] = itc.detach()
-    if "rank" not in tasks:
+    if "itm_rank" not in tasks:
         return loss, parts
 
     ranked_steps = total_steps - cfg.mlm_only_steps
     w = iais_weight(step - cfg.mlm_only_steps, ranked_steps, cfg.iais)
     parts["iais_weight"] = w
-    # As in the reference fine-tuning, steps alternate between text-anchored groups (negative
-    # images, IAIS direction L) and image-anchored groups (negative texts, direction V).
-    anchor, direction = ("text", "L") if step % 2 == 0 else ("image", "V")
-    if cfg.iais.direction != "alternate":
-        direction = cfg.iais.direction
-    request = IaisRequest(torch.empty(0), cfg.iais.alignment, direction) if cfg.iais.enabled else None
+    # Text-anchored groups (negative images) carry IAIS direction L, image-anchored groups
+    # (negative texts) direction V, as in the reference fine-tuning: either alternating from step
+    # to step, or both kinds in every micro-step (the authors' iteration).
+    kinds = [("text", "L"), ("image", "V")]
+    if cfg.group_kinds == "alternate":
+        kinds = [kinds[step % 2]]
+    if cfg.mining == "itc" and emb is None:
+        # ITC mining without the ITC loss this step: two passes without dropout and gradient.
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                emb = model.itc_embeddings(batch)
+        finally:
+            model.train(was_training)
+    pool = None
+    for anchor, direction in kinds:
+        if cfg.iais.direction != "alternate":
+            direction = cfg.iais.direction
+        request = IaisRequest(torch.empty(0), cfg.iais.alignment, direction) if cfg.iais.enabled else None
+        pool, anchors, negatives = _mine(model, batch, cfg, anchor, emb, group, generator, pool)
+        g = group_loss(model, pool, anchors, negatives, anchor=anchor, margin=cfg.margin, iais=request,
+                       kind=cfg.itm_rank_loss)
+        loss = loss + cfg.itm_rank_weight * g.rank + w * g.iais
+        for k, v in (("itm_rank", g.rank.detach()), ("iais", g.iais.detach()), *g.stats.items()):
+            parts[k] = parts.get(k, 0.0) + v / len(kinds)
+    return loss, parts
+
+
+def _mine(model: CrossModalModel, batch: dict, cfg: ObjectiveConfig, anchor: str, emb, group, generator,
+          pool: dict | None) -> tuple[dict, Tensor, Tensor]:
+    """(pool, anchor rows, [A, num_hard] negative rows) of one group kind."""
     num_anchors = cfg.anchors_per_batch or batch["text_ids"].shape[0]
     if cfg.mining == "itc":
         # Candidates: the num_candidates pairs of the whole global batch most similar under ITC (the
-        # cross-encoder then keeps the num_hard it scores highest, unless all are kept). The ITC
-        # loss's embeddings serve when it ran this step (dropout noise included); otherwise two
-        # passes without it.
-        if emb is None:
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    emb = itc_embeddings(model, batch)
-            finally:
-                model.train(was_training)
-        pool, offset = gather_pool(batch, group)
+        # cross-encoder then keeps the num_hard it scores highest, unless all are kept).
+        offset = (dist.get_rank(group) * batch["text_ids"].shape[0]) if group is not None else 0
+        if pool is None:
+            pool, offset = gather_pool(batch, group)
         anchors = offset + torch.arange(num_anchors)
         negatives = itc_mining(
             model, pool, anchors, gather_rows(emb[0].detach(), group), gather_rows(emb[1].detach(), group),
             anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard,
         )
-    else:
-        pool, anchors = batch, torch.arange(num_anchors)
-        negatives = hardest_negatives(
-            model, batch, anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard,
-            generator=generator, num_anchors=num_anchors,
-        )
-    g = group_loss(model, pool, anchors, negatives, anchor=anchor, margin=cfg.margin, iais=request,
-                   kind=cfg.rank_loss)
-    loss = loss + cfg.rank_weight * g.rank + w * g.iais
-    parts["rank"] = g.rank.detach()
-    parts["iais"] = g.iais.detach()
-    parts.update(g.stats)
-    return loss, parts
+        return pool, anchors, negatives
+    negatives = hardest_negatives(model, batch, anchor=anchor, num_candidates=cfg.num_candidates,
+                                  num_hard=cfg.num_hard, generator=generator, num_anchors=num_anchors)
+    return batch, torch.arange(num_anchors), negatives

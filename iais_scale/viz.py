@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import sys
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,8 +30,8 @@ from matplotlib.patches import Rectangle
 
 from . import iais
 from .data import format as fmt
-from .data.pipeline import split_shards
 from .data.samples import ImageSample
+from .data.shards import read_shard, resolve_split
 from .model import IaisRequest
 
 ALIGNMENTS = iais.ALIGNMENTS
@@ -69,20 +68,15 @@ def pair_matrices(rel: iais.RelationMatrices, b: int = 0, alignments: Sequence[s
     return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
-def shard_images(split_dir: str | Path, keys: Sequence[str]) -> dict[str, bytes]:
-    """The encoded image member (``.png``/``.jpg``/``.webp``) of each sample key found in the split.
-
-    ``ImageSample`` does not keep pixels, so they are read here straight from the shards (only
-    the bytes; nothing is unpickled).
-    """
+def shard_images(split: str | Path, keys: Sequence[str]) -> dict[str, bytes]:
+    """The encoded image member (``.png``/``.jpg``/``.webp``) of each sample key found in the split,
+    read by the one shard reader (only the bytes; nothing is unpickled)."""
     wanted, found = set(keys), {}
-    urls, _ = split_shards(split_dir)
-    for url in urls:
-        with tarfile.open(url) as tf:
-            for member in tf:
-                key, _, ext = Path(member.name).name.partition(".")
-                if key in wanted and ext in fmt.IMAGE_EXTS and member.isfile():
-                    found[key] = tf.extractfile(member).read()
+    for url in resolve_split(str(split), need_sizes=False).urls:
+        for raw in read_shard(url):
+            ext = next((e for e in fmt.IMAGE_EXTS if e in raw), None)
+            if raw["__key__"] in wanted and ext is not None:
+                found[raw["__key__"]] = raw[ext]
         if len(found) == len(wanted):
             break
     return found
@@ -305,17 +299,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "curves":
         print(draw_curves(args.run, args.out))
         return 0
-    from .data.collate import Collator
-    from .data.retrieval import read_split
-    from .evaluate import experiment_data_config, load_model, text_length
+    from .checkpoint import load_model
+    from .data import storage
+    from .evaluate import build_eval_data, eval_collator, experiment_data_config, text_length
 
     model, tokenizer, info = load_model(args.checkpoint, args.model_dir)
-    data_cfg = experiment_data_config(info)
-    split_dir = Path(args.data) / args.split
-    samples = read_split(split_dir, max_regions=data_cfg.get("max_regions"), limit=max(args.index) + 1)
-    collator = Collator(tokenizer, text_length(args.max_text_len, data_cfg, tokenizer, model.config),
-                        max(s.features.shape[0] for s in samples))
-    for path in draw_pairs(model, tokenizer, collator, samples, args.index, args.out, split_dir=split_dir,
+    run_data = experiment_data_config(info.run_dir)
+    split = storage.join(args.data, args.split)
+    collator = eval_collator(tokenizer, model.config,
+                             max_text_len=text_length(args.max_text_len, run_data, tokenizer, model.config),
+                             max_regions=run_data.get("max_regions"))
+    samples = build_eval_data(collator, split, max_images=max(args.index) + 1).rset.images
+    for path in draw_pairs(model, tokenizer, collator, samples, args.index, args.out, split_dir=split,
                            caption_index=args.caption, alignments=args.alignments):
         print(path)
     return 0

@@ -5,10 +5,10 @@ attention entropies, relation swaps.
         --checkpoint PATH --data DIR [--split test] [--swap-split swap] [--out DIR] [--rerank-k K] \\
         [--plots] [--batch-size N]
 
-PATH is a Hugging Face model folder (config.json + model.safetensors + tokenizer files) or a DeepSpeed
-checkpoint: a run's ``checkpoints/`` folder (its ``latest`` tag) or one tag folder
-``checkpoints/step{N}``, consolidated with DeepSpeed's ``zero_to_fp32`` (any ZeRO stage); its config
-and tokenizer come from the run's ``model/`` folder (``--model-dir`` to override). Under a launcher
+PATH is a Hugging Face model folder (config.json + model.safetensors + tokenizer files), a run folder,
+its ``checkpoints/`` folder (the newest complete checkpoint) or one complete ``checkpoints/step{N}``
+folder, consolidated with DeepSpeed's ``zero_to_fp32`` (any ZeRO stage); its config and tokenizer
+come from the run's ``model/`` folder (``--model-dir`` to override). Under a launcher
 (``WORLD_SIZE`` > 1) every rank scores an equal share of the pairs; plain ``python`` is one rank.
 Rank 0 writes ``eval.json``, ``eval.md`` and appends to ``eval_history.jsonl`` in ``--out`` (default:
 ``{run folder or model folder}/eval-{split}``) and prints the markdown table.
@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from iais_scale import evaluate as ev
-from iais_scale.data.collate import Collator
-from iais_scale.data.retrieval import RetrievalSet, read_split, swap_groups
+from iais_scale.checkpoint import CheckpointError, load_model
+from iais_scale.data import storage
 from iais_scale.iais import ALIGNMENTS
 
 log = logging.getLogger("iais_scale.evaluate")
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-text-len", type=int, help="default: the run's data.max_text_len, else the tokenizer's")
     p.add_argument("--max-regions", type=int, help="default: the run's data.max_regions, else the split's largest")
     p.add_argument("--model-dir", help="config + tokenizer folder of a DeepSpeed checkpoint (default: {run}/model)")
+    p.add_argument("--trust-pickles", action="store_true",
+                   help="load DeepSpeed files that need more than the allow-list (only checkpoints you trust)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # deepspeed
     return p
 
@@ -80,43 +82,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s")
     try:
-        model, tokenizer, info = ev.load_model(args.checkpoint, args.model_dir, device=device)
-        data_cfg = ev.experiment_data_config(info)
-        data = Path(args.data)
-        max_regions = args.max_regions or data_cfg.get("max_regions")
-        samples = read_split(data / args.split, max_regions=max_regions, limit=args.max_images)
-        collator = Collator(tokenizer, ev.text_length(args.max_text_len, data_cfg, tokenizer, model.config),
-                            max_regions or max(s.features.shape[0] for s in samples))
-        swaps = None
+        model, tokenizer, info = load_model(args.checkpoint, args.model_dir, device=device,
+                                            trust_pickles=args.trust_pickles)
+        run_data = ev.experiment_data_config(info.run_dir)
+        collator = ev.eval_collator(
+            tokenizer, model.config, max_text_len=ev.text_length(args.max_text_len, run_data, tokenizer, model.config),
+            max_regions=args.max_regions or run_data.get("max_regions"))
+        swap = None
         if args.swap_split and args.swap_split.lower() != "none":
-            if (data / args.swap_split).is_dir():
-                swaps = swap_groups(read_split(data / args.swap_split, max_regions=max_regions))
-            elif args.swap_split != build_parser().get_default("swap_split"):
-                raise FileNotFoundError(f"--swap-split {args.swap_split}: no such split in {data}")
-        log.info("evaluating %s (%s) on %s/%s: %d images, %d ranks", args.checkpoint, info["kind"], data,
-                 args.split, len(samples), world)
-        report = ev.evaluate(
-            model, collator, RetrievalSet.from_samples(samples), swaps,
-            batch_size=args.batch_size, isd_alignments=args.isd_alignments,
-            rerank_k=args.rerank_k, all_pairs=not args.no_all_pairs,
-        )
-        report["checkpoint"] = {k: v for k, v in info.items() if v is not None}
-        report["data"] = {"root": str(data), "split": args.split, "swap_split": args.swap_split if swaps else None}
+            swap = storage.join(args.data, args.swap_split)
+            if not storage.exists(swap):
+                if args.swap_split != build_parser().get_default("swap_split"):
+                    raise FileNotFoundError(f"--swap-split {args.swap_split}: no such split in {args.data}")
+                swap = None
+        data = ev.build_eval_data(collator, storage.join(args.data, args.split), swap, max_images=args.max_images)
+        log.info("evaluating %s (%s) on %s/%s: %d images, %d ranks", args.checkpoint, info.kind, args.data,
+                 args.split, len(data.rset.images), world)
+        report = ev.evaluate(model, data, batch_size=args.batch_size, isd_alignments=args.isd_alignments,
+                             rerank_k=args.rerank_k, all_pairs=not args.no_all_pairs)
+        report["checkpoint"] = {"kind": info.kind, "path": str(info.folder), "model_dir": str(info.model_dir),
+                                "run_dir": str(info.run_dir) if info.run_dir else None, "step": info.step}
+        report["data"] = {"root": str(args.data), "split": args.split, "swap_split": args.swap_split if swap else None}
         report["ranks"] = world
         if rank == 0:
-            out = Path(args.out) if args.out else Path(info["run_dir"] or info["path"]) / f"eval-{args.split}"
-            ev.write_report(report, out, step=info["step"])
+            out = Path(args.out) if args.out else Path(info.run_dir or info.folder) / f"eval-{args.split}"
+            ev.write_report(report, out, step=info.step)
             print(ev.markdown_table(report), flush=True)
             print(f"report: {out / 'eval.json'}", flush=True)
             if args.plots:
                 from iais_scale import viz
 
                 plots = out / "plots"
+                samples = data.rset.images
                 paths = viz.draw_pairs(model, tokenizer, collator, samples,
                                        [i for i in args.plot_index if i < len(samples)], plots,
-                                       split_dir=data / args.split, alignments=args.isd_alignments)
+                                       split_dir=storage.join(args.data, args.split), alignments=args.isd_alignments)
                 histories = [out / "eval_history.jsonl"]
-                run_dir = Path(info["run_dir"]) if info["run_dir"] else out
+                run_dir = Path(info.run_dir) if info.run_dir else out
                 if (run_dir / "eval_history.jsonl").resolve() != histories[0].resolve():
                     histories.append(run_dir / "eval_history.jsonl")
                 try:
@@ -124,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except FileNotFoundError as e:  # e.g. a stand-alone HF folder: no steps to plot against
                     print(f"curves: not drawn ({e})", flush=True)
                 print("plots: " + " ".join(str(p) for p in paths), flush=True)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -5,7 +5,8 @@ import os
 import sys
 
 from iais_scale.config import ConfigError, load_config
-from iais_scale.engine import StopTraining, run
+from iais_scale.engine import run
+from iais_scale.preemption import StopTraining
 
 
 def main() -> int:

@@ -60,13 +60,13 @@ def test_value_checks(tmp_path):
 
 def test_deepspeed_batch_arithmetic(tmp_path):
     cfg = load_config(ROOT / "configs/demo.yaml", ["train.micro_batch_size=8", "train.grad_accum=2"])
-    ds = deepspeed_config(cfg, world_size=4)
+    ds = deepspeed_config(cfg, world_size=4, grad_accum=2)
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
     clash = tmp_path / "ds.json"
     clash.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}))
     cfg.train.deepspeed_config = str(clash)
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=16 contradicts"):
-        deepspeed_config(cfg, world_size=4)
+        deepspeed_config(cfg, world_size=4, grad_accum=2)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/deepspeed").glob("*.json")), ids=lambda p: p.name)
@@ -75,6 +75,6 @@ def test_deepspeed_configs_parse(path, tmp_path):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     cfg = load_config(ROOT / "configs/demo.yaml", [f"train.deepspeed_config={path}"])
-    ds = DeepSpeedConfig(deepspeed_config(cfg, world_size=1), mpu=None)  # (it assumes 1 process here)
+    ds = DeepSpeedConfig(deepspeed_config(cfg, world_size=1, grad_accum=1), mpu=None)  # (it assumes 1 process here)
     assert ds.zero_optimization_stage in (1, 2, 3)
     assert ds.train_batch_size == cfg.train.micro_batch_size

@@ -469,4 +469,4 @@ def test_img2dataset_folder_verifies_and_has_stats(tmp_path: Path, capsys: pytes
     assert main(["verify", str(folder)]) == 1
     out = capsys.readouterr().out
     assert "cc/00001.tar: its _stats.json says 2 samples, found 1" in out
-    assert "cc/00002.tar:000000001: .txt: empty caption" in out
+    assert "cc/00002.tar:000000001: missing or empty caption (.txt) [missing_caption]" in out

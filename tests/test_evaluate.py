@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from iais_scale import evaluate as ev
 from iais_scale import iais, viz
+from iais_scale.checkpoint import load_model
 from iais_scale.data.collate import Collator
 from iais_scale.data.retrieval import RetrievalSet, read_split, swap_groups
 from iais_scale.model import CrossModalConfig, CrossModalModel, IaisRequest
@@ -104,7 +105,7 @@ def plain_hf_folder(model, tokenizer, tmp_path_factory):
 
 
 def test_fresh_model_report_flags_degenerate_attention(model, collator, test_set, swaps):
-    report = ev.evaluate(model, collator, test_set, swaps, batch_size=64)
+    report = ev.evaluate(model, ev.EvalData(collator, test_set, swaps), batch_size=64)
     assert report["images"] == 16 and report["captions"] == 32 and report["pairs_scored"] == 512
     assert report["protocol"] == "all_pairs" and report["pairs_per_second"] > 0
     rel = report["relations"]
@@ -177,12 +178,12 @@ def test_rerank_with_every_candidate_equals_all_pairs(itc_model, collator, test_
     all_scores = ev.score_pairs(
         itc_model, texts, images, torch.arange(n_txt).repeat(n_img), torch.arange(n_img).repeat_interleave(n_txt), 64
     ).view(n_img, n_txt)
-    txt, img = ev.itc_embeddings(itc_model, texts, images, 64)
+    txt, img = ev.sharded_itc_embeddings(itc_model, texts, images, 64)
     i2t, t2i, pairs = ev.rerank_scores(itc_model, texts, images, img @ txt.T, max(n_img, n_txt), 64)
     assert pairs == n_img * n_txt
     assert torch.equal(i2t, all_scores) and torch.equal(t2i, all_scores)
 
-    report = ev.evaluate(itc_model, collator, test_set, swaps, batch_size=64, isd_alignments=["singular"],
+    report = ev.evaluate(itc_model, ev.EvalData(collator, test_set, swaps), batch_size=64, isd_alignments=["singular"],
                          rerank_k=n_txt)
     rr = report["rerank"]
     assert {k: rr[k] for k in ev.METRIC_KEYS} == {k: report[k] for k in ev.METRIC_KEYS}
@@ -206,7 +207,7 @@ def test_rerank_scores_exactly_k_pairs_per_query(itc_model, collator, test_set):
     counting.load_state_dict(itc_model.state_dict())
     texts, images = collator.texts(test_set.captions), collator.images(test_set.images)
     n_img, n_txt, k = len(test_set.images), len(test_set.captions), 3
-    txt, img = ev.itc_embeddings(counting, texts, images, 64)
+    txt, img = ev.sharded_itc_embeddings(counting, texts, images, 64)
     sim = img @ txt.T
     CountingModel.rows = 0
     i2t, t2i, pairs = ev.rerank_scores(counting, texts, images, sim, k, batch_size=7)
@@ -222,7 +223,7 @@ def test_rerank_scores_exactly_k_pairs_per_query(itc_model, collator, test_set):
     ).view(n_img, n_txt)
     torch.testing.assert_close(torch.maximum(i2t, t2i)[union], all_scores[union], rtol=0, atol=1e-5)
 
-    report = ev.evaluate(counting, collator, test_set, batch_size=64, isd_alignments=["singular"], rerank_k=k,
+    report = ev.evaluate(counting, ev.EvalData(collator, test_set), batch_size=64, isd_alignments=["singular"], rerank_k=k,
                          all_pairs=False)
     assert report["protocol"] == "rerank@3" and report["pairs_scored"] == pairs < 512
     assert report["rsum"] == report["rerank"]["rsum"]
@@ -230,9 +231,9 @@ def test_rerank_scores_exactly_k_pairs_per_query(itc_model, collator, test_set):
 
 def test_rerank_needs_an_itc_head(model, collator, test_set):
     with pytest.raises(ValueError, match="ITC"):
-        ev.evaluate(model, collator, test_set, rerank_k=3)
+        ev.evaluate(model, ev.EvalData(collator, test_set), rerank_k=3)
     with pytest.raises(ValueError, match="rerank_k"):
-        ev.evaluate(model, collator, test_set, all_pairs=False)
+        ev.evaluate(model, ev.EvalData(collator, test_set), all_pairs=False)
 
 
 def test_rerank_benchmark(itc_model, plain_hf_folder, collator, test_set, tiny_demo, capsys):
@@ -287,7 +288,9 @@ batch = dict(text_ids=torch.randint(5, len(tok), (2, 6), generator=g), text_atte
              region_attention=torch.ones(2, 3, dtype=torch.bool))
 engine.backward(engine.module.itm_logit(engine(**batch)).pow(2).mean())
 engine.step()  # the checkpoint holds trained weights, not the initial ones
-engine.save_checkpoint(str(run / "checkpoints"), tag="step7")
+from iais_scale.checkpoint import Checkpointer
+Checkpointer(run, rank=0, world=1, keep=3).save(engine, "step7", {"step": 7}, {})  # as the trainer saves
+engine.save_checkpoint(str(run / "checkpoints"), tag="step8")  # a save cut short: no COMPLETE marker
 engine.module.config.save_pretrained(run / "model")  # what the trainer will write at the start of a run
 tok.save_pretrained(run / "model")
 engine.module.save_pretrained(run / "hf_after_step")
@@ -303,7 +306,10 @@ def test_launcher_on_deepspeed_checkpoint(plain_hf_folder, tiny_demo, tmp_path):
     proc = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(plain_hf_folder), str(run)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step7"
+    assert (run / "checkpoints" / "step7" / "COMPLETE").is_file() and not (run / "checkpoints" / "step8" / "COMPLETE").exists()
+    # The unfinished step8 is never read: named directly it is refused, "checkpoints/" means step7.
+    assert launcher().main(["--checkpoint", str(run / "checkpoints" / "step8"), "--data", str(tiny_demo),
+                            "--swap-split", "none"]) == 2
 
     reports = {}
     for name, path in (("run", run / "checkpoints"), ("tag", run / "checkpoints" / "step7"), ("hf", run / "hf_after_step")):
@@ -312,13 +318,13 @@ def test_launcher_on_deepspeed_checkpoint(plain_hf_folder, tiny_demo, tmp_path):
                                 "--swap-split", "none", "--batch-size", "128"]) == 0
         reports[name] = json.loads((out / "eval.json").read_text())
     assert reports["run"]["checkpoint"]["kind"] == "deepspeed" and reports["run"]["checkpoint"]["step"] == 7
-    assert reports["tag"]["checkpoint"]["tag"] == "step7"
+    assert reports["tag"]["checkpoint"]["path"].endswith("step7") and reports["run"]["checkpoint"]["path"].endswith("step7")
     assert json.loads((tmp_path / "eval_run" / "eval_history.jsonl").read_text())["step"] == 7
     for name in ("run", "tag"):  # consolidated ZeRO weights score exactly as the saved HF model
         assert {k: reports[name][k] for k in ev.METRIC_KEYS} == {k: reports["hf"][k] for k in ev.METRIC_KEYS}
         assert reports[name]["relations"] == reports["hf"]["relations"]
-    untrained = ev.load_model(plain_hf_folder)[0].state_dict()
-    trained = ev.load_model(run / "checkpoints")[0].state_dict()
+    untrained = load_model(plain_hf_folder)[0].state_dict()
+    trained = load_model(run / "checkpoints")[0].state_dict()
     assert any(not torch.equal(untrained[k], trained[k]) for k in trained)
 
 

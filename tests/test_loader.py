@@ -19,15 +19,9 @@ from transformers import AutoTokenizer
 from iais_scale.config import ConfigError, DataConfig, SourceConfig, load_config
 from iais_scale.data import format as fmt
 from iais_scale.data.collate import IMAGENET_MEAN, IMAGENET_STD, Collator
-from iais_scale.data.pipeline import (
-    PairStream,
-    ResampledPairStream,
-    make_train_stream,
-    read_shard,
-    split_shards,
-    train_loader,
-)
+from iais_scale.data.pipeline import PairStream, ResampledPairStream, StreamStart, make_train_stream, train_loader
 from iais_scale.data.samples import BadSample, BadSampleCounter, decode_sample
+from iais_scale.data.shards import read_shard, resolve_split
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +141,7 @@ def test_exact_resume_with_two_workers_and_two_ranks(tiny_demo, collator):
 
     def run(rank: int, start: int, n: int) -> list[list[str]]:
         stream = PairStream(tiny_demo / "train", collator, bs, rank=rank, world_size=world, seed=3,
-                            shuffle_buffer=16, start_batch=start)
+                            shuffle_buffer=16, start=StreamStart(consumed=start))
         return [b["keys"] for b in islice(iter(train_loader(stream, num_workers=2)), n)]
 
     for rank in range(world):
@@ -167,7 +161,7 @@ def test_resampled_resume_is_exact(tiny_demo, tmp_path, collator):
 
     def run(start: int, n: int) -> list[list[str]]:
         stream = ResampledPairStream([(tiny_demo / "train", 1.0), (tmp_path / "b" / "train", 1.0)], collator, 4,
-                                     rank=1, world_size=2, seed=5, shuffle_buffer=8, start_batch=start,
+                                     rank=1, world_size=2, seed=5, shuffle_buffer=8, start=StreamStart(consumed=start),
                                      epoch_samples=40, bucket_by_length=True)
         return [b["keys"] for b in islice(iter(stream), n)]
 
@@ -195,8 +189,8 @@ def test_resampled_mixture_follows_the_weights_and_never_ends(tmp_path, collator
 
 def test_make_train_stream_and_config(tmp_path, tiny_demo, collator):
     cfg = DataConfig(root=str(tiny_demo), shuffle_buffer=8)
-    s = make_train_stream(cfg, collator, 4, rank=0, world_size=2, seed=0, start_batch=5)
-    assert isinstance(s, PairStream) and s.start_batch == 5 and s.position(30) == (2, 6)
+    s = make_train_stream(cfg, collator, 4, rank=0, world_size=2, seed=0, start=StreamStart(consumed=5))
+    assert isinstance(s, PairStream) and s.start.consumed == 5 and s.position(30) == (2, 6)
     cfg = DataConfig(mode="resampled", sources=[SourceConfig(str(tiny_demo / "train"), 2.0)])
     assert isinstance(make_train_stream(cfg, collator, 4, 0, 1, 0), ResampledPairStream)
     with pytest.raises(ConfigError, match="data.sources"):
@@ -235,7 +229,8 @@ def test_img2dataset_shard_decodes_to_pixel_values(tmp_path, pixel_collator):
     marker.unlink(missing_ok=True)
     folder = tmp_path / "cc3m"
     write_img2dataset(folder, 6)
-    assert split_shards(folder) == ([str(folder / "00000.tar")], 6)
+    split = resolve_split(str(folder))
+    assert (split.urls, split.total) == ([str(folder / "00000.tar")], 6)
     raw = next(read_shard(str(folder / "00000.tar"), 1, 2))
     s = decode_sample(raw, image_input="patches")
     assert (s.key, s.image_id, s.captions, s.width, s.height) == ("000000001", "000000001", ["a photo number 1"], 49, 40)

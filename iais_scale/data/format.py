@@ -16,6 +16,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -163,14 +164,120 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def read_sizes(split_dir: str | os.PathLike[str]) -> dict[str, int]:
-    """Read ``split_dir/sizes.json`` as {shard file name: sample count}, in shard order."""
-    path = Path(split_dir) / SIZES_FILE
-    with path.open(encoding="utf-8") as f:
-        sizes = json.load(f)
-    if not isinstance(sizes, dict) or not all(_is_int(v) and v >= 0 for v in sizes.values()):
-        raise ValueError(f"{path}: must map shard names to non-negative sample counts")
+def _valid_shard_name(name: Any, ours: bool) -> bool:
+    """A bare file name of a shard: no folder, no '..', and our pattern in our own split folders."""
+    if not isinstance(name, str) or not name.endswith(SHARD_SUFFIX) or name.startswith("."):
+        return False
+    if "/" in name or "\\" in name or "\0" in name:
+        return False
+    return bool(SHARD_RE.match(name)) if ours else True
+
+
+def parse_sizes(data: bytes | str, where: str, *, ours: bool = True) -> dict[str, int]:
+    """Validate ``sizes.json`` content -> {shard file name: sample count}, in shard order.
+
+    Names must be bare shard file names (``shard-NNNNNN.tar`` in our layout, any ``*.tar`` beside a
+    shard list) so that a hostile file cannot point a split at other files; counts are integers >= 0.
+    """
+    try:
+        sizes = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{where}: must map shard names to sample counts")
+    bad_names = [n for n in sizes if not _valid_shard_name(n, ours)]
+    if bad_names:
+        pattern = "shard-NNNNNN.tar" if ours else "*.tar file names"
+        raise ValueError(f"{where}: invalid shard names {bad_names[:5]} (expected {pattern} in this folder)")
+    bad_counts = {n: v for n, v in sizes.items() if not (_is_int(v) and v >= 0)}
+    if bad_counts:
+        raise ValueError(f"{where}: sample counts must be integers >= 0, got {dict(list(bad_counts.items())[:5])}")
     return {name: sizes[name] for name in sorted(sizes)}
+
+
+def read_sizes(split_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """Read and validate ``split_dir/sizes.json`` (a local split folder of ours)."""
+    path = Path(split_dir) / SIZES_FILE
+    return parse_sizes(path.read_bytes(), str(path))
+
+
+class ManifestError(ValueError):
+    """A manifest that does not follow docs/data-format.md; ``problems`` lists every issue."""
+
+    def __init__(self, where: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{where}: " + "; ".join(problems))
+
+
+@dataclass
+class Manifest:
+    """``manifest.json`` of a data set: what it holds and who made it (docs/data-format.md)."""
+
+    splits: dict[str, int] = field(default_factory=dict)
+    feature_dim: int | None = None
+    generator: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of newer producers, kept on rewrite
+
+    @classmethod
+    def from_dict(cls, data: Any) -> tuple[Manifest, list[str]]:
+        """The manifest and its problems (fields that fail a check are left at their defaults)."""
+        if not isinstance(data, dict):
+            return cls(), ["must be a JSON object"]
+        problems = []
+        m = cls(extra={k: v for k, v in data.items() if k not in _MANIFEST_FIELDS})
+        if data.get("format") != FORMAT_NAME:
+            problems.append(f"format {data.get('format')!r} != {FORMAT_NAME!r}")
+        dim = data.get("feature_dim")
+        if dim is not None and not (_is_int(dim) and dim >= 1):
+            problems.append(f"feature_dim must be a positive integer or null, got {dim!r}")
+        else:
+            m.feature_dim = dim
+        splits = data.get("splits")
+        if not isinstance(splits, dict) or not all(_is_int(v) and v >= 0 for v in splits.values()):
+            problems.append("splits must map split names to sample counts")
+        else:
+            m.splits = dict(splits)
+        for name, kind in (("generator", str), ("params", dict), ("skipped", dict)):
+            if name in data:
+                if isinstance(data[name], kind):
+                    setattr(m, name, data[name])
+                else:
+                    problems.append(f"{name} must be a {kind.__name__}")
+        return m, problems
+
+    @classmethod
+    def read(cls, root: str | os.PathLike[str]) -> Manifest:
+        """Read ``root/manifest.json`` (a folder or URL); FileNotFoundError, or ManifestError."""
+        from . import storage
+
+        url = storage.join(root, MANIFEST_FILE)
+        try:
+            data = json.loads(storage.read_bytes(url))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{url} not found (make the data set with `python -m data_tools`)") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ManifestError(url, [f"not JSON ({e})"]) from None
+        manifest, problems = cls.from_dict(data)
+        if problems:
+            raise ManifestError(url, problems)
+        return manifest
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"format": self.format, "feature_dim": self.feature_dim, "generator": self.generator,
+               "params": self.params, "splits": self.splits}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return {**out, **self.extra}
+
+    def write(self, root: str | os.PathLike[str]) -> None:
+        """Write ``root/manifest.json`` atomically (it is written last: it vouches for the data)."""
+        write_json_atomic(Path(root) / MANIFEST_FILE, self.to_dict(), sort_keys=False)
+
+
+_MANIFEST_FIELDS = ("format", "feature_dim", "generator", "params", "splits", "skipped")
 
 
 def list_shards(split_dir: str | os.PathLike[str]) -> list[Path]:

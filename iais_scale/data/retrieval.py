@@ -9,33 +9,53 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import read_shard, split_shards
+from .pipeline import DEFAULT_IO, IoOptions
 from .samples import BadSample, ImageSample, decode_sample
+from .shards import read_shard, resolve_split
 
 log = logging.getLogger(__name__)
 
 
 def read_split(
-    split_dir: str | Path, *, max_regions: int | None = None, limit: int | None = None, image_input: str = "regions"
+    spec: str | Path, *, max_regions: int | None = None, limit: int | None = None, image_input: str = "regions",
+    feature_dim: int | None = None, io: IoOptions = DEFAULT_IO, counts: Counter | None = None,
 ) -> list[ImageSample]:
-    """Every good sample of a split, in shard order; bad ones are skipped, counted and logged.
-    ``image_input="patches"`` keeps each sample's image bytes for the collator to decode."""
-    urls, _ = split_shards(split_dir)
-    bad: Counter[str] = Counter()
-    samples = []
-    for raw in (raw for url in urls for raw in read_shard(url, counts=bad)):
+    """Every good sample of a split (a folder, URL or shard list), in shard order.
+
+    Bad samples and repeated keys or image ids (a shard copied twice) are skipped, counted into
+    ``counts`` and logged: an image listed twice would turn its own duplicate into a wrong answer.
+    ``image_input="patches"`` keeps each sample's image bytes for the collator to decode.
+    """
+    split = resolve_split(str(spec), need_sizes=False)
+    bad: Counter[str] = counts if counts is not None else Counter()
+    samples: list[ImageSample] = []
+    first: dict[str, str] = {}
+    for url in split.urls:
         if limit is not None and len(samples) >= limit:
             break
-        try:
-            samples.append(decode_sample(raw, max_regions=max_regions, image_input=image_input,
-                                         keep_image=image_input == "patches"))
-        except BadSample as e:
-            bad[e.reason] += 1
-            log.warning("%s: skipped %s", split_dir, e)
+        for raw in read_shard(url, counts=bad, retries=io.retries, backoff_s=io.backoff_s,
+                              max_member_bytes=io.max_member_bytes):
+            if limit is not None and len(samples) >= limit:
+                break
+            try:
+                sample = decode_sample(raw, max_regions=max_regions, image_input=image_input,
+                                       keep_image=image_input == "patches", feature_dim=feature_dim)
+            except BadSample as e:
+                bad[e.reason] += 1
+                log.warning("%s: skipped %s", spec, e)
+                continue
+            clash = first.get(f"key:{sample.key}") or first.get(f"id:{sample.image_id}")
+            if clash is not None:
+                bad["duplicate_sample"] += 1
+                log.warning("%s: skipped %s (%s): its key or image id was already read from %s", spec, sample.key, url,
+                            clash)
+                continue
+            first[f"key:{sample.key}"] = first[f"id:{sample.image_id}"] = url
+            samples.append(sample)
     if bad:
-        log.warning("%s: skipped bad samples %s", split_dir, dict(bad))
+        log.warning("%s: skipped bad samples %s", spec, dict(bad))
     if not samples:
-        raise ValueError(f"{split_dir}: no usable samples")
+        raise ValueError(f"{spec}: no usable samples")
     return samples
 
 

@@ -1,24 +1,9 @@
 """Safe decoding of one shard sample, and the counted skip of bad ones.
 
 Only JSON, text and ``.npy`` (``allow_pickle=False``) are ever decoded, plus image headers with PIL:
-nothing in a shard is unpickled or executed, unlike webdataset's default decoders. Members with
-other extensions are ignored. A sample that cannot be used raises ``BadSample`` with a short
-reason; the pipeline counts the reasons and aborts once they pass the configured fraction.
-
-Two layouts decode:
-
-- ``iais_scale-shards-v1`` (docs/data-format.md): ``{key}.json`` with our schema, region features
-  ``feat.npy`` / ``boxes.npy`` and/or an image member.
-- img2dataset's webdataset output as it is: ``{key}.jpg`` (any of JPEG/PNG/WebP whatever the
-  extension), ``{key}.txt`` (the caption) and ``{key}.json`` (img2dataset's own fields: ``status``,
-  ``width``, ``height``, ``caption``, ...). The caption is the ``.txt`` (else the json's ``caption``),
-  the image id is the key, width/height come from the image header (the json's when the header is
-  not read). Such samples have pixels but no region features: they feed ``image_input="patches"``.
-
-``image_input`` says what the model consumes: ``"regions"`` requires region features (and never
-touches the image), ``"patches"`` requires an image member, checks it cheaply (header, and for JPEG
-the end-of-image marker, for PNG the chunk CRCs) and keeps its bytes; the pixels are decoded later,
-by the collator, at the size the model wants.
+nothing in a shard is unpickled or executed. Both our layout and img2dataset's output decode
+(``docs/data-format.md``). Any failure to decode raises ``BadSample`` with a short reason, which the
+pipeline counts; ``data_tools verify`` runs the same checks.
 """
 
 from __future__ import annotations
@@ -35,7 +20,7 @@ from PIL import Image
 
 from . import format as fmt
 
-IMAGE_INPUTS = ("regions", "patches")
+IMAGE_MODES = ("regions", "patches")  # what the model consumes: region features or pixels
 TEXT_EXT = "txt"  # img2dataset's caption member
 
 _EMPTY_FEATURES = np.zeros((0, 0), np.float32)
@@ -83,7 +68,7 @@ def load_npy(data: bytes) -> np.ndarray:
     (read-only view of ``data``), ~5x faster than ``np.load``, whose header parse compiles Python;
     any other header goes to ``np.load(..., allow_pickle=False)``.
     """
-    if data[:6] == _NPY_MAGIC and data[6:7] in (b"\x01", b"\x02", b"\x03"):
+    if data[:6] == _NPY_MAGIC and data[6:7] in (b"\x01", b"\x02", b"\x03") and len(data) >= 12:
         start = 10 if data[6] == 1 else 12
         length = int.from_bytes(data[8:start], "little")
         match = _NPY_HEADER.fullmatch(data[start : start + length].decode("latin1"))
@@ -146,10 +131,7 @@ def _img2dataset_meta(raw: dict, key: str) -> dict:
     """Our schema's fields from img2dataset's ``.txt`` caption and ``.json`` metadata."""
     extra: dict = {}
     if fmt.JSON_EXT in raw:
-        try:
-            extra = json.loads(raw[fmt.JSON_EXT])  # img2dataset writes NaN for missing numbers: allowed
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadSample("bad_json", f"{key}: {e}") from None
+        extra = parse_json(raw[fmt.JSON_EXT], key)  # img2dataset writes NaN for missing numbers: allowed
         if not isinstance(extra, dict):
             raise BadSample("bad_json", f"{key}: the .json must be an object")
     status = extra.get("status", "success")
@@ -175,72 +157,89 @@ def _img2dataset_meta(raw: dict, key: str) -> dict:
     return meta
 
 
-def decode_sample(
-    raw: dict, *, max_regions: int | None = None, image_input: str = "regions", keep_image: bool = False
-) -> ImageSample:
-    """Turn the raw members of one sample (``{"__key__", "json", "feat.npy", ...}``) into a sample.
+def parse_json(data: bytes, key: str = "?") -> object:
+    """A JSON member; malformed, non-UTF-8 or absurdly nested JSON is ``bad_json``."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BadSample("bad_json", f"{key}: {type(e).__name__}: {str(e)[:200]}") from None
 
-    ``image_input="regions"`` needs region features (``missing_features`` otherwise) and keeps the
-    image bytes only when ``keep_image`` (so region-only training and evaluation sets hold no
-    pixels); ``"patches"`` needs a valid image (``missing_image``, ``bad_image``), keeps its bytes
-    and does not decode the features.
-    """
-    if image_input not in IMAGE_INPUTS:
-        raise ValueError(f"image_input: one of {IMAGE_INPUTS}, got {image_input!r}")
+
+def sample_meta(raw: dict) -> dict:
+    """The sample's metadata in our schema: our ``.json``, or img2dataset's ``.txt`` + ``.json``."""
     key = raw.get("__key__", "?")
     if TEXT_EXT in raw:  # img2dataset layout: the caption is a member of its own
-        meta = _img2dataset_meta(raw, key)
-    else:
-        if fmt.JSON_EXT not in raw:
-            raise BadSample("missing_json", key)
-        try:
-            meta = json.loads(raw[fmt.JSON_EXT])
-            fmt.validate_sample(meta)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadSample("bad_json", f"{key}: {e}") from None
-    image_ext = next((ext for ext in fmt.IMAGE_EXTS if ext in raw), None)
-    image = raw[image_ext] if image_ext is not None else None
+        return _img2dataset_meta(raw, key)
+    if fmt.JSON_EXT not in raw:
+        raise BadSample("missing_json", key)
+    meta = parse_json(raw[fmt.JSON_EXT], key)
+    try:
+        fmt.validate_sample(meta)
+    except ValueError as e:
+        raise BadSample("bad_json", f"{key}: {e}") from None
+    return meta
 
-    if image_input == "patches":
-        if image is None:
-            raise BadSample("missing_image", key)
-        width, height = check_image(image, key)
-        return ImageSample(
-            key=key,
-            image_id=meta["image_id"],
-            captions=list(meta["captions"]),
-            width=width,
-            height=height,
-            features=_EMPTY_FEATURES,
-            boxes=_EMPTY_BOXES,
-            meta=meta,
-            image=image,
-        )
 
+def load_regions(raw: dict, meta: dict, *, feature_dim: int | None = None,
+                 max_regions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Region features [n, D] and pixel boxes [n, 4] of a sample, checked (float32 copies)."""
+    key = raw.get("__key__", "?")
     if fmt.FEAT_EXT not in raw or fmt.BOXES_EXT not in raw:
         raise BadSample("missing_features", key)
     try:
         features, boxes = load_npy(raw[fmt.FEAT_EXT]), load_npy(raw[fmt.BOXES_EXT])
-    except (ValueError, OSError, EOFError) as e:
-        raise BadSample("bad_npy", f"{key}: {e}") from None
+    except (ValueError, TypeError, OSError, EOFError) as e:  # bad headers, unsupported dtypes, short data
+        raise BadSample("bad_npy", f"{key}: {type(e).__name__}: {e}") from None
     try:
         fmt.validate_regions(features, boxes, meta["width"], meta["height"])
     except ValueError as e:
         reason = "nonfinite_features" if "NaN" in str(e) else "bad_regions"
         raise BadSample(reason, f"{key}: {e}") from None
+    if feature_dim is not None and features.shape[1] != feature_dim:
+        raise BadSample("bad_feature_dim", f"{key}: features of dimension {features.shape[1]}, expected {feature_dim}")
     if max_regions is not None and features.shape[0] > max_regions:
         raise BadSample("too_many_regions", f"{key}: {features.shape[0]} > {max_regions}")
-    return ImageSample(
-        key=key,
-        image_id=meta["image_id"],
-        captions=list(meta["captions"]),
-        width=meta["width"],
-        height=meta["height"],
-        features=features.astype(np.float32),
-        boxes=boxes.astype(np.float32),
-        meta=meta,
-        image=image if keep_image else None,
-    )
+    return features.astype(np.float32), boxes.astype(np.float32)
+
+
+def decode_sample(
+    raw: dict, *, max_regions: int | None = None, image_input: str = "regions", keep_image: bool = False,
+    feature_dim: int | None = None,
+) -> ImageSample:
+    """Turn the raw members of one sample (``{"__key__", "json", "feat.npy", ...}``) into a sample.
+
+    ``image_input="regions"`` needs region features (of dimension ``feature_dim`` when given) and
+    keeps the image bytes only when ``keep_image``; ``"patches"`` needs a valid image and keeps its
+    bytes. Any failure raises ``BadSample``: one bad sample never stops a run.
+    """
+    if image_input not in IMAGE_MODES:
+        raise ValueError(f"image_input: one of {IMAGE_MODES}, got {image_input!r}")
+    key = raw.get("__key__", "?")
+    try:
+        return _decode(raw, key, max_regions, image_input, keep_image, feature_dim)
+    except BadSample:
+        raise
+    except Exception as e:  # anything a hostile sample provokes is that sample's problem only
+        raise BadSample("undecodable", f"{key}: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _decode(raw: dict, key: str, max_regions: int | None, image_input: str, keep_image: bool,
+            feature_dim: int | None) -> ImageSample:
+    if "__too_large__" in raw:
+        raise BadSample("member_too_large", f"{key}: members {raw['__too_large__']} over the size limit")
+    meta = sample_meta(raw)
+    image_ext = next((ext for ext in fmt.IMAGE_EXTS if ext in raw), None)
+    image = raw[image_ext] if image_ext is not None else None
+    if image_input == "patches":
+        if image is None:
+            raise BadSample("missing_image", key)
+        width, height = check_image(image, key)
+        return ImageSample(key=key, image_id=meta["image_id"], captions=list(meta["captions"]), width=width,
+                           height=height, features=_EMPTY_FEATURES, boxes=_EMPTY_BOXES, meta=meta, image=image)
+    features, boxes = load_regions(raw, meta, feature_dim=feature_dim, max_regions=max_regions)
+    return ImageSample(key=key, image_id=meta["image_id"], captions=list(meta["captions"]), width=meta["width"],
+                       height=meta["height"], features=features, boxes=boxes, meta=meta,
+                       image=image if keep_image else None)
 
 
 class BadSampleCounter:

@@ -27,7 +27,23 @@ from .. import iais
 from .configuration import CrossModalConfig
 from .embeddings import PatchEmbeddings, RegionEmbeddings
 
-IMAGE_INPUTS = ("region_features", "region_geometry", "region_attention", "pixel_values")
+IMAGE_TENSOR_KEYS = ("region_features", "region_geometry", "region_attention", "pixel_values")
+
+
+TEXT_TENSOR_KEYS = ("text_ids", "text_attention")
+
+
+def image_tensors(batch: dict) -> dict[str, Tensor]:
+    """The image inputs a batch carries: region features or pixels."""
+    return {k: batch[k] for k in IMAGE_TENSOR_KEYS if k in batch}
+
+
+def select_pairs(texts: dict, images: dict, text_idx: Tensor, image_idx: Tensor) -> dict[str, Tensor]:
+    """Model inputs of the pairs (text_idx[p], image_idx[p]): texts and images are padded
+    separately by the collator, so any text pairs with any image by indexing."""
+    out = {k: texts[k].index_select(0, text_idx.to(texts[k].device)) for k in TEXT_TENSOR_KEYS}
+    out.update({k: v.index_select(0, image_idx.to(v.device)) for k, v in image_tensors(images).items()})
+    return out
 
 
 @dataclass
@@ -206,7 +222,19 @@ class CrossModalModel(BertPreTrainedModel):
         """[P, Lr, F] region features regressed from the outputs at the image positions."""
         return self.mrfr(out.hidden[:, n_text:], self.region_embeddings.feature_linear.weight)
 
+    # ------------------------------------------------------------------ scoring pairs
+
+    def pair_logits(self, texts: dict[str, Tensor], images: dict[str, Tensor], text_idx: Tensor,
+                    image_idx: Tensor) -> Tensor:
+        """[P] ITM logits of the pairs (text ``text_idx[p]``, image ``image_idx[p]``) drawn from
+        collated ``texts`` and ``images`` (one forward: callers chunk, or shard over ranks)."""
+        return self.itm_logit(self(**select_pairs(texts, images, text_idx, image_idx)))
+
     # ------------------------------------------------------------------ contrastive (ITC)
+
+    def itc_embeddings(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """[B, itc_dim] text and image embeddings of a batch's text-only and image-only passes."""
+        return self.itc_text(batch["text_ids"], batch["text_attention"]), self.itc_image(**image_tensors(batch))
 
     def itc_text(self, text_ids: Tensor, text_attention: Tensor) -> Tensor:
         """[n, itc_dim] L2-normalised text embeddings from a text-only pass of the same encoder."""

@@ -1,24 +1,15 @@
-"""Weights in and out: initialise from a BERT folder or a UNITER checkpoint, export a DeepSpeed run to HF.
-
-* ``config_from_bert`` + ``init_from_bert``: the text side (embeddings, layers, pooler, MLM head) from
-  any ``transformers`` BERT checkpoint folder; the image side stays freshly initialised.
-* ``import_uniter``: UNITER's released checkpoints (``uniter-base.pt``, ``uniter-large.pt``, retrieval
-  fine-tunes) mapped name by name onto ``CrossModalModel``.
-* ``export_hf``: a DeepSpeed checkpoint of any ZeRO stage -> ``config.json`` + ``model.safetensors`` +
-  tokenizer files, loadable with ``CrossModalModel.from_pretrained``;
-  CLI: ``python -m iais_scale.model.loading export CHECKPOINT_DIR OUT_DIR [--tag T] [--model-dir D]``.
+"""Weights in: the text side from a BERT folder, or a whole UNITER checkpoint, mapped name by name.
 
 Importers run on an ordinary (not yet DeepSpeed-wrapped) model: under ZeRO-3 the engine partitions
-the parameters, so load first, then call ``deepspeed.initialize``.
+the parameters, so load first, then call ``deepspeed.initialize``. (Weights out, DeepSpeed -> Hugging
+Face: ``iais_scale.checkpoint.export_hf``.)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,95 +313,21 @@ def import_uniter(model: CrossModalModel, state_dict_or_path: Mapping[str, Tenso
     return _apply(model, mapped, unexpected)
 
 
-# ----------------------------------------------------------------------------- DeepSpeed -> HF
-
-_WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt)$|.*\.index\.json$|^config\.json$")
+# ----------------------------------------------------------------------------- checks before a run
 
 
-def _resolve_checkpoint(checkpoint_dir: Path, tag: str | None) -> tuple[Path, str]:
-    """``(folder holding the tags, tag)`` from a ``checkpoints/`` folder or one of its tag folders."""
-    if tag is None and not (checkpoint_dir / "latest").is_file():
-        if any(checkpoint_dir.glob("*model_states.pt")):
-            return checkpoint_dir.parent, checkpoint_dir.name
-        raise FileNotFoundError(f"{checkpoint_dir}: neither a DeepSpeed 'latest' file nor a tag folder (*model_states.pt)")
-    if tag is None:
-        tag = (checkpoint_dir / "latest").read_text().strip()
-    if not (checkpoint_dir / tag).is_dir():
-        raise FileNotFoundError(f"{checkpoint_dir / tag}: no such checkpoint tag")
-    return checkpoint_dir, tag
-
-
-def consolidated_state_dict(checkpoint_dir: PathLike, tag: str | None = None) -> dict[str, Tensor]:
-    """The full fp32 state dict of a DeepSpeed checkpoint (module names, tied names included).
-
-    ZeRO 1-3: DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint`` merges the fp32 partitions.
-    Without ZeRO (stage 0) the model-states file holds the whole module in its training dtype (with
-    fp16/bf16 the fp32 master copy lives inside the optimizer state): it is cast to fp32 here.
-    """
-    root, tag = _resolve_checkpoint(Path(checkpoint_dir), tag)
-    if any((root / tag).glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    files = sorted((root / tag).glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{root / tag}: no DeepSpeed model states")
-    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-
-
-def export_hf(
-    checkpoint_dir: PathLike, out_dir: PathLike, *, tag: str | None = None, model_dir: PathLike | None = None
-) -> Path:
-    """Consolidate a DeepSpeed checkpoint into a Hugging Face folder; returns ``out_dir``.
-
-    ``checkpoint_dir`` is a run's ``checkpoints/`` folder (the tag comes from its ``latest`` file
-    unless ``tag`` is given) or a tag folder inside it. The config and tokenizer come from the run's
-    ``model/`` folder beside ``checkpoints/`` (``{output_dir}/model/``) unless ``model_dir`` names
-    another. Writes ``config.json``, ``model.safetensors`` (tied weights stored once, re-tied by
-    ``CrossModalModel.from_pretrained``) and a copy of the tokenizer files.
-    """
-    root, tag = _resolve_checkpoint(Path(checkpoint_dir), tag)
-    model_dir = Path(model_dir) if model_dir is not None else root.parent / "model"
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}/config.json not found: pass model_dir= (CLI: --model-dir)")
-    config = CrossModalConfig.from_pretrained(str(model_dir))
-    state = consolidated_state_dict(root, tag)
-
-    model = CrossModalModel(config)
-    result = model.load_state_dict(state, strict=False)
-    params = model.state_dict(keep_vars=True)
-    loaded = {id(params[k]) for k in state if k in params}
-    missing = [k for k in result.missing_keys if id(params[k]) not in loaded]  # a tied alias is not missing
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"{root / tag} does not match {model_dir}/config.json: missing {missing}, unexpected {result.unexpected_keys}"
-        )
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file() and not _WEIGHT_FILES.match(f.name):  # the tokenizer's files, whatever its kind
-            shutil.copy2(f, out / f.name)
-    return out
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iais_scale.model.loading", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="DeepSpeed checkpoint -> Hugging Face folder")
-    ex.add_argument("checkpoint_dir", help="a run's checkpoints/ folder (with 'latest') or one tag folder in it")
-    ex.add_argument("out_dir")
-    ex.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
-    ex.add_argument("--model-dir", default=None, help="config + tokenizer folder (default: the run's model/)")
-    args = parser.parse_args(argv)
-    print(export_hf(args.checkpoint_dir, args.out_dir, tag=args.tag, model_dir=args.model_dir))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def checkpoint_vocab_size(kind: str, path: PathLike) -> int | None:
+    """The number of word embeddings of an ``init_from`` source, read without building a model
+    (``bert``: its config.json; ``uniter``: the tensor's shape, memory-mapped)."""
+    path = Path(path)
+    if kind == "bert":
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}/config.json not found (a BERT checkpoint folder)")
+        return BertConfig.from_json_file(str(path / "config.json")).vocab_size
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (a UNITER checkpoint .pt)")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key in ("uniter.embeddings.word_embeddings.weight", "module.uniter.embeddings.word_embeddings.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    raise ValueError(f"{path}: no uniter.embeddings.word_embeddings.weight: not a UNITER checkpoint")

@@ -1,0 +1,502 @@
+"""Checkpoints: the only module that knows their layout (docs/training.md, "Checkpoints").
+
+``{output_dir}/checkpoints/{tag}/`` holds DeepSpeed's files, one ``rank{R}_state.safetensors`` per
+rank (the trainer's own state, tensors + JSON metadata: nothing pickled) and, written last, a
+``COMPLETE`` marker with every file's size and CRC-32. ``{output_dir}/model/`` holds the model
+config and tokenizer. Nothing here loads a pickle that names anything outside an allow-list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .data import storage
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"  # config.json + tokenizer files, written once at the start of a run
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+STEP_TAG = re.compile(r"^step(\d+)$")
+UNIVERSAL_SUFFIX = "_universal"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: incomplete, damaged, or needing code to load."""
+
+
+# --------------------------------------------------------------------------- pickles
+
+# What DeepSpeed's checkpoint files may name besides tensors, lists, dicts and numbers.
+_ALLOWED_GLOBALS: list[Any] = []
+
+
+def _allowed_globals() -> list[Any]:
+    if not _ALLOWED_GLOBALS:
+        import collections
+
+        from deepspeed.runtime.fp16 import loss_scaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        # Plain records (dataclasses, enums) rebuilt from their fields: no code of theirs runs.
+        _ALLOWED_GLOBALS.extend([collections.OrderedDict, loss_scaler.LossScaler, loss_scaler.DynamicLossScaler,
+                                 ZeroStageEnum, fragment_address, torch.Size])
+        try:
+            from deepspeed.checkpoint.constants import SubparamShape
+
+            _ALLOWED_GLOBALS.append(SubparamShape)
+        except ImportError:
+            pass
+    return _ALLOWED_GLOBALS
+
+
+def check_pickles(folder: Path) -> None:
+    """Refuse a folder whose ``.pt`` files name anything outside the allow-list.
+
+    Each file is opened with ``torch.load(weights_only=True)`` (tensors memory-mapped, not read):
+    a file that would run code on a plain ``torch.load`` fails here, before DeepSpeed's own loaders
+    (which use ``weights_only=False``) ever see it.
+    """
+    files = sorted(folder.rglob("*.pt"))
+    with torch.serialization.safe_globals(_allowed_globals()):
+        for f in files:
+            try:
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # UnpicklingError names the global; others: a damaged file
+                why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line),
+                           str(e).splitlines()[0] if str(e) else type(e).__name__)
+                raise CheckpointError(
+                    f"{f}: refused: loading it would need more than tensors and DeepSpeed's plain records"
+                    f" ({type(e).__name__}: {why[:300]}). A checkpoint from elsewhere may run"
+                    " code when unpickled. If you made it yourself or trust its source, export it on a trusted"
+                    " machine: `python -m iais_scale.checkpoint export FOLDER OUT --trust-pickles`, then"
+                    " start from the Hugging Face folder OUT."
+                ) from None
+
+
+# --------------------------------------------------------------------------- the trainer's state
+
+
+def write_state(path: Path, scalars: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """The trainer's state of one rank: tensors in safetensors, everything else as JSON metadata."""
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(scalars)})
+    os.replace(tmp, path)
+
+
+def read_state(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        scalars = json.loads(f.metadata()["state"])
+    return scalars, load_file(str(path))
+
+
+def state_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank{rank:05d}_state.safetensors"
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def file_records(folder: Path, names: list[str]) -> dict[str, dict[str, int]]:
+    """{name: {size, crc32}} of files of a checkpoint folder."""
+    return {n: {"size": (folder / n).stat().st_size, "crc32": _crc32(folder / n)} for n in names}
+
+
+def rank_files(folder: Path, rank: int) -> list[str]:
+    """The files rank ``rank`` wrote into a checkpoint folder (DeepSpeed's and ours)."""
+    mine = re.compile(rf"(^|_)(zero_pp_rank_{rank}_|rank{rank:05d}_state)")
+    out = [p.name for p in folder.iterdir() if p.is_file() and mine.search(p.name)]
+    if rank == 0:  # the replicated model states of ZeRO-0/1/2 are written by rank 0
+        out += [p.name for p in folder.iterdir() if p.is_file() and p.name.startswith("mp_rank_")]
+    return sorted(set(out))
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def verify(folder: Path, *, checksums: bool = True) -> list[str]:
+    """What is wrong with a complete-marked checkpoint folder (empty when it is intact)."""
+    marker = read_marker(folder)
+    if marker is None:
+        return [f"{folder}: no readable {COMPLETE} marker"]
+    files = marker.get("files")
+    if not isinstance(files, dict):
+        return []  # written by an older version: nothing recorded to compare with
+    problems = []
+    for name, rec in sorted(files.items()):
+        p = folder / name
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != rec.get("size"):
+            problems.append(f"{p}: {p.stat().st_size} bytes, {rec.get('size')} when saved")
+        elif checksums and _crc32(p) != rec.get("crc32"):
+            problems.append(f"{p}: checksum differs from the one saved")
+    world = marker.get("world_size")
+    if isinstance(world, int):
+        states = [f"rank{r:05d}_state.safetensors" for r in range(world)]
+        problems += [f"{folder / n}: missing" for n in states if n not in files and not (folder / n).is_file()]
+    return problems
+
+
+# --------------------------------------------------------------------------- finding checkpoints
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete ``step{N}`` checkpoint, oldest first."""
+    found = []
+    if ckpt_dir.is_dir():
+        for d in ckpt_dir.iterdir():
+            m = STEP_TAG.match(d.name)
+            if m and (d / COMPLETE).is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any((path / w).is_file() for w in HF_WEIGHTS)
+
+
+@dataclass
+class Resolved:
+    """What a checkpoint argument points at."""
+
+    kind: str  # "deepspeed" (a complete tag folder) or "hf"
+    folder: Path  # the tag folder, or the HF folder
+    model_dir: Path  # config + tokenizer
+    run_dir: Path | None  # the run folder, when known
+    step: int | None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.folder.parent
+
+    @property
+    def tag(self) -> str:
+        return self.folder.name
+
+
+def _run_model_dir(run_dir: Path) -> Path | None:
+    for candidate in (run_dir / MODEL_DIR, run_dir / "hf_model"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def resolve(spec: str | Path, model_dir: str | Path | None = None) -> Resolved:
+    """A checkpoint to read: an HF folder, a complete tag folder, a run's ``checkpoints/`` folder
+    or a run folder (its newest complete checkpoint). A folder without ``COMPLETE`` is refused."""
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path}: not a folder")
+    if is_hf_folder(path):
+        run_dir = path.parent if (path.parent / "train_log.jsonl").is_file() else None
+        return Resolved("hf", path, Path(model_dir or path), run_dir, _last_logged_step(run_dir) if run_dir else None)
+    if (path / CHECKPOINTS).is_dir():
+        path = path / CHECKPOINTS
+    if not (path / COMPLETE).is_file():
+        found = complete_checkpoints(path)
+        if any(path.glob("*model_states.pt")):
+            raise CheckpointError(f"checkpoint {path}: no {COMPLETE} marker: its save did not finish; refusing it")
+        if not found:
+            raise FileNotFoundError(
+                f"checkpoint {path}: neither a Hugging Face folder (config.json + {HF_WEIGHTS[0]}), a complete"
+                f" checkpoint folder (with {COMPLETE}), nor a folder holding complete step* checkpoints"
+            )
+        path = found[-1][1]
+    run_dir = path.parent.parent
+    md = Path(model_dir) if model_dir else _run_model_dir(run_dir)
+    if md is None:
+        raise FileNotFoundError(
+            f"checkpoint {path}: no model config in {run_dir / MODEL_DIR} (the trainer writes config.json and the"
+            " tokenizer there); pass the folder holding them explicitly"
+        )
+    m = STEP_TAG.match(path.name)
+    step = int(m.group(1)) if m else (read_marker(path) or {}).get("step")
+    return Resolved("deepspeed", path, md, run_dir, step)
+
+
+def _last_logged_step(run_dir: Path) -> int | None:
+    """The step of the last record of a run's ``train_log.jsonl`` (the step its ``hf_model/`` holds)."""
+    try:
+        lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def resume_candidates(resume: str, out_dir: Path) -> list[Path]:
+    """Folders to try for ``--resume``, best first: ``auto`` = every complete step checkpoint of the
+    run, newest first (a damaged one falls back to the next); a path = that checkpoint alone."""
+    if resume == "none":
+        return []
+    if resume == "auto":
+        return [folder for _, folder in reversed(complete_checkpoints(out_dir / CHECKPOINTS))]
+    if storage.scheme(resume) != "file":
+        return [fetch_remote(resume, out_dir)]
+    folder = Path(resume)
+    if folder.is_dir() and not (folder / COMPLETE).is_file() and complete_checkpoints(folder):
+        return [f for _, f in reversed(complete_checkpoints(folder))]
+    if not (folder / COMPLETE).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} marker)")
+    return [folder]
+
+
+# --------------------------------------------------------------------------- remote copies
+
+
+def sync_to_remote(folder: Path, url: str) -> str:
+    """Copy a complete checkpoint folder to ``url/{tag}``; the marker goes last, as locally."""
+    target = storage.join(url, folder.name)
+    storage.copy_tree(str(folder), target, skip=lambda name: name == COMPLETE)
+    storage.write_bytes_atomic(storage.join(target, COMPLETE), (folder / COMPLETE).read_bytes())
+    return target
+
+
+def fetch_remote(url: str, out_dir: Path) -> Path:
+    """Copy a complete remote checkpoint (``.../step{N}``, or the newest under a folder URL) into
+    ``out_dir/checkpoints/`` and return the local folder."""
+    url = url.rstrip("/")
+    tag = storage.basename(url)
+    if not STEP_TAG.match(tag):
+        entries = storage.listdir(url) or []
+        steps = [(int(m.group(1)), e) for e in entries if (m := STEP_TAG.match(storage.basename(e)))
+                 and storage.exists(storage.join(e, COMPLETE))]
+        if not steps:
+            raise FileNotFoundError(f"--resume {url}: no complete step* checkpoint there")
+        url, tag = max(steps)[1], storage.basename(max(steps)[1])
+    if not storage.exists(storage.join(url, COMPLETE)):
+        raise FileNotFoundError(f"--resume {url}: no {COMPLETE} marker (an unfinished upload)")
+    local = out_dir / CHECKPOINTS / tag
+    if not (local / COMPLETE).is_file():
+        partial = local.with_name(local.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        storage.copy_tree(url, str(partial))
+        shutil.rmtree(local, ignore_errors=True)
+        os.replace(partial, local)
+    return local
+
+
+# --------------------------------------------------------------------------- saving
+
+
+class Checkpointer:
+    """Save, verify, prune and sync the checkpoints of one run (every rank holds one)."""
+
+    def __init__(self, out_dir: Path, *, rank: int, world: int, keep: int, remote_sync: str | None = None):
+        self.out_dir, self.rank, self.world, self.keep = out_dir, rank, world, keep
+        self.ckpt_dir = out_dir / CHECKPOINTS
+        self.remote_sync = remote_sync
+
+    def save(self, engine, tag: str, scalars: dict[str, Any], tensors: dict[str, Tensor],
+             client_state: dict[str, Any] | None = None) -> Path:
+        """DeepSpeed's files, then this rank's state; once every rank is done, rank 0 records every
+        file's size and checksum in ``COMPLETE`` (last: a save cut short leaves no marker)."""
+        import torch.distributed as dist
+
+        folder = self.ckpt_dir / tag
+        if self.rank == 0 and folder.exists():
+            (folder / COMPLETE).unlink(missing_ok=True)  # overwriting: incomplete until done again
+        dist.barrier()
+        engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state or {})
+        write_state(state_file(folder, self.rank), {**scalars, "rank": self.rank, "world_size": self.world}, tensors)
+        records = file_records(folder, rank_files(folder, self.rank))
+        gathered: list[dict] = [{} for _ in range(self.world)]
+        dist.all_gather_object(gathered, records)
+        if self.rank == 0:
+            files = {k: v for part in gathered for k, v in part.items()}
+            marker = {"step": scalars.get("step"), "time": time.time(), "world_size": self.world,
+                      "zero_stage": engine.zero_optimization_stage(), "files": files}
+            storage.write_bytes_atomic(str(folder / COMPLETE), json.dumps(marker, indent=1).encode())
+            if STEP_TAG.match(tag):
+                self.prune()
+            if self.remote_sync:
+                log.info("checkpoint %s copied to %s", folder, sync_to_remote(folder, self.remote_sync))
+        dist.barrier()
+        return folder
+
+    def prune(self) -> None:
+        """Keep the newest ``keep`` complete step checkpoints (the best one lives apart)."""
+        found = complete_checkpoints(self.ckpt_dir)
+        for _, folder in found[: max(0, len(found) - self.keep)]:
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder.with_name(folder.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+    def choose(self, candidates: list[Path]) -> Path | None:
+        """The first candidate that verifies (sizes, checksums, no pickled code), decided by rank 0
+        and broadcast; a damaged one is named in a warning and the next one is tried."""
+        import torch.distributed as dist
+
+        choice = [None]
+        if self.rank == 0:
+            for folder in candidates:
+                problems = verify(folder)
+                if not problems:
+                    try:
+                        check_pickles(folder)
+                    except CheckpointError as e:
+                        if len(candidates) == 1:
+                            raise
+                        problems = [str(e)]
+                if not problems:
+                    choice = [str(folder)]
+                    break
+                log.warning("checkpoint %s is damaged, not resuming from it: %s", folder, "; ".join(problems[:5]))
+            if candidates and choice[0] is None:
+                log.warning("no intact checkpoint among %s: starting from scratch", [str(c) for c in candidates])
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
+
+
+# --------------------------------------------------------------------------- weights out
+
+
+def consolidated_state_dict(folder: Path, *, trust_pickles: bool = False) -> dict[str, Tensor]:
+    """The full fp32 state dict of a DeepSpeed checkpoint tag folder, any ZeRO stage, any world size.
+
+    ZeRO 1-3: DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint`` merges the partitions;
+    without ZeRO the model-states file holds the module in its training dtype (cast to fp32 here).
+    """
+    if not trust_pickles:
+        check_pickles(folder)
+    if any(folder.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no DeepSpeed model states")
+    module = torch.load(files[0], map_location="cpu", weights_only=not trust_pickles)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+
+# Pre-training heads: a checkpoint older than one of them may lack its weights without harm here.
+UNUSED_BY_EVALUATION = ("mlm.", "mrfr.")
+
+
+def load_model(spec: str | Path, model_dir: str | Path | None = None, device: str | torch.device = "cpu", *,
+               trust_pickles: bool = False):
+    """(model in eval mode, tokenizer, Resolved) from an HF folder or a complete DeepSpeed checkpoint."""
+    from transformers import AutoTokenizer
+
+    from .model import CrossModalConfig, CrossModalModel
+
+    info = resolve(spec, model_dir)
+    if info.kind == "hf":
+        model = CrossModalModel.from_pretrained(str(info.folder))
+    else:
+        config = CrossModalConfig.from_pretrained(str(info.model_dir))
+        model = CrossModalModel(config)
+        _load_into(model, consolidated_state_dict(info.folder, trust_pickles=trust_pickles), str(info.folder),
+                   allow_missing=UNUSED_BY_EVALUATION)
+    # Passing the config keeps AutoTokenizer from re-reading config.json as an unknown model type.
+    tokenizer = AutoTokenizer.from_pretrained(str(info.model_dir), config=model.config)
+    return model.to(device).eval(), tokenizer, info
+
+
+def _load_into(model, state: dict[str, Tensor], where: str, allow_missing: tuple[str, ...] = ()) -> None:
+    result = model.load_state_dict(state, strict=False)
+    params = model.state_dict(keep_vars=True)
+    loaded = {id(params[k]) for k in state if k in params}
+    missing = [k for k in result.missing_keys if id(params[k]) not in loaded]  # a tied alias is not missing
+    unused = [k for k in missing if k.startswith(allow_missing)] if allow_missing else []
+    if unused:
+        log.warning("checkpoint %s lacks %d weights of heads that evaluation does not use (left at their initial"
+                    " values): %s", where, len(unused), unused[:5])
+    missing = [k for k in missing if k not in unused]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {where} does not fit the model config: missing {missing[:10]},"
+                         f" unexpected {result.unexpected_keys[:10]}")
+
+
+_WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt)$|.*\.index\.json$|^config\.json$")
+
+
+def export_hf(spec: str | Path, out_dir: str | Path, *, model_dir: str | Path | None = None,
+              trust_pickles: bool = False) -> Path:
+    """Consolidate a complete DeepSpeed checkpoint into a Hugging Face folder (``config.json``,
+    ``model.safetensors``, tokenizer files), written into a temporary folder and renamed into place."""
+    from .model import CrossModalConfig, CrossModalModel
+
+    info = resolve(spec, model_dir)
+    if info.kind != "deepspeed":
+        raise ValueError(f"{spec}: already a Hugging Face folder")
+    model = CrossModalModel(CrossModalConfig.from_pretrained(str(info.model_dir)))
+    _load_into(model, consolidated_state_dict(info.folder, trust_pickles=trust_pickles), str(info.folder))
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    for f in sorted(info.model_dir.iterdir()):
+        if f.is_file() and not _WEIGHT_FILES.match(f.name):  # the tokenizer's files, whatever its kind
+            shutil.copy2(f, tmp / f.name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m iais_scale.checkpoint", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="a complete DeepSpeed checkpoint -> Hugging Face folder")
+    ex.add_argument("checkpoint", help="a run folder, its checkpoints/ folder (newest complete) or a step folder")
+    ex.add_argument("out_dir")
+    ex.add_argument("--model-dir", default=None, help="config + tokenizer folder (default: the run's model/)")
+    ex.add_argument("--trust-pickles", action="store_true",
+                    help="load pickles beyond the allow-list (only for checkpoints you made or trust)")
+    ve = sub.add_parser("verify", help="check a checkpoint's files against its COMPLETE marker")
+    ve.add_argument("checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            print(export_hf(args.checkpoint, args.out_dir, model_dir=args.model_dir, trust_pickles=args.trust_pickles))
+            return 0
+        folder = resolve(args.checkpoint).folder
+        problems = verify(folder)
+        try:
+            check_pickles(folder)
+        except CheckpointError as e:
+            problems.append(str(e))
+        print("\n".join(problems) or f"{folder}: intact")
+        return 1 if problems else 0
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Training metrics: averaging over a logging window, reduction over ranks, and their outputs
+(log lines, ``train_log.jsonl``, TensorBoard, a progress bar) written by rank 0."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("iais_scale")
+
+# Summed over ranks rather than averaged: totals of the whole job.
+SUMMED = ("samples_per_s", "tokens_per_s", "bad_samples", "overflow_steps_total")
+
+
+class Window:
+    """Loss parts averaged over the steps of a logging window. A key that some steps lack (e.g.
+    ranking before it starts) averages over the steps that have it."""
+
+    def __init__(self) -> None:
+        self.reset(0)
+
+    def reset(self, tokens: int) -> None:
+        self.sums: dict[str, tuple[float, int]] = {}
+        self.steps, self.t0, self.tokens0 = 0, time.perf_counter(), tokens
+
+    def add(self, parts: dict[str, float]) -> None:
+        self.steps += 1
+        for k, v in parts.items():
+            total, count = self.sums.get(k, (0.0, 0))
+            self.sums[k] = (total + v, count + 1)
+
+    def record(self, *, step: int, pairs_per_step: int, tokens: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        out = {k: total / count for k, (total, count) in self.sums.items()}
+        out.update(step=step, samples_per_s=self.steps * pairs_per_step / elapsed,
+                   tokens_per_s=(tokens - self.tokens0) / elapsed, memory_mb=peak_memory_mb())
+        return out
+
+
+def all_reduce_record(record: dict, world: int) -> dict:
+    """Average the numeric entries over ranks, sum those in ``SUMMED``. Every rank must pass the same
+    keys; a key one rank lacks is reported rather than mismatching the collective."""
+    keys = sorted(k for k in record if k != "step")
+    if world > 1:
+        names = [None] * world
+        dist.all_gather_object(names, keys)
+        if any(n != keys for n in names):
+            raise RuntimeError(f"ranks log different metrics: {names}")
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    out = dict(zip(keys, values.tolist()))
+    out["step"] = record["step"]
+    for k in SUMMED:
+        if k in out:
+            out[k] *= world
+    return out
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory of this rank, or the process's peak RSS on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsLogger:
+    """Rank 0 writes each record to the log, ``train_log.jsonl`` and TensorBoard (and wandb when
+    asked), and shows a tqdm bar; other ranks write nothing."""
+
+    MAIN = ("loss", "mlm", "itm_rank", "iais", "iais_weight", "entropy_S_L", "entropy_S_V")
+
+    def __init__(self, out_dir: Path, rank: int, total_steps: int, initial: int = 0, wandb_run=None):
+        self.rank = rank
+        self.jsonl = self.tb = self.bar = None
+        self.wandb = wandb_run
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm import tqdm
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(out_dir / "train_log.jsonl", "a")
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            self.bar = tqdm(total=total_steps, initial=initial, desc="train", unit="step", mininterval=5)
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        step = record["step"]
+        shown = "  ".join(f"{k}={record[k]:.4g}" for k in self.MAIN if k in record)
+        log.info("step %d  %s  %.0f samples/s", step, shown, record["samples_per_s"])
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for k, v in record.items():
+            if k != "step":
+                self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self.rank == 0:
+            self.bar.close()
+            self.jsonl.close()
+            self.tb.close()

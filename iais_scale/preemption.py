@@ -1,0 +1,165 @@
+"""Stopping well: signals become a checkpoint and an exit, a SLURM job requeues itself, a rank whose
+launcher died stops instead of training on as an orphan, and a rank that hangs says where and exits.
+
+Exit codes (docs/training.md): 0 finished or requeued, 143 stopped by a signal after saving,
+``EXIT_HUNG`` when the watchdog fired, 2 for an invalid config.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("iais_scale")
+
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped by a signal (any of them), checkpoint saved
+EXIT_HUNG = 124  # the watchdog saw no progress (as `timeout` reports a hang)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+REPEAT_WINDOW_S = 5.0  # launchers forward one request several times (SIGINT, then SIGTERM)
+
+
+class StopTraining(Exception):
+    """Raised on a signal after the checkpoint is saved; ``code`` is the process exit code."""
+
+    def __init__(self, code: int):
+        self.code = code
+        super().__init__(f"stopped by a signal (exit code {code})")
+
+
+class Preemption:
+    """The stop requests of one rank: signals, and the death of the launcher that started it."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.signum: int | None = None
+        self._first_at = 0.0
+        self._watch: threading.Thread | None = None
+
+    def install(self) -> None:
+        """SIGUSR1/SIGTERM/SIGINT: finish the step, save, stop. Repeats within seconds are the same
+        request (SLURM and DeepSpeed's launchers forward one); a later one exits at once."""
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._handler)
+        self._watch_launcher()
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None:
+            if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+                return
+            os._exit(128 + signum)  # the user insists
+        self.signum, self._first_at = signum, time.monotonic()
+        log.warning("rank %d: got signal %d; stopping after this step", self.rank, signum)
+
+    def request(self, signum: int, why: str) -> None:
+        if self.signum is None:
+            self.signum, self._first_at = signum, time.monotonic()
+            log.warning("rank %d: %s; stopping after this step", self.rank, why)
+
+    def _watch_launcher(self) -> None:
+        """Under DeepSpeed's launcher, stop when it or the ``deepspeed`` runner above it dies
+        (``kill RUNNER`` leaves the per-node launcher, and us, running as orphans otherwise)."""
+        try:
+            import psutil
+
+            me = psutil.Process()
+            chain = [p for p in me.parents()[:2]]
+        except Exception:  # no psutil, or no permission: nothing to watch
+            return
+        if not chain or "deepspeed.launcher.launch" not in " ".join(_cmdline(chain[0])):
+            return
+        if len(chain) > 1 and "deepspeed" not in " ".join(_cmdline(chain[1])):
+            chain = chain[:1]  # the launcher was started by something else (srun, a shell): watch it only
+        watched = [(p.pid, p.create_time()) for p in chain]
+
+        def loop() -> None:
+            while self.signum is None:
+                for pid, created in watched:
+                    try:
+                        alive = psutil.Process(pid).create_time() == created
+                    except psutil.Error:
+                        alive = False
+                    if not alive:
+                        self.request(signal.SIGTERM, f"the launcher process {pid} is gone")
+                        return
+                time.sleep(1.0)
+
+        self._watch = threading.Thread(target=loop, name="launcher-watch", daemon=True)
+        self._watch.start()
+
+    def agreed(self) -> int:
+        """The stop request any rank has (0 if none): every rank stops at the same step."""
+        flag = torch.tensor([self.signum or 0], dtype=torch.int64)
+        if dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except Exception:
+        return []
+
+
+def requeue(rank: int, saved: str) -> bool:
+    """Ask SLURM to requeue this job (rank 0 asks, every rank learns the answer)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    ok = torch.zeros(1)
+    if rank == 0 and job:
+        log.warning("checkpoint %s saved; asking SLURM to requeue job %s", saved, job)
+        try:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+            ok[0] = float(result.returncode == 0)
+            if result.returncode:
+                log.error("scontrol requeue failed (%s): stopping as interrupted", result.stderr.strip())
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.error("scontrol requeue failed (%s): stopping as interrupted", e)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            ok = ok.cuda()
+        dist.broadcast(ok, src=0)
+    return bool(ok.item())
+
+
+class Watchdog:
+    """Exits the rank (``EXIT_HUNG``) after ``timeout_s`` without a ``beat``, first logging what it
+    was doing and every thread's stack, so a job stuck in a collective never hangs silently."""
+
+    def __init__(self, rank: int, timeout_s: float):
+        self.rank, self.timeout_s = rank, timeout_s
+        self.stage, self._last = "start-up", time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self, stage: str) -> None:
+        self.stage, self._last = stage, time.monotonic()
+
+    def start(self) -> None:
+        if self.timeout_s <= 0:
+            return
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(5.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                log.error("rank %d: no progress for %.0f s (last: %s); exiting with code %d (train.watchdog_s)."
+                          " Stacks follow.", self.rank, idle, self.stage, EXIT_HUNG)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stderr.flush()
+                os._exit(EXIT_HUNG)
