@@ -9,7 +9,9 @@ Shapes: B pairs, H heads, N sequence positions, d head size; T (V) = the compact
 pair's t-th valid word in sequence order; slots past a pair's count are padding, masked, and 0.
 
 No function here synchronises with the host (no ``.item()``, ``.tolist()``, boolean indexing or
-data-dependent shapes), so they can run inside CUDA graphs and never stall the GPU.
+data-dependent shapes), so they can run inside CUDA graphs and never stall the GPU; the one exception
+is building relation matrices without static ``max_words``/``max_regions``, which reads the batch's
+largest counts once (the convenient default outside a model).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ _SOFT_EPS = 1e-6
 
 @dataclass
 class RelationMatrices:
-    """The four head-averaged relation matrices of a batch of pairs (float32, compacted)."""
+    """The four head-averaged relation matrices of a batch of pairs and their logs (float32, compacted)."""
 
     s_l: Tensor  # [B, T, T] linguistic relations  A[W->W]
     s_v: Tensor  # [B, V, V] visual relations      A[R->R]
@@ -42,6 +44,24 @@ class RelationMatrices:
     region_mask: Tensor  # [B, V] bool, valid region slots
     word_pos: Tensor  # [B, T] long, sequence position of each word slot (0 where invalid)
     region_pos: Tensor  # [B, V] long
+    # Their logs, computed in log space (finite where a probability underflows to 0); 0 where masked.
+    log_s_l: Tensor | None = None
+    log_s_v: Tensor | None = None
+    log_t2i: Tensor | None = None
+    log_i2t: Tensor | None = None
+
+    def log(self, name: str) -> Tensor:
+        """log of matrix ``name`` ("s_l", "s_v", "t2i", "i2t"), 0 at masked entries.
+
+        The stored log-space one when present, else log of the probabilities clamped at the
+        smallest normal float (finite, but with no gradient where the clamp binds).
+        """
+        log_m = getattr(self, f"log_{name}")
+        if log_m is not None:
+            return log_m
+        rows, cols = {"s_l": (self.word_mask, self.word_mask), "s_v": (self.region_mask, self.region_mask),
+                      "t2i": (self.word_mask, self.region_mask), "i2t": (self.region_mask, self.word_mask)}[name]
+        return _clamped_log(getattr(self, name), rows[:, :, None] & cols[:, None, :])
 
     @property
     def pair_mask(self) -> Tensor:
@@ -53,17 +73,22 @@ class RelationMatrices:
 
 
 def _compact(mask: Tensor, size: int | None, what: str) -> tuple[Tensor, Tensor]:
-    """Positions of the valid entries of each row, in order, packed to the front of ``size`` slots."""
-    n = mask.shape[1]
-    size = n if size is None else min(int(size), n)
-    if size < 1:
+    """Positions of the valid entries of each row, in order, packed to the front of ``size`` slots.
+
+    ``size=None`` takes the largest count of the batch: one host read, the only one in this module.
+    """
+    if size is not None and size < 1:
         raise ValueError(f"max_{what} must be at least 1, got {size}")
+    if size is None:
+        size = max(int(mask.sum(1).max()) if mask.shape[0] else 0, 1)
+    else:
+        torch._assert_async(
+            (mask.sum(1) <= size).all(), f"a pair has more valid {what} than max_{what}={size}"
+        )
+    size = min(int(size), mask.shape[1])
     # A stable sort of "is invalid" puts valid positions first, in sequence order: no host sync.
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :size]
     valid = mask.gather(1, order)
-    torch._assert_async(
-        (mask.sum(1) <= size).all(), f"a pair has more valid {what} than max_{what}={size}"
-    )
     return torch.where(valid, order, 0), valid
 
 
@@ -79,13 +104,24 @@ def _gather_tokens(x: Tensor, pos: Tensor) -> Tensor:
     return rows.view(b, pos.shape[1], h, d).transpose(1, 2).contiguous()
 
 
-def _masked_mean_softmax(scores: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """Softmax of [B, H, R, C] scores over the valid columns, mean over heads, invalid rows/cols 0."""
+def _masked_mean_softmax(scores: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax of [B, H, R, C] scores over the valid columns, mean over heads: (probs, log probs).
+
+    The log is taken in log space, logsumexp_h(log_softmax_h) - log H, so it stays finite where a
+    sharp row's probabilities underflow to 0. Entries with an invalid row or column are 0 in both.
+    """
     # A finite fill (not -inf) keeps fully masked rows NaN-free; they are zeroed below.
     # In place: the product's backward does not need its output.
     scores = scores.masked_fill_(~cols[:, None, None, :], torch.finfo(scores.dtype).min)
-    probs = scores.softmax(-1).mean(1)
-    return probs * (rows[:, :, None] & cols[:, None, :])
+    log_probs = scores.log_softmax(-1).logsumexp(1) - math.log(scores.shape[1])
+    valid = rows[:, :, None] & cols[:, None, :]
+    log_probs = torch.where(valid, log_probs, 0.0)
+    return torch.where(valid, log_probs.exp(), 0.0), log_probs
+
+
+def _clamped_log(m: Tensor, valid: Tensor) -> Tensor:
+    """log of a probability matrix clamped at the smallest normal float (never -inf), 0 where masked."""
+    return torch.where(valid, m.clamp_min(torch.finfo(m.dtype).tiny).log(), 0.0)
 
 
 def relation_matrices(
@@ -97,12 +133,13 @@ def relation_matrices(
     max_words: int | None = None,
     max_regions: int | None = None,
 ) -> RelationMatrices:
-    """Spec section 1 from a layer's own projections ``query``/``key`` [B, H, N, d].
+    """Spec section 1 from a layer's own projections ``query``/``key`` [B, H, N, d], with the logs.
 
     ``text_mask``/``image_mask`` [B, N] bool mark the valid word / region positions (anywhere in the
-    sequence). The scores are computed once, on the compacted positions only: (T + V)^2 entries
-    instead of 4 N^2, and the four blocks are views of them. ``max_words``/``max_regions`` are static upper bounds on the per-pair
-    counts (the collator knows them); without them the bound is N, correct but not compact.
+    sequence); scores are computed on the compacted positions only, (T + V)^2 entries, not 4 N^2.
+    ``max_words``/``max_regions``: static upper bounds on the per-pair counts (the collator knows
+    them). Without them the batch's largest counts are read from the masks, a host sync: pass static
+    bounds inside a model/CUDA graph to avoid the host sync.
     """
     if query.shape != key.shape or query.dim() != 4:
         raise ValueError(f"query and key must both be [B, H, N, d], got {query.shape}, {key.shape}")
@@ -114,21 +151,21 @@ def relation_matrices(
     # Float32 at least (bf16 cannot resolve these KLs); float64 stays float64 (gradcheck).
     dtype = torch.promote_types(query.dtype, torch.float32)
     scale = 1.0 / math.sqrt(query.shape[-1])
-    q_w, q_r = _gather_tokens(query.to(dtype), word_pos) * scale, _gather_tokens(query.to(dtype), region_pos) * scale
-    k_w, k_r = _gather_tokens(key.to(dtype), word_pos), _gather_tokens(key.to(dtype), region_pos)
+    # One gather of words and regions together, split after: backward is one index_add per input
+    # (and a cat), not two full-size [B, N] gradients plus their sum.
+    pos, sizes = torch.cat([word_pos, region_pos], 1), [word_pos.shape[1], region_pos.shape[1]]
+    q_w, q_r = (_gather_tokens(query.to(dtype), pos) * scale).split(sizes, dim=2)
+    k_w, k_r = _gather_tokens(key.to(dtype), pos).split(sizes, dim=2)
 
-    def block(q_x: Tensor, k_y: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    def block(q_x: Tensor, k_y: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
         return _masked_mean_softmax(q_x @ k_y.transpose(-1, -2), rows, cols)
 
+    (s_l, log_s_l), (s_v, log_s_v) = block(q_w, k_w, word_mask, word_mask), block(q_r, k_r, region_mask, region_mask)
+    (t2i, log_t2i), (i2t, log_i2t) = block(q_w, k_r, word_mask, region_mask), block(q_r, k_w, region_mask, word_mask)
     return RelationMatrices(
-        s_l=block(q_w, k_w, word_mask, word_mask),
-        s_v=block(q_r, k_r, region_mask, region_mask),
-        t2i=block(q_w, k_r, word_mask, region_mask),
-        i2t=block(q_r, k_w, region_mask, word_mask),
-        word_mask=word_mask,
-        region_mask=region_mask,
-        word_pos=word_pos,
-        region_pos=region_pos,
+        s_l=s_l, s_v=s_v, t2i=t2i, i2t=i2t,
+        word_mask=word_mask, region_mask=region_mask, word_pos=word_pos, region_pos=region_pos,
+        log_s_l=log_s_l, log_s_v=log_s_v, log_t2i=log_t2i, log_i2t=log_i2t,
     )
 
 
@@ -143,7 +180,8 @@ def relation_matrices_from_probs(
     """Spec section 1 from materialised attention probabilities [B, H, N, N] (eager attention).
 
     Restricting a softmax to a key subset and renormalising equals a fresh softmax over that subset,
-    so each block is the per-head renormalised crop of ``probs``: no second ``q k^T``.
+    so each block is the per-head renormalised crop of ``probs``: no second ``q k^T``. The logs are
+    clamped (an underflowed probability has no log left to recover); bounds as ``relation_matrices``.
     """
     if probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
         raise ValueError(f"probs must be [B, H, N, N], got {tuple(probs.shape)}")
@@ -183,45 +221,66 @@ def _take(m: Tensor, index: Tensor) -> Tensor:
     return rows.gather(2, index[:, None, :].expand(b, r, r))
 
 
-def _masked_softmax(x: Tensor, valid2d: Tensor) -> Tensor:
-    x = x.masked_fill(~valid2d, torch.finfo(x.dtype).min)
-    return x.softmax(-1) * valid2d
+def _masked_softmax(x: Tensor, valid2d: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax of x over the valid entries of each row, and its log (exact: log_softmax); 0 where masked."""
+    log_p = x.masked_fill(~valid2d, torch.finfo(x.dtype).min).log_softmax(-1)
+    log_p = torch.where(valid2d, log_p, 0.0)
+    return torch.where(valid2d, log_p.exp(), 0.0), log_p
+
+
+def _mapped_logs(rel: RelationMatrices, alignment: str, direction: str) -> tuple[Tensor, ...]:
+    """(S_X, log S_X, P_X, log P_X, row mask) of one direction X in {L, V} (spec section 2).
+
+    log S_X comes from log space, as does the singular log P_X (log_softmax). The soft modes' log P_X
+    only enters P log P: below the smallest normal float that term and its gradient (|dP/dscore| <=
+    2 P) vanish, so a clamped log is exact to float precision, at a matmul's cost, not a logsumexp's.
+    """
+    if direction == "L":
+        (x, y, x2y, y2x), rows = ("s_l", "s_v", "t2i", "i2t"), rel.word_mask
+    else:
+        (x, y, x2y, y2x), rows = ("s_v", "s_l", "i2t", "t2i"), rel.region_mask
+    valid2d = rows[:, :, None] & rows[:, None, :]
+    if alignment == "singular":
+        # Hard alignment: the index carries no gradient (argmax), the values gathered through it do.
+        index = getattr(rel, x2y).argmax(-1)
+        p_x, log_p_x = _masked_softmax(_take(getattr(rel, y), index), valid2d)
+    elif alignment == "distributed":
+        p_x = getattr(rel, x2y) @ getattr(rel, y2x)
+        log_p_x = _clamped_log(p_x, valid2d)
+    elif alignment == "congruence":
+        p_x = getattr(rel, x2y) @ getattr(rel, y) @ getattr(rel, y2x)
+        log_p_x = _clamped_log(p_x, valid2d)
+    else:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    return getattr(rel, x), rel.log(x), p_x, log_p_x, rows
 
 
 def _mapped(rel: RelationMatrices, alignment: str, direction: str) -> tuple[Tensor, Tensor, Tensor]:
     """(S_X, P_X, row mask) of one direction X in {L, V} (spec section 2)."""
-    if direction == "L":
-        s_x, s_y, x2y, y2x, rows = rel.s_l, rel.s_v, rel.t2i, rel.i2t, rel.word_mask
-    else:
-        s_x, s_y, x2y, y2x, rows = rel.s_v, rel.s_l, rel.i2t, rel.t2i, rel.region_mask
-    valid2d = rows[:, :, None] & rows[:, None, :]
-    if alignment == "singular":
-        # Hard alignment: the index carries no gradient (argmax), the values gathered through it do.
-        index = x2y.argmax(-1)
-        p_x = _masked_softmax(_take(s_y, index), valid2d)
-    elif alignment == "distributed":
-        p_x = x2y @ y2x
-    elif alignment == "congruence":
-        p_x = x2y @ s_y @ y2x
-    else:
-        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    s_x, _, p_x, _, rows = _mapped_logs(rel, alignment, direction)
     return s_x, p_x, rows
 
 
-def _symmetric_kl(s: Tensor, p: Tensor, rows: Tensor, pair_ok: Tensor, eps: float) -> Tensor:
+def _symmetric_kl(
+    s: Tensor, log_s: Tensor, p: Tensor, log_p: Tensor, rows: Tensor, pair_ok: Tensor, eps: float
+) -> Tensor:
     """Per pair: (1/n) sum over the n valid rows of KL(P row || S row) + KL(S row || P row).
 
     Matches ``KLDivLoss(batchmean)(log(S + eps), P) + KLDivLoss(batchmean)(log(P + eps), S)`` on the
-    cropped matrices. Masked entries are set to 1 before any log and masked after, so no 0 * log 0
-    reaches autograd (spec section 6).
+    cropped matrices. ``log_s``/``log_p`` come from log space, so X log X and the plain logs of the
+    singular mode (eps = 0) stay finite, with finite gradients, where a probability underflows to 0.
+    Masked entries are 0 in all four inputs and masked after: no 0 * log 0 reaches autograd (spec 6).
     """
     rows = rows & pair_ok[:, None]
     valid2d = rows[:, :, None] & rows[:, None, :]
-    s = torch.where(valid2d, s, 1.0)
-    p = torch.where(valid2d, p, 1.0)
-    kl = torch.xlogy(p, p) - p * torch.log(s + eps) + torch.xlogy(s, s) - s * torch.log(p + eps)
+    if eps > 0:
+        # Finite as it stands (eps > 0), with a gradient of at most 1 / eps: the reference's own formula.
+        log_s_eps, log_p_eps = torch.log(s + eps), torch.log(p + eps)
+    else:
+        log_s_eps, log_p_eps = log_s, log_p
+    kl = p * (log_p - log_s_eps) + s * (log_s - log_p_eps)
     n_rows = rows.sum(1).clamp_min(1)
-    return (kl * valid2d).sum((1, 2)) / n_rows
+    return torch.where(valid2d, kl, 0.0).sum((1, 2)) / n_rows
 
 
 def _check(alignment: str, direction: str) -> None:
@@ -259,8 +318,8 @@ def iais_loss(
     pair_ok = rel.pair_mask
     per_pair = rel.s_l.new_zeros(rel.s_l.shape[0])
     for x in ("L", "V") if direction == "both" else (direction,):
-        s_x, p_x, rows = _mapped(rel, alignment, x)
-        per_pair = per_pair + _symmetric_kl(s_x, p_x, rows, pair_ok, eps)
+        s_x, log_s_x, p_x, log_p_x, rows = _mapped_logs(rel, alignment, x)
+        per_pair = per_pair + _symmetric_kl(s_x, log_s_x, p_x, log_p_x, rows, pair_ok, eps)
     return _reduce(per_pair, pair_ok, reduction)
 
 
@@ -268,11 +327,6 @@ def iais_loss(
 def isd(rel: RelationMatrices, *, alignment: Alignment, direction: Direction) -> Tensor:
     """Spec section 4: Intra-modal Self-attention Distance per pair [B], no gradient."""
     return iais_loss(rel, alignment=alignment, direction=direction, reduction="none").detach()
-
-
-def _renormalise(m: Tensor, valid2d: Tensor) -> Tensor:
-    m = m * valid2d
-    return m / m.sum(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
 
 
 @torch.no_grad()
@@ -297,15 +351,16 @@ def isd_annotated(rel: RelationMatrices, word_to_region: Tensor, *, direction: D
     per_pair = rel.s_l.new_zeros(rel.s_l.shape[0])
     for x in ("L", "V") if direction == "both" else (direction,):
         if x == "L":
-            rows, s_x, s_y = words, rel.s_l, rel.s_v
+            rows, log_s_x, s_y = words, rel.log("s_l"), rel.s_v
             index = hits.float().argmax(2)  # a(i): the region slot of word slot i
         else:
-            rows, s_x, s_y = regions, rel.s_v, rel.s_l
+            rows, log_s_x, s_y = regions, rel.log("s_v"), rel.s_l
             index = hits.float().argmax(1)  # b(r): the first word slot annotated with region r
         valid2d = rows[:, :, None] & rows[:, None, :]
-        s_x = _renormalise(s_x, valid2d)
-        p_x = _masked_softmax(_take(s_y, index), valid2d)
-        per_pair = per_pair + _symmetric_kl(s_x, p_x, rows, pair_ok, 0.0)
+        # S_X renormalised over the kept rows is a softmax of log S_X over them: exact in log space.
+        s_x, log_s_x = _masked_softmax(log_s_x, valid2d)
+        p_x, log_p_x = _masked_softmax(_take(s_y, index), valid2d)
+        per_pair = per_pair + _symmetric_kl(s_x, log_s_x, p_x, log_p_x, rows, pair_ok, 0.0)
     return per_pair
 
 

@@ -52,8 +52,8 @@ def padded_reference(mats, name, t_slots=None, v_slots=None):
 
 
 def assert_rel_matches(rel, mats, rtol=1e-5, atol=1e-7, n=None):
-    """T (V) may be any static upper bound on the word (region) counts, at most N: the library avoids
-    data-dependent shapes (no host sync, spec section 6), so without ``max_words`` it uses T = N.
+    """T (V) may be any upper bound on the word (region) counts, at most N: a static bound passed as
+    ``max_words`` (no host sync, spec section 6), else the batch's largest count read from the masks.
     The slots past each pair's count must be masked, position 0, and hold 0 in every matrix."""
     bsz = len(mats)
     t_max = max(m.word_pos.numel() for m in mats)
@@ -292,8 +292,11 @@ def test_singular_gradients_match_reference(direction, dtype):
 
 @pytest.mark.parametrize("alignment,direction", COMBOS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_gradients_match_reference_on_main_batch(alignment, direction, dtype):
-    q, k, text, image = make_batch(dtype=dtype)
+@pytest.mark.parametrize("scale", [1.5, 5.0])
+def test_gradients_match_reference_on_main_batch(alignment, direction, dtype, scale):
+    # scale 5: sharp, yet the reference is still finite. Each dtype against the reference in the same
+    # dtype: near one-hot rows make the singular argmax a tie that rounding breaks.
+    q, k, text, image = make_batch(dtype=dtype, scale=scale)
     q.requires_grad_(True)
     k.requires_grad_(True)
     got = torch.autograd.grad(lib_loss(q, k, text, image, alignment, direction, "mean"), (q, k))
@@ -341,6 +344,131 @@ def test_gradient_finite_with_near_one_hot_attention():
 
 
 # ----------------------------------------------------------------------------------------------
+# sharp attention: the logs are taken in log space (q, k scaled up until rows are near one-hot)
+
+SCALES = (1.5, 5.0, 10.0, 30.0)
+
+
+def logspace_loss_float64(q, k, text, image, alignment, direction):
+    """Per-pair loss [B] in float64 with every log taken in log space (log of a head mean by
+    logsumexp, log of a product by logsumexp over the inner index, log(x + 1e-6) by logaddexp):
+    a high-precision evaluation of spec section 3, finite at any sharpness. The singular argmax is
+    taken on the float32-rounded A: at near one-hot rows it is a tie (e.g. three heads on three
+    regions give 1/3 each) that float32 cannot break, so float32 results follow the same choice."""
+    q, k = q.double(), k.double()
+    h, d = q.shape[1], q.shape[-1]
+    per_pair = []
+    for b in range(q.shape[0]):
+        w, r = torch.nonzero(text[b]).flatten(), torch.nonzero(image[b]).flatten()
+        total = torch.zeros((), dtype=torch.float64)
+        if w.numel() and r.numel():
+            scores = q[b] @ k[b].transpose(-1, -2) / math.sqrt(d)
+
+            def log_a(x, y, scores=scores):
+                return torch.log_softmax(scores[:, x][:, :, y], -1).logsumexp(0) - math.log(h)
+
+            def log_mm(la, lb):
+                return (la[:, :, None] + lb[None, :, :]).logsumexp(1)
+
+            logs = {"L": (log_a(w, w), log_a(r, r), log_a(w, r), log_a(r, w)),
+                    "V": (log_a(r, r), log_a(w, w), log_a(r, w), log_a(w, r))}
+            for x in ("L", "V") if direction == "both" else (direction,):
+                log_s, log_sy, log_xy, log_yx = logs[x]
+                if alignment == "singular":
+                    a = log_xy.exp().float().argmax(1)
+                    log_p = torch.log_softmax(log_sy.exp()[a][:, a], 1)
+                    log_s_eps, log_p_eps = log_s, log_p
+                else:
+                    log_p = log_mm(log_xy, log_yx) if alignment == "distributed" else \
+                        log_mm(log_mm(log_xy, log_sy), log_yx)
+                    log_eps = torch.tensor(math.log(ref.EPS), dtype=torch.float64)
+                    log_s_eps, log_p_eps = torch.logaddexp(log_s, log_eps), torch.logaddexp(log_p, log_eps)
+                kl = log_p.exp() * (log_p - log_s_eps) + log_s.exp() * (log_s - log_p_eps)
+                total = total + kl.sum() / log_s.shape[0]
+        per_pair.append(total)
+    return torch.stack(per_pair)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("alignment,direction", COMBOS)
+def test_sharp_attention_loss_and_gradients_finite(alignment, direction, scale):
+    q, k, text, image = make_batch(scale=scale)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    rel = iais.relation_matrices(q, k, text, image)
+    none = iais.iais_loss(rel, alignment=alignment, direction=direction, reduction="none")
+    mean = iais.iais_loss(rel, alignment=alignment, direction=direction, reduction="mean")
+    assert torch.isfinite(none).all() and torch.isfinite(mean)
+    # a symmetric KL is >= 0; the soft modes' 1e-6 inside the log allows -2e-6 per direction
+    assert (none.detach() >= -1e-5).all()
+    gq, gk = torch.autograd.grad(mean, (q, k))
+    assert torch.isfinite(gq).all() and torch.isfinite(gk).all()
+    assert gq.abs().sum() > 0
+    # float64 in log space: the float32 library keeps its precision however sharp the rows are
+    want = logspace_loss_float64(q.detach(), k.detach(), text, image, alignment, direction)
+    torch.testing.assert_close(none.detach(), want.float(), rtol=1e-4, atol=1e-6)
+    if scale == 1.5:  # normal sharpness: still the reference, to its usual tolerance
+        torch.testing.assert_close(none, ref.reference_loss(q, k, text, image, alignment=alignment,
+                                                            direction=direction, reduction="none"),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_sharp_attention_scale_30_is_past_what_probabilities_can_hold():
+    # the case the log space exists for: entries of S_L underflow to exactly 0 while their logs stay
+    # finite; even in float64 the reference's plain log(S) is infinite here.
+    q, k, text, image = make_batch(scale=30.0)
+    rel = iais.relation_matrices(q, k, text, image)
+    valid = rel.word_mask[:, :, None] & rel.word_mask[:, None, :]
+    assert ((rel.s_l == 0) & valid).any()
+    for name in MATRIX_NAMES:
+        log_m = rel.log(name)
+        assert torch.isfinite(log_m).all()
+        assert (log_m <= 1e-6).all()
+    assert torch.isinf(ref.reference_loss(q.double(), k.double(), text, image, alignment="singular",
+                                          direction="both", reduction="none")).any()
+
+
+def test_logs_are_the_logs_of_the_matrices():
+    q, k, text, image = make_batch()
+    rel = iais.relation_matrices(q, k, text, image)
+    rel_p = iais.relation_matrices_from_probs(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), -1), text, image)
+    for name, rows, cols in (("s_l", rel.word_mask, rel.word_mask), ("s_v", rel.region_mask, rel.region_mask),
+                             ("t2i", rel.word_mask, rel.region_mask), ("i2t", rel.region_mask, rel.word_mask)):
+        valid = rows[:, :, None] & cols[:, None, :]
+        m, log_m = getattr(rel, name), rel.log(name)
+        assert log_m is getattr(rel, f"log_{name}") and log_m.dtype == torch.float32
+        torch.testing.assert_close(log_m[valid], m[valid].log(), rtol=1e-5, atol=1e-6)
+        assert (log_m[~valid] == 0).all()
+        # from materialised probabilities: the clamped log of the matrices, derived on demand
+        assert getattr(rel_p, f"log_{name}") is None
+        torch.testing.assert_close(rel_p.log(name), log_m, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("alignment,direction", COMBOS)
+def test_gradcheck_float64_sharp(alignment, direction):
+    # moderate sharpness (scores a few times larger than test_gradcheck_float64's)
+    q, k = small_qk()
+    q, k = (3.0 * q).detach().requires_grad_(True), (3.0 * k).detach().requires_grad_(True)
+
+    def f(q_, k_):
+        return lib_loss(q_, k_, SMALL_TEXT, SMALL_IMAGE, alignment, direction, "mean")
+
+    assert torch.autograd.gradcheck(f, (q, k), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_isd_annotated_and_entropy_finite_at_sharp_attention():
+    q, k, text, image = make_batch(scale=30.0)
+    rel = iais.relation_matrices(q, k, text, image)
+    w2r = make_word_to_region(text, image)
+    for d in ref.DIRECTIONS:
+        got = iais.isd_annotated(rel, w2r, direction=d)
+        assert torch.isfinite(got).all() and (got >= -1e-6).all()
+    for name, value in iais.attention_entropy(rel).items():
+        ok = ~torch.isnan(value)
+        assert ok.any() and (value[ok] >= -1e-6).all() and (value[ok] <= 1 + 1e-6).all(), name
+
+
+# ----------------------------------------------------------------------------------------------
 # relation_matrices_from_probs
 
 
@@ -360,6 +488,55 @@ def test_from_probs_equals_relation_matrices(mask_padding):
     for name in ("word_mask", "region_mask", "word_pos", "region_pos"):
         assert torch.equal(getattr(rel_p, name), getattr(rel_q, name))
     assert_rel_matches(rel_p, ref.reference_matrices(q, k, text, image), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# slot bounds: the batch's largest counts by default (one host read), static when given (the model)
+
+
+def main_probs(q, k):
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+
+
+def test_default_bounds_are_the_largest_counts():
+    q, k, text, image = make_batch()
+    for rel in (iais.relation_matrices(q, k, text, image), iais.relation_matrices_from_probs(main_probs(q, k), text, image)):
+        assert rel.word_mask.shape == (B, max(WORDS)) and rel.region_mask.shape == (B, max(REGIONS))
+        assert rel.s_l.shape == (B, max(WORDS), max(WORDS)) and rel.t2i.shape == (B, max(WORDS), max(REGIONS))
+    # no region in the whole batch: one masked slot, a loss of 0 and no NaN
+    q, k, text, image = make_batch(word_counts=[3, 2], region_counts=[0, 0], n=8)
+    rel = iais.relation_matrices(q, k, text, image)
+    assert rel.region_mask.shape == (2, 1) and not rel.region_mask.any()
+    for a, d in COMBOS:
+        assert iais.iais_loss(rel, alignment=a, direction=d).item() == 0.0
+
+
+@pytest.mark.parametrize("max_words,max_regions", [(9, 8), (12, 10), (N, N), (100, 100)])
+def test_static_bounds_match_reference_and_default(max_words, max_regions):
+    q, k, text, image = make_batch()
+    mats = ref.reference_matrices(q, k, text, image)
+    rel = iais.relation_matrices(q, k, text, image, max_words=max_words, max_regions=max_regions)
+    assert rel.word_mask.shape[1] == min(max_words, N) and rel.region_mask.shape[1] == min(max_regions, N)
+    assert_rel_matches(rel, mats, n=N)
+    rel_p = iais.relation_matrices_from_probs(main_probs(q, k), text, image, max_words=max_words,
+                                              max_regions=max_regions)
+    assert rel_p.word_mask.shape == rel.word_mask.shape and rel_p.region_mask.shape == rel.region_mask.shape
+    assert_rel_matches(rel_p, mats, rtol=1e-5, atol=1e-6, n=N)
+    default = iais.relation_matrices(q, k, text, image)
+    for a, d in COMBOS:  # padding slots change nothing
+        torch.testing.assert_close(iais.iais_loss(rel, alignment=a, direction=d, reduction="none"),
+                                   iais.iais_loss(default, alignment=a, direction=d, reduction="none"),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_static_bound_below_a_count_is_an_error():
+    q, k, text, image = make_batch()
+    with pytest.raises(RuntimeError, match="more valid words than max_words=8"):
+        iais.relation_matrices(q, k, text, image, max_words=max(WORDS) - 1)
+    with pytest.raises(RuntimeError, match="more valid regions than max_regions=7"):
+        iais.relation_matrices_from_probs(main_probs(q, k), text, image, max_regions=max(REGIONS) - 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        iais.relation_matrices(q, k, text, image, max_words=0)
 
 
 # ----------------------------------------------------------------------------------------------
