@@ -6,13 +6,17 @@ pairs, four full q k^T per pair), at B=32 pairs, H=12 heads, d=64, N=100 positio
 10-36 regions per pair at scattered positions. The library is timed with the static bounds the model
 passes (no host sync) and with its default (bounds read from the masks), and with bounds N.
 
-    python benchmarks/iais_term.py [--device cpu|cuda] [--threads 1] [--repeats N]
+    python benchmarks/iais_term.py [--device cpu|cuda] [--threads 1] [--repeats N] [--no-sync-check]
 
-Targets: >= 3x on one CPU thread, >= 20x on a GPU.
+Targets: >= 3x on one CPU thread, >= 20x on a GPU. On CUDA the batched step (forward + backward) also
+runs once under ``torch.cuda.set_sync_debug_mode("error")``: the static-bound path the model uses
+must not synchronise with the host; the default path (bounds read from the masks) must, which shows
+that the check can see a sync. The last line is ``RESULT {json}`` for benchmarks/gpu_suite.py.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -67,6 +71,25 @@ def timed(fns: dict, device: str, warmup: int, repeats: int) -> dict[str, list[f
     return times
 
 
+def sync_check(steps: dict) -> dict[str, str]:
+    """Each step once under ``torch.cuda.set_sync_debug_mode("error")``: "no host sync", or the
+    first line of the error that the first synchronising call raised."""
+    out = {}
+    for name, fn in steps.items():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            verdict = "no host sync"
+        except RuntimeError as e:
+            verdict = "host sync: " + (str(e).strip().splitlines() or ["?"])[0][:300]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        out[name] = verdict
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -74,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sync-check", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the batched step under torch.cuda.set_sync_debug_mode('error') (default: on CUDA)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -112,10 +137,14 @@ def main(argv=None) -> int:
         f"batched, bounds N {(N, N)} (the former default)": batched(max_words=N, max_regions=N),
     }
 
+    result = {"device": device, "shape": {"B": B, "H": H, "N": N, "d": D, "words": list(WORDS), "regions": list(REGIONS)},
+              "torch": torch.__version__, "repeats": args.repeats, "threads": torch.get_num_threads()}
+
     # sanity: same loss and gradients
     loss_r = reference().detach()
     gq_r = q.grad.clone()
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
+    result["device_name"] = dev_name
     print(f"IAIS term (singular, both), forward+backward: B={B} H={H} N={N} d={D}, "
           f"words {min(words)}-{max(words)}, regions {min(regions)}-{max(regions)}; device: {dev_name}; "
           f"torch {torch.__version__}")
@@ -125,6 +154,17 @@ def main(argv=None) -> int:
         grad_err = ((q.grad - gq_r).abs().max() / gq_r.abs().max()).item()
         print(f"check, {name}: loss {loss_b.item():.6f} vs reference {loss_r.item():.6f} (rel diff {rel_err:.1e}); "
               f"max |grad q| diff / max |grad q| = {grad_err:.1e}")
+        result.setdefault("check", []).append({"variant": name, "loss_rel_diff": rel_err, "grad_rel_diff": grad_err})
+
+    if args.sync_check is None:
+        args.sync_check = device == "cuda"
+    if args.sync_check and device == "cuda":
+        result["sync_check"] = sync_check({"static_bounds": variants[list(variants)[1]],
+                                           "default_bounds": variants[list(variants)[2]]})
+        for name, verdict in result["sync_check"].items():
+            print(f"sync check (set_sync_debug_mode('error')), batched {name}: {verdict}")
+    else:
+        result["sync_check"] = {"skipped": "set_sync_debug_mode is CUDA-only" if device != "cuda" else "--no-sync-check"}
 
     times = timed(variants, device, args.warmup, args.repeats)
     t_ref, t_bat, t_def, _ = (statistics.median(t) for t in times.values())
@@ -136,6 +176,12 @@ def main(argv=None) -> int:
     target = 20.0 if device == "cuda" else 3.0
     print(f"target >= {target:.0f}x (static bounds): {'met' if t_ref / t_bat >= target else 'NOT met'}; "
           f"default {'met' if t_ref / t_def >= target else 'NOT met'}")
+    keys = ("reference", "static_bounds", "default_bounds", "bounds_n")
+    result["ms"] = {k: statistics.median(t) for k, t in zip(keys, times.values())}
+    result["speedup_static"] = t_ref / t_bat
+    result["speedup_default"] = t_ref / t_def
+    result["target_speedup"] = target
+    print("RESULT " + json.dumps(result), flush=True)
     return 0 if math.isfinite(t_bat) and math.isfinite(t_def) else 1
 
 

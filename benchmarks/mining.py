@@ -134,8 +134,12 @@ def mining_seconds(model, batch, cfg, anchor: str) -> tuple[float, float]:
 
 
 def timed(fn) -> float:
+    """Seconds of ``fn()``; on a GPU the queued kernels are waited for before and after."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 

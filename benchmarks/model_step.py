@@ -1,20 +1,32 @@
 """Train-step cost of the cross-modal model, measured in one run.
 
-CPU (always):
+CPU (``--device cpu``, the default):
   (a) base model (12 x 768), IAIS off, vs a bare ``transformers.BertModel`` of the same shape and
       token count: step-time ratio (target <= 1.10);
   (b) IAIS on (last layer, the matched quarter of the rows, as in training groups) vs off (<= 1.05);
   (c) activation memory with per-layer checkpointing vs without, 12 layers (target >= 2x lower),
-      measured as the bytes autograd keeps for backward (saved-tensor hooks), and on a GPU also as
-      peak allocated memory.
-GPU (when CUDA is available): bf16 base and large: samples/s, tokens/s and model FLOPs utilisation.
+      measured as the bytes autograd keeps for backward (saved-tensor hooks).
+GPU (``--device cuda``), or ``--sweep`` on any device: for each size (base 12 x 768, large
+  24 x 1024) in bf16 with SDPA, the micro-batch is sized to fill memory (doubling from ``--start-pairs``
+  while the predicted peak stays under ``--mem-fraction`` of the GPU's memory, at most
+  ``--max-pairs``), then forward + backward is timed with IAIS off/on and activation checkpointing
+  off/on: samples/s, tokens/s, peak memory, model FLOPs utilisation (MFU) against the device's dense
+  bf16 peak (H200/H100 SXM: 989 TFLOP/s by the datasheet), and a bare ``BertModel`` of the same
+  shape and token count (framework-step ratio). Model FLOPs: 6 x (weight-matrix parameters x the
+  tokens they apply to) + 12 x layers x hidden x sequence x tokens (attention), recomputation under
+  checkpointing not counted. Targets: MFU >= 40% (large), IAIS overhead <= 1.05x, framework step
+  <= 1.10x. Each row is also printed as ``RESULT {json}`` for benchmarks/gpu_suite.py.
 
     python benchmarks/model_step.py [--pairs 8] [--repeats 5] [--threads 2]
+    python benchmarks/model_step.py --device cuda [--sizes base,large] [--max-pairs 4096]
+    python benchmarks/model_step.py --sweep --sizes tiny --max-pairs 8 --repeats 2   # the sweep on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import statistics
 import time
 
@@ -34,13 +46,13 @@ def cross_modal(size: str, **kw) -> CrossModalModel:
     return CrossModalModel(cfg)
 
 
-def inputs(pairs: int, device: str) -> dict:
+def inputs(pairs: int, device: str, dtype: torch.dtype = torch.float32) -> dict:
     ids = torch.randint(1000, 30000, (pairs, TEXT), device=device)
     ids[:, 0], ids[:, -1] = 101, 102
     return dict(
         text_ids=ids, text_attention=torch.ones(pairs, TEXT, dtype=torch.bool, device=device),
-        region_features=torch.randn(pairs, REGIONS, FEAT, device=device),
-        region_geometry=torch.rand(pairs, REGIONS, 7, device=device),
+        region_features=torch.randn(pairs, REGIONS, FEAT, device=device, dtype=dtype),
+        region_geometry=torch.rand(pairs, REGIONS, 7, device=device, dtype=dtype),
         region_attention=torch.ones(pairs, REGIONS, dtype=torch.bool, device=device),
     )
 
@@ -124,42 +136,168 @@ def cpu_section(args) -> None:
           f"{ckpt / 2**20:.0f} MiB with   (c) {plain / ckpt:.1f}x lower  (target >= 2x)")
 
 
-def gpu_section(args) -> None:
-    if not torch.cuda.is_available():
-        print("GPU: no CUDA device here; run this script on a GPU machine for the bf16 figures")
-        return
-    peak_tflops = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in peak_tflops.items() if k in name), None)
-    for size, pairs in (("base", 128), ("large", 64)):
-        model = cross_modal(size, attn_implementation="sdpa").cuda().to(torch.bfloat16).train()
-        batch = inputs(pairs, "cuda")
-        batch["region_features"] = batch["region_features"].bfloat16()
-        t = timed(ours_step(model, batch, True), args.repeats, "cuda")
-        tokens = pairs * (TEXT + REGIONS)
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        h, layers, _, _ = MODEL_SIZES[size]
-        flops = 6 * params * tokens + 12 * layers * h * (TEXT + REGIONS) * tokens  # weights + attention
-        mfu = f"{flops / t / peak:.1%}" if peak else "n/a (unknown peak)"
-        print(f"GPU {name} bf16 {size}: {pairs / t:.0f} samples/s, {tokens / t:.0f} tokens/s, MFU {mfu}")
+# Dense bf16 peaks by the vendors' datasheets (no sparsity), matched against the device name in order.
+PEAK_BF16 = (("H200 NVL", 835e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
+
+
+def peak_bf16(name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16 if k in name), None)
+
+
+def step_flops(model: torch.nn.Module, pairs: int, bert: bool = False) -> float:
+    """Model FLOPs of one forward + backward over ``pairs`` sequences of TEXT + REGIONS tokens:
+    6 x each weight matrix's parameters x the tokens it applies to, plus attention's 12 L h S per
+    token. Embedding tables and unused heads (MLM, MRFR, ITC) do not count."""
+    seq = TEXT + REGIONS
+    cfg = model.config
+    per_pair = 0
+    layers = model.encoder.layer if bert else model.layers
+    per_pair += seq * sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
+    per_pair += sum(p.numel() for p in model.pooler.parameters() if p.dim() >= 2)  # one token
+    if not bert:
+        per_pair += sum(p.numel() for p in model.itm.parameters() if p.dim() >= 2)
+        emb = model.region_embeddings
+        per_pair += REGIONS * (emb.feature_linear.weight.numel() + emb.box_linear.weight.numel())
+    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq * seq
+    return pairs * (6 * per_pair + attention)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(step, device: str) -> int | None:
+    """Peak allocated bytes during one step (CUDA only)."""
+    if device != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    _sync(device)
+    return torch.cuda.max_memory_allocated()
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fill_pairs(model: CrossModalModel, device: str, dtype: torch.dtype, args) -> tuple[int, list]:
+    """The micro-batch (pairs) that fills memory: doubling from ``start_pairs`` while the next
+    doubling's predicted peak (static memory + twice the activations) stays under ``mem_fraction``
+    of the device memory, at most ``max_pairs``. Without a memory limit to read (CPU): ``max_pairs``."""
+    total = torch.cuda.mem_get_info()[1] if device == "cuda" else None
+    pairs, best, probes = args.start_pairs, None, []
+    while pairs <= args.max_pairs:
+        batch = inputs(pairs, device, dtype)
+        model.zero_grad(set_to_none=True)
+        _free(device)
+        static = torch.cuda.memory_allocated() if device == "cuda" else 0
+        try:
+            peak = peak_memory(ours_step(model, batch, True), device)
+            if device != "cuda":
+                ours_step(model, batch, True)()
+        except RuntimeError as e:
+            if not _is_oom(e):
+                raise
+            probes.append({"pairs": pairs, "peak_gib": "OOM"})
+            del batch
+            model.zero_grad(set_to_none=True)
+            _free(device)
+            break
+        del batch
+        probes.append({"pairs": pairs, "peak_gib": None if peak is None else round(peak / 2**30, 2)})
+        best = pairs
+        if total is not None and 2 * peak - static > args.mem_fraction * total:
+            break
+        pairs *= 2
+    model.zero_grad(set_to_none=True)
+    _free(device)
+    if best is None:
+        raise RuntimeError(f"not even {args.start_pairs} pairs fit: {probes}")
+    return best, probes
+
+
+def emit(row: dict) -> None:
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def sweep(args) -> None:
+    """The GPU measurements (on the CPU only with ``--sweep``, as a dry run of the same code)."""
+    device = args.device
+    dtype = getattr(torch, args.dtype)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available")
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    peak = peak_bf16(name) if device == "cuda" and dtype == torch.bfloat16 else None
+    peak_note = (f"{peak / 1e12:.0f} TFLOP/s dense bf16 ({name}, datasheet)" if peak
+                 else "none: MFU not computed (no known dense bf16 peak for this device)")
+    emit({"kind": "device", "device": device, "device_name": name, "dtype": args.dtype, "peak_flops": peak,
+          "peak_note": peak_note, "torch": torch.__version__, "seq": TEXT + REGIONS})
+    print(f"{name}, {args.dtype}, SDPA, {TEXT}+{REGIONS} tokens per pair; MFU against {peak_note}", flush=True)
+    for size in args.sizes.split(","):
+        h, layers, heads, inter = MODEL_SIZES[size]
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = cross_modal(size, attn_implementation="sdpa").to(dtype).train()
+            bert = BertModel(BertConfig(vocab_size=30522, hidden_size=h, num_hidden_layers=layers,
+                                        num_attention_heads=heads, intermediate_size=inter,
+                                        attn_implementation="sdpa")).to(dtype).train()
         for every in (0, 1):
             model.config.gradient_checkpointing_every = every
-            torch.cuda.reset_peak_memory_stats()
-            ours_step(model, batch, True)()
-            print(f"  checkpointing every {every} layer(s): peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+            pairs, probes = fill_pairs(model, device, dtype, args)
+            emit({"kind": "fill", "size": size, "checkpointing": bool(every), "pairs": pairs, "probes": probes})
+            batch = inputs(pairs, device, dtype)
+            tokens = pairs * (TEXT + REGIONS)
+            runs = [("ours", iais, ours_step(model, batch, iais)) for iais in (False, True)]
+            if every == 0:
+                ids = torch.randint(1000, 30000, (pairs, TEXT + REGIONS), device=device)
+                runs.insert(0, ("bert", False, bert_step(bert, ids)))
+            for kind, iais, step in runs:
+                t = timed(step, args.repeats, device)
+                mem = peak_memory(step, device)
+                flops = step_flops(bert if kind == "bert" else model, pairs, bert=kind == "bert")
+                row = {"kind": "step", "size": size, "model": kind, "iais": iais, "checkpointing": bool(every),
+                       "pairs": pairs, "tokens": tokens, "step_s": t, "samples_per_s": pairs / t,
+                       "tokens_per_s": tokens / t, "peak_gib": None if mem is None else mem / 2**30,
+                       "model_tflops": flops / 1e12, "mfu": flops / t / peak if peak else None}
+                emit(row)
+                mfu = f"{row['mfu']:.1%}" if peak else "n/a"
+                mem_s = f"{row['peak_gib']:.1f} GiB" if mem is not None else "n/a"
+                print(f"  {size:5s} {kind:4s} IAIS {'on ' if iais else 'off'} ckpt {'on ' if every else 'off'}"
+                      f" {pairs:5d} pairs: {t * 1000:8.1f} ms  {pairs / t:9.0f} samples/s  {tokens / t:11.0f} tokens/s"
+                      f"  peak {mem_s}  MFU {mfu}", flush=True)
+            del batch, runs
+            _free(device)
         model.config.gradient_checkpointing_every = 0
-        del model
+        del model, bert
+        _free(device)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--sweep", action="store_true", help="the GPU sweep on this device (implied by --device cuda)")
+    ap.add_argument("--pairs", type=int, default=8, help="CPU section: pairs per step")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sizes", default="base,large", help="sweep: model sizes (iais_scale.config.MODEL_SIZES)")
+    ap.add_argument("--dtype", default="bfloat16", help="sweep: parameter and input dtype")
+    ap.add_argument("--start-pairs", type=int, default=32, help="sweep: first micro-batch of the doubling search")
+    ap.add_argument("--max-pairs", type=int, default=4096, help="sweep: cap of the doubling search")
+    ap.add_argument("--mem-fraction", type=float, default=0.85, help="sweep: fill at most this share of GPU memory")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cpu_section(args)
-    gpu_section(args)
+    if args.device == "cuda" or args.sweep:
+        sweep(args)
+    else:
+        cpu_section(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python -m data_tools {demo,verify,stats,karpathy,coco,table,features}``."""
+"""``python -m data_tools {demo,verify,stats,karpathy,coco,table,features,uniter,entities}``."""
 
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.set_defaults(func=func)
 
-    from . import coco, features, karpathy, table
+    from . import coco, entities, features, karpathy, table, uniter
 
-    for module in (karpathy, coco, table, features):
+    for module in (karpathy, coco, table, features, uniter, entities):
         module.add_parser(sub)
     return parser
 

@@ -22,6 +22,7 @@ from iais_scale.data import shards
 from iais_scale.data.format import (
     BOXES_EXT,
     FEAT_EXT,
+    GEOMETRY_EXT,
     IMAGE_EXTS,
     MANIFEST_FILE,
     MEMBER_EXTS,
@@ -109,7 +110,7 @@ class Report:
 
 _REASON_TEXT = {
     "missing_json": "missing .json",
-    "missing_features": f"missing .{FEAT_EXT} / .{BOXES_EXT}",
+    "missing_features": f"missing .{FEAT_EXT} / .{BOXES_EXT} or .{GEOMETRY_EXT}",
     "missing_image": "no image member",
     "missing_caption": "missing or empty caption (.txt)",
 }
@@ -176,16 +177,20 @@ def _check_sample(
             if decode_images:
                 _decode_image(raw[ext], ext, meta, layout, bad)
 
-    has_feat, has_boxes = FEAT_EXT in raw, BOXES_EXT in raw
-    if has_boxes != has_feat:
-        bad(f".{BOXES_EXT} without .{FEAT_EXT}" if has_boxes else f".{FEAT_EXT} without .{BOXES_EXT}")
+    has_feat, has_boxes, has_geometry = FEAT_EXT in raw, BOXES_EXT in raw, GEOMETRY_EXT in raw
+    for ext, present in ((BOXES_EXT, has_boxes), (GEOMETRY_EXT, has_geometry)):
+        if present and not has_feat:
+            bad(f".{ext} without .{FEAT_EXT}")
+    if has_feat and not (has_boxes or has_geometry):
+        bad(f".{FEAT_EXT} without .{BOXES_EXT} or .{GEOMETRY_EXT}")
     if layout == IMG2DATASET_LAYOUT and not images:
         bad("no image member (.jpg, .png or .webp)")
     elif not images and not has_feat:
         bad("neither an image nor region features")
-    if has_feat and has_boxes and meta is not None:
+    if has_feat and (has_boxes or has_geometry) and meta is not None:
         try:
-            feat, _ = load_regions(raw, meta, feature_dim=feature_dim, max_regions=max_regions)
+            # The loader's own checks, including boxes against geometry when both are stored.
+            feat, _, _ = load_regions(raw, meta, feature_dim=feature_dim, max_regions=max_regions)
         except BadSample as e:
             bad(_problem_text(e, key))
             return

@@ -379,6 +379,40 @@ class Checkpointer:
         return Path(choice[0]) if choice[0] else None
 
 
+# --------------------------------------------------------------------------- another world size
+
+
+def needs_universal(folder: Path, world: int, zero_stage: int) -> bool:
+    """Whether a checkpoint was partitioned differently (world size or ZeRO stage) from this run."""
+    marker = read_marker(folder) or {}
+    return marker.get("world_size", world) != world or marker.get("zero_stage", zero_stage) != zero_stage
+
+
+def to_universal(folder: Path, *, workers: int = 2) -> Path:
+    """DeepSpeed's universal checkpoint of ``folder`` (``ds_to_universal``), made once and kept
+    beside it as ``{tag}_universal`` with its own ``COMPLETE`` marker; returns that folder.
+    Call on one rank (the others wait): it is written into a private folder and renamed."""
+    import argparse
+
+    out = folder.with_name(folder.name + UNIVERSAL_SUFFIX)
+    if (out / COMPLETE).is_file() and not verify(out):
+        return out
+    check_pickles(folder)  # the converter unpickles every file
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    partial = folder.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    ds_to_universal(argparse.Namespace(
+        input_folder=str(folder), output_folder=str(partial), num_extract_workers=workers,
+        num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True, inject_missing_state=True))
+    names = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+    marker = {**(read_marker(folder) or {}), "universal_of": folder.name, "files": file_records(partial, names)}
+    storage.write_bytes_atomic(str(partial / COMPLETE), json.dumps(marker, indent=1).encode())
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    return out
+
+
 # --------------------------------------------------------------------------- weights out
 
 

@@ -59,6 +59,8 @@ class DataConfig:
     io_backoff_s: float = 1.0  # first retry delay, doubled each time
     prefetch_shards: bool = True  # open the next remote shard while the current one is read
     max_member_mb: int = 256  # a tar member (image, features) larger than this is a bad sample
+    # Training draws skip captions of more word pieces (UNITER: 60); evaluation never drops or cuts.
+    max_train_caption_tokens: int | None = None
 
     def split_spec(self, split: str) -> str:
         """A split name under ``root``, or a spec of its own (a path, URL or shard list)."""
@@ -115,6 +117,9 @@ class ObjectiveConfig:
     # embeddings of unimodal passes. The cross-encoder then scores them without gradient and keeps
     # the num_hard highest; with num_hard == num_candidates nothing is scored.
     mining: Literal["cross", "itc"] = "cross"
+    # mining: itc: mine within blocks of this many consecutive ranks (e.g. 8: the GPUs of a node),
+    # whose micro-batches are then the candidate pool; 0: the whole world (docs/clusters.md).
+    mining_group_size: int = 0
     # Groups per micro-batch: the first N pairs anchor groups, the whole batch is the candidate pool
     # (0: every pair anchors one). The reference: 1 group of 32 from 400 pairs, 8 accumulated.
     anchors_per_batch: int = 0
@@ -158,6 +163,7 @@ class TrainConfig:
     watchdog_s: float = 1800.0  # a rank without progress this long logs where it is and exits (0: off)
     dist_timeout_s: float = 1800.0  # NCCL/gloo collective timeout
     remote_sync: str | None = None  # a URL (s3://, gs://, file://...) that receives each complete checkpoint
+    log_sample_keys: bool = False  # each rank appends the keys it trains on to sample_keys/rank{R}.jsonl
     threads_per_rank: int | None = None  # torch intra-op threads; default: cores / local ranks
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end and on a signal)
     keep_checkpoints: int = 3  # newest complete step checkpoints kept (the best one is kept apart)
@@ -203,7 +209,8 @@ class ExperimentConfig:
             if value < 1:
                 p.append(f"{name}: must be at least 1 (got {value})")
         for name, value in (("train.grad_accum", t.grad_accum), ("train.global_batch_size", t.global_batch_size),
-                            ("train.groups_per_step", t.groups_per_step), ("eval.max_images", self.eval.max_images)):
+                            ("train.groups_per_step", t.groups_per_step), ("eval.max_images", self.eval.max_images),
+                            ("data.max_train_caption_tokens", d.max_train_caption_tokens)):
             if value is not None and value < 1:
                 p.append(f"{name}: must be at least 1 or null (got {value})")
         if sum(x is not None for x in (t.grad_accum, t.global_batch_size, t.groups_per_step)) > 1:
@@ -236,6 +243,11 @@ class ExperimentConfig:
                 f" or of the global batch (mining: itc), so at most train.micro_batch_size - 1 ="
                 f" {t.micro_batch_size - 1} (got {o.num_candidates})"
             )
+        if o.mining_group_size < 0:
+            p.append(f"objectives.mining_group_size: must be >= 0 (0: the whole world; got {o.mining_group_size})")
+        elif o.mining_group_size > 0 and o.mining != "itc":
+            p.append("objectives.mining_group_size: only used with objectives.mining 'itc' (the candidate pool of"
+                     " 'cross' is the rank's own micro-batch); set it to 0")
         if not 0 <= o.anchors_per_batch <= t.micro_batch_size:
             p.append(f"objectives.anchors_per_batch: must lie in [0, train.micro_batch_size={t.micro_batch_size}]")
         if o.mlm_only_steps >= t.steps and o.itm_rank_weight > 0:

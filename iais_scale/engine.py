@@ -336,16 +336,22 @@ class Trainer:
         self.out_dir = Path(cfg.train.output_dir)
         self.checkpoints = ckpt.Checkpointer(self.out_dir, rank=self.rank, world=self.world,
                                              keep=cfg.train.keep_checkpoints, remote_sync=cfg.train.remote_sync)
+        self.resume_from = self.checkpoints.choose(ckpt.resume_candidates(resume, self.out_dir))
+        if self.resume_from is None and resume != "none" and self.rank == 0:
+            log.info("--resume %s: no complete checkpoint in %s, starting at step 0", resume,
+                     self.out_dir / ckpt.CHECKPOINTS)
+        self.load_from = self.resume_from
+        stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        if self.resume_from is not None and ckpt.needs_universal(self.resume_from, self.world, stage):
+            # Saved on another world size or ZeRO stage: DeepSpeed reshards through its universal format.
+            self.load_from = self._universal(self.resume_from)
+            ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
         self.manifest = _manifest(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(_local_tokenizer(tokenizer_dir(cfg)))
         fdim = feature_dim(cfg, self.manifest)
         self.collator = Collator(self.tokenizer, cfg.data.max_text_len, cfg.data.max_regions,
                                  image_input=cfg.model.image_input, image_size=cfg.model.image_size, feature_dim=fdim)
 
-        self.resume_from = self.checkpoints.choose(ckpt.resume_candidates(resume, self.out_dir))
-        if self.resume_from is None and resume != "none" and self.rank == 0:
-            log.info("--resume %s: no complete checkpoint in %s, starting at step 0", resume,
-                     self.out_dir / ckpt.CHECKPOINTS)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.tokenizer, fdim, ds_cfg)
         optimizer = _optimizer(cfg, model, ds_cfg)
@@ -460,21 +466,27 @@ class Trainer:
         return folder
 
     def load(self, folder: Path) -> None:
-        marker = ckpt.read_marker(folder) or {}
-        saved_world = marker.get("world_size", self.world)
-        load_from = folder
-        if saved_world != self.world:
-            load_from = self._universal(folder)
-        self.engine.load_checkpoint(str(load_from.parent), tag=load_from.name, load_module_strict=True)
+        """Weights, optimizer and schedule through DeepSpeed (resharded when needed), then our state."""
+        saved_world = (ckpt.read_marker(folder) or {}).get("world_size", self.world)
+        self.engine.load_checkpoint(str(self.load_from.parent), tag=self.load_from.name, load_module_strict=True)
         peers = [ckpt.read_state(ckpt.state_file(folder, r)) for r in range(saved_world)]
         mine = peers[self.rank] if saved_world == self.world else peers[0]
         how = self.load_state_dict(*mine, peers)
         if self.rank == 0:
-            log.info("resumed from step %d (%s); %s", self.step, folder, how)
+            log.info("resumed from step %d (%s); %s", self.step, self.load_from, how)
 
     def _universal(self, folder: Path) -> Path:
-        raise ckpt.CheckpointError(
-            f"{folder} was saved by {ckpt.read_marker(folder).get('world_size')} ranks, this run has {self.world}")
+        """Rank 0 converts (once; kept beside the original), the others wait for it."""
+        out = folder.with_name(folder.name + ckpt.UNIVERSAL_SUFFIX)
+        if self.rank == 0:
+            marker = ckpt.read_marker(folder) or {}
+            log.warning("checkpoint %s was saved by %s ranks with ZeRO stage %s; this run has %d ranks: converting"
+                        " it to DeepSpeed's universal format in %s (kept for later resumes)", folder,
+                        marker.get("world_size"), marker.get("zero_stage"), self.world, out)
+            self.watchdog.beat(f"converting {folder} to a universal checkpoint")
+            ckpt.to_universal(folder, workers=max(1, min(4, os.cpu_count() or 1)))
+        dist.barrier()
+        return out
 
     # ------------------------------------------------------------------ one step
 
@@ -483,21 +495,26 @@ class Trainer:
 
         A non-finite loss on any rank is poisoned to NaN so that DeepSpeed skips the update on every
         rank; such steps are counted and too many in a row abort. With fp16, a step DeepSpeed skips
-        for a loss-scale overflow (finite loss) is counted apart and never aborts the run.
+        for a loss-scale overflow (finite loss) is counted apart and never aborts (``classify_step``).
         """
         cfg = self.cfg
-        parts_out: dict[str, float] = {}
+        device = self.engine.device
+        parts_sum: dict[str, torch.Tensor] = {}
         generator = torch.Generator()
-        bad_loss = torch.zeros(1)
+        bad_loss = torch.zeros(1, device=device)
+        tokens = torch.zeros((), dtype=torch.long)
+        keys: list[str] = []
         for micro in range(self.grad_accum):
             self.watchdog.beat(f"step {self.step}: reading micro-batch {micro}")
             batch = next(batches)
             self.progress.take(batch, getattr(self._stream, "num_samples", None))
-            image_tokens = batch["region_attention"].sum() if "region_attention" in batch else (
-                batch["pixel_values"].shape[0] * (cfg.model.image_size // cfg.model.patch_size) ** 2)
-            self.tokens_seen += int(batch["text_attention"].sum() + image_tokens)
             self.bad.merge(*batch.pop("sample_counts"))
             batch.pop("positions", None), batch.pop("epoch", None)
+            keys += batch["keys"]
+            image_tokens = batch["region_attention"].sum() if "region_attention" in batch else (
+                batch["pixel_values"].shape[0] * (cfg.model.image_size // cfg.model.patch_size) ** 2)
+            tokens += batch["text_attention"].sum() + image_tokens  # CPU tensors: no device sync
+            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             # Mining and masking draw from a generator seeded by (seed, rank, step, micro-step).
             generator.manual_seed(hash((cfg.train.seed, self.rank, self.step, micro)) % (1 << 62))
             self.watchdog.beat(f"step {self.step}: forward/backward of micro-batch {micro}")
@@ -506,33 +523,40 @@ class Trainer:
                 mask_id=self.tokenizer.mask_token_id, generator=generator,
                 group=dist.group.WORLD if self.world > 1 else None,
             )
-            if not torch.isfinite(loss.detach()):
-                log.warning("rank %d step %d: non-finite loss %s; the step will be skipped", self.rank, self.step, loss)
-                loss = loss * torch.tensor(float("nan"))
-                bad_loss[0] = 1
+            finite = torch.isfinite(loss.detach())
+            bad_loss = torch.maximum(bad_loss, (~finite).float().reshape(1))
+            loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))  # inf -> NaN: surely skipped
             self.engine.backward(loss)
             self.engine.step()
             parts["loss"] = loss.detach()
             for k, v in parts.items():
-                parts_out[k] = parts_out.get(k, 0.0) + float(v) / self.grad_accum
+                v = torch.as_tensor(v, dtype=torch.float32).to(device)
+                parts_sum[k] = parts_sum.get(k, torch.zeros((), device=device)) + v / self.grad_accum
+        self.tokens_seen += int(tokens)
         if self.world > 1:
             dist.all_reduce(bad_loss, op=dist.ReduceOp.MAX)
         grad_norm = _grad_norm(self.engine)
         applied = self.engine.was_step_applied()
-        if bad_loss.item() or (not applied and not self.fp16) or (applied and not math.isfinite(grad_norm)):
+        kind = classify_step(bool(bad_loss.item()), applied, grad_norm, self.fp16)
+        if kind == "nonfinite":
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
-            log.warning("step %d: non-finite loss or gradient; DeepSpeed skipped the update", self.step)
+            log.warning("step %d: non-finite loss or gradient on some rank; DeepSpeed skipped the update", self.step)
             if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
                 raise RuntimeError(f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}: aborting")
         else:
             self.nonfinite_in_row = 0
-            if not applied:  # fp16 loss-scale overflow: the scaler lowers its scale and goes on
-                self.overflow_total += 1
-                log.info("step %d: fp16 loss-scale overflow, update skipped (scale now %s)", self.step,
-                         getattr(self.engine.optimizer, "cur_scale", "?"))
+        if kind == "overflow":  # fp16 loss-scale overflow: the scaler lowers its scale and goes on
+            self.overflow_total += 1
+            log.info("step %d: fp16 loss-scale overflow, update skipped (scale now %s)", self.step,
+                     getattr(self.engine.optimizer, "cur_scale", "?"))
+        parts_out = {k: float(v) for k, v in parts_sum.items()}  # one host sync per step
         parts_out["grad_norm"] = grad_norm if applied else float("nan")
-        parts_out["overflow_steps_total"] = float(self.overflow_total)
+        if cfg.train.log_sample_keys:  # an audit trail of what each step trained on (one file per rank)
+            folder = self.out_dir / "sample_keys"
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"rank{self.rank:05d}.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step + 1, "world_size": self.world, "keys": keys}) + "\n")
         self.step += 1
         return parts_out
 
@@ -580,7 +604,7 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     record = window.record(step=self.step, pairs_per_step=pairs_per_step, tokens=self.tokens_seen)
                     record.update(lr=self.scheduler.get_last_lr()[0], bad_samples=sum(self.bad.bad.values()),
-                                  nonfinite_steps=self.nonfinite_total)
+                                  nonfinite_steps=self.nonfinite_total, overflow_steps=self.overflow_total)
                     logger.log(all_reduce_record(record, self.world))
                     window.reset(self.tokens_seen)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
@@ -624,6 +648,18 @@ class Trainer:
 def run(cfg: ExperimentConfig, resume: str = "none") -> dict:
     """Train, checkpoint, evaluate; returns the final evaluation report."""
     return Trainer(cfg, resume).fit()
+
+
+def classify_step(loss_nonfinite: bool, applied: bool, grad_norm: float, fp16: bool) -> str:
+    """What a finished optimizer step was: "ok", "overflow" (fp16: DeepSpeed's loss scaler found
+    inf/NaN gradients of a finite loss and skipped the update while lowering its scale: the normal
+    loss-scale warm-up) or "nonfinite" (a NaN/Inf loss on some rank, or, without fp16, a skipped or
+    non-finite update: what the guard counts)."""
+    if loss_nonfinite:
+        return "nonfinite"
+    if not applied:
+        return "overflow" if fp16 else "nonfinite"
+    return "ok" if math.isfinite(grad_norm) else "nonfinite"
 
 
 def _unpack_consumed(scalars: dict, tensors: dict) -> Consumed:

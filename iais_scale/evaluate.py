@@ -361,16 +361,63 @@ def degenerate_warning(layers: list[int]) -> str:
 
 
 def phrase_annotations(rset: RetrievalSet, collator: Collator) -> Tensor | None:
-    """Hook for ISDa: word -> annotated region [n_captions, Lt] (-1: none), or None.
+    """ISDa's alignment: word -> annotated region [n_captions, Lt] (-1: none), or None without annotations.
 
-    ISDa needs phrase-box annotations (e.g. Flickr30k Entities: each word of an annotated phrase
-    maps to the region whose box has the highest IoU with the phrase's box). The shard format
-    (docs/data-format.md) defines no such field yet, so no evaluation set carries them and this
-    returns None. When the format gains one, build the tensor here from ``rset.images[i].meta`` and
-    the collated ``texts`` (token offsets), or pass ``word_to_region`` to ``evaluate`` directly;
-    ``relation_values`` then reports ``layer{l}/isda_{L,V}``.
+    Each word piece of the collated caption (``collator.texts`` layout, [CLS] at 0) that lies inside an
+    annotated phrase's character span maps to the image region whose normalised box has the highest
+    IoU with any of the phrase's boxes (docs/data-format.md, ``phrases``).
     """
-    return None
+    from .data.retrieval import best_region
+
+    if not any(s.meta.get("phrases") for s in rset.images) or collator.image_input != "regions":
+        return None
+    tok = collator.tokenizer
+    if not getattr(tok, "is_fast", False):
+        log.warning("ISDa not computed: phrase annotations need a fast tokenizer (character offsets)")
+        return None
+    if len(rset.captions) != sum(len(s.captions) for s in rset.images):
+        raise ValueError("rset.captions must be the captions of rset.images in order (RetrievalSet.from_samples)")
+    texts = collator.texts(rset.captions)
+    ids, attention = texts["text_ids"], texts["text_attention"]
+    out = torch.full(ids.shape, -1, dtype=torch.long)
+    counts: Counter[str] = Counter()
+    first = 0
+    for sample in rset.images:
+        phrases = sample.meta.get("phrases") or []
+        by_caption: dict[int, list[dict]] = {}
+        for ph in phrases:
+            by_caption.setdefault(ph["caption"], []).append(ph)
+        regions = sample.normalised_boxes()
+        for j, group in sorted(by_caption.items()):
+            row = first + j
+            columns = attention[row].nonzero().flatten()  # the caption's token positions, padding side aside
+            targets = [best_region(regions, ph["boxes"]) for ph in group]
+            enc = tok(str(rset.captions[row]), return_offsets_mapping=True, return_attention_mask=False,
+                      return_token_type_ids=False)
+            collated = ids[row, columns].tolist()
+            n_words = len(collated) - 2
+            # Offsets are valid only if the text tokenizes to the collated ids (stored ids may differ).
+            if enc["input_ids"][: n_words + 1] != collated[: n_words + 1]:
+                counts["tokenization_mismatch"] += 1
+                continue
+            counts["captions"] += 1
+            for p in range(1, n_words + 1):
+                a, b = enc["offset_mapping"][p]
+                for ph, region in zip(group, targets, strict=True):
+                    if b > a and ph["start"] <= a and b <= ph["end"]:
+                        if region >= 0:
+                            out[row, columns[p]] = region
+                            counts["words"] += 1
+                        break
+        first += len(sample.captions)
+    if counts["tokenization_mismatch"]:
+        log.warning("ISDa: %d annotated caption(s) skipped: the tokenizer's pieces of the text differ from the"
+                    " collated ids", counts["tokenization_mismatch"])
+    if not counts["words"]:
+        log.warning("ISDa not computed: no word of an annotated phrase could be aligned to a region")
+        return None
+    log.info("ISDa: %d words of %d annotated captions aligned to regions", counts["words"], counts["captions"])
+    return out
 
 
 # --------------------------------------------------------------------------- the report
@@ -525,6 +572,11 @@ def markdown_table(report: dict) -> str:
             lines.append(f"**WARNING: {w}**")
     if isinstance(r.get("isda"), str):
         lines.append(f"ISDa {r['isda']}.")
+    elif any("/isda_" in k for k in rel):
+        lines.append(
+            "ISDa (isda_L, isda_V): each word of an annotated phrase is aligned to the region whose box best"
+            " overlaps the phrase's boxes; unannotated words are left out and n counts the annotated pairs."
+        )
     if "relation_swap" in r:
         s = r["relation_swap"]
         lines += ["", f"Relation swap ({s['groups']} groups): text {s['text']:.1f}  image {s['image']:.1f}  group {s['group']:.1f}"]

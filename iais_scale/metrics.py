@@ -14,7 +14,7 @@ import torch.distributed as dist
 log = logging.getLogger("iais_scale")
 
 # Summed over ranks rather than averaged: totals of the whole job.
-SUMMED = ("samples_per_s", "tokens_per_s", "bad_samples", "overflow_steps_total")
+SUMMED = ("samples_per_s", "tokens_per_s", "bad_samples")
 
 
 class Window:
@@ -53,8 +53,10 @@ def all_reduce_record(record: dict, world: int) -> dict:
             raise RuntimeError(f"ranks log different metrics: {names}")
     values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
     if world > 1:
+        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+            values = values.cuda()
         dist.all_reduce(values)
-        values /= world
+        values = values.cpu() / world
     out = dict(zip(keys, values.tolist()))
     out["step"] = record["step"]
     for k in SUMMED:

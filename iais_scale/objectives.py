@@ -9,12 +9,21 @@ the cross-encoder scores nothing). Text-anchored groups (negative images) carry 
 image-anchored groups
 (negative texts) direction V, as the reference fine-tuning alternates them. IAIS is computed on the
 positive row of each group only.
+
+ITC mining across ranks moves embeddings, not inputs: the ITC embeddings of the global batch (which
+the ITC loss gathers anyway) choose each anchor's candidates as global row ids, and one all-to-all
+exchange (``fetch_rows``) brings this rank only those rows' inputs (the images of the candidates of
+text-anchored groups, the texts of image-anchored ones), so the bytes a rank receives do not grow
+with the world size. ``gather_pool`` (every rank's inputs to every rank) is the reference it is
+tested and benchmarked against (``pool_exchange="all_gather"``).
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -23,8 +32,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import IaisConfig, ObjectiveConfig
+from .data.collate import IMAGENET_MEAN, IMAGENET_STD
 from .model import CrossModalModel, IaisRequest
-from .model.encoder import image_tensors, select_pairs
+from .model.encoder import IMAGE_TENSOR_KEYS, TEXT_TENSOR_KEYS, image_tensors, select_pairs
+
+# Bytes (and rows) this process has received from other ranks in the pool and embedding exchanges,
+# by name; counted from the tensors the collectives filled, this rank's own part left out (an
+# all_reduce counts its result once). benchmarks/mining_comm.py reads and clears it.
+COMM: collections.Counter[str] = collections.Counter()
+
+PoolExchange = Literal["fetch", "all_gather"]
 
 
 def iais_weight(step: int, total: int, cfg: IaisConfig) -> float:
@@ -85,12 +102,14 @@ def hardest_negatives(
 ) -> Tensor:
     """The reference mining: [A, num_hard] indices of the hardest of ``num_candidates`` random
     in-batch negatives for each of the first A = ``num_anchors`` pairs (all by default)."""
-    b = batch["text_ids"].shape[0]
+    b, device = batch["text_ids"].shape[0], batch["text_ids"].device
     a = num_anchors or b
+    # Drawn on the CPU from the seeded generator: the same candidates on any device.
     noise = torch.rand(a, b, generator=generator)
     noise[torch.arange(a), torch.arange(a)] = -1.0  # never the positive itself
-    candidates = noise.topk(num_candidates, dim=1).indices  # a uniform random subset per anchor
-    return keep_hardest(model, batch, torch.arange(a), candidates, anchor=anchor, num_hard=num_hard, chunk=chunk)
+    candidates = noise.topk(num_candidates, dim=1).indices.to(device)  # a uniform random subset per anchor
+    return keep_hardest(model, batch, torch.arange(a, device=device), candidates, anchor=anchor, num_hard=num_hard,
+                        chunk=chunk)
 
 
 def gather_pool(batch: dict, group: dist.ProcessGroup | None) -> tuple[dict, int]:
@@ -98,6 +117,10 @@ def gather_pool(batch: dict, group: dist.ProcessGroup | None) -> tuple[dict, int
 
     Texts and region sets are padded to the longest on any rank (ids 0, attention off), so that a
     rank can pair its anchors with any pair of the global batch. ``group=None``: the batch itself.
+
+    The reference exchange of ITC mining (``pool_exchange="all_gather"``), kept for the tests and
+    ``benchmarks/mining_comm.py``: every rank receives every other rank's inputs, (world - 1) x
+    micro-batch rows per step. Training fetches only the chosen rows (``fetch_rows``).
     """
     if group is None or dist.get_world_size(group) == 1:
         return batch, 0
@@ -106,22 +129,267 @@ def gather_pool(batch: dict, group: dist.ProcessGroup | None) -> tuple[dict, int
     for k, v in batch.items():
         if not isinstance(v, Tensor):
             continue
-        shape = torch.tensor(v.shape[1:2] if v.dim() > 1 else [0])
+        shape = torch.tensor(v.shape[1:2] if v.dim() > 1 else [0], device=v.device)
         dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=group)  # the padded length
+        COMM["all_gather.lengths"] += shape.nbytes
         if v.dim() > 1 and v.shape[1] < int(shape[0]) and k != "pixel_values":
             v = F.pad(v, (0, 0) * (v.dim() - 2) + (0, int(shape[0]) - v.shape[1]))
         wire = v.to(torch.uint8) if v.dtype == torch.bool else v  # gloo gathers no bool
         parts = [torch.empty_like(wire) for _ in range(world)]
         dist.all_gather(parts, wire.contiguous(), group=group)
+        COMM[f"all_gather.{k}"] += sum(t.nbytes for r, t in enumerate(parts) if r != rank)
         pool[k] = torch.cat(parts).to(v.dtype)
+    COMM["all_gather.rows"] += (world - 1) * batch["text_ids"].shape[0]
     return pool, rank * batch["text_ids"].shape[0]
 
 
-def gather_rows(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+def mining_group(group: dist.ProcessGroup | None, size: int) -> dist.ProcessGroup | None:
+    """The ranks whose micro-batches form this rank's ITC mining pool: ``group`` itself (``size`` 0,
+    or at least its size), else this rank's block of ``size`` consecutive ranks of ``group`` (e.g.
+    the GPUs of one node).
+
+    The blocks are created once per process group, on first use, with ``dist.new_group``: every
+    process creates every block in the same order, so ``group`` must span all processes (the
+    trainer passes the default group) and every rank must get here at the same step (as every rank
+    calls ``training_loss`` for the same steps).
+    """
+    if group is None or size <= 0 or size >= dist.get_world_size(group):
+        return group
+    world = dist.get_world_size(group)
+    if world % size:
+        raise ValueError(f"objectives.mining_group_size={size} must divide the world size {world}")
+    if world != dist.get_world_size():
+        raise ValueError("objectives.mining_group_size: the group passed to training_loss must span every"
+                         " process, which all create the mining groups")
+    ranks = dist.get_process_group_ranks(group)
+    default = dist.group.WORLD
+    key = (tuple(ranks), size)
+    cached = _MINING_GROUPS.get(key)
+    if cached is None or cached[0] is not default:  # none yet, or made under an earlier init_process_group
+        me = dist.get_rank()
+        blocks = [dist.new_group(ranks[s : s + size]) for s in range(0, world, size)]
+        cached = _MINING_GROUPS[key] = (default, blocks[ranks.index(me) // size])
+    return cached[1]
+
+
+_MINING_GROUPS: dict[tuple, tuple] = {}
+
+
+# Wire forms of a tensor key's rows, chosen by the sender when they decode to its rows bit for bit.
+_RAW, _F16, _U8_PIXELS = 0, 1, 2
+# The collator's normalisation of uint8 pixels, (x / 255 - mean) / std, computed as it computes it.
+_PIXEL_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+_PIXEL_SCALE = 1.0 / (255.0 * _PIXEL_STD)
+_PIXEL_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / _PIXEL_STD
+
+
+def _pixels_from_u8(u8: Tensor) -> Tensor:
+    out = torch.empty(u8.shape, dtype=torch.float32, device=u8.device)
+    out.copy_(u8)
+    return out.mul_(_PIXEL_SCALE.to(u8.device)).add_(_PIXEL_SHIFT.to(u8.device))
+
+
+def _pixels_to_u8(x: Tensor) -> Tensor:
+    u = (x - _PIXEL_SHIFT.to(x.device)) / _PIXEL_SCALE.to(x.device)
+    return u.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _wire_form(key: str, v: Tensor) -> int:
+    """The narrowest wire form of ``v``'s rows that the receiver turns back into them exactly:
+    uint8 for pixels the collator normalised from uint8, float16 for float32 values that are
+    float16 numbers (region features stored in half precision), else the tensor as it is."""
+    if v.dtype != torch.float32 or v.numel() == 0:
+        return _RAW
+    if key == "pixel_values" and v.dim() == 4 and v.shape[1] == 3 and _same_bits(_pixels_from_u8(_pixels_to_u8(v)), v):
+        return _U8_PIXELS
+    if _same_bits(v.half().float(), v):
+        return _F16
+    return _RAW
+
+
+def _wire_dtype(v: Tensor, form: int) -> torch.dtype:
+    return {_RAW: v.dtype, _F16: torch.float16, _U8_PIXELS: torch.uint8}[form]
+
+
+def _encode_rows(rows: dict[str, Tensor], keys: list[str], forms: dict[str, int], n: int) -> Tensor:
+    """[n, row bytes] uint8: each row's keys in ``keys`` order, in their wire forms."""
+    parts = []
+    for k in keys:
+        x = rows[k]
+        if forms[k] == _U8_PIXELS:
+            x = _pixels_to_u8(x)
+        elif forms[k] == _F16:
+            x = x.half()
+        parts.append(x.reshape(n, math.prod(x.shape[1:])).contiguous().view(torch.uint8))  # [n, row bytes]
+    return torch.cat(parts, 1) if parts else torch.empty(n, 0, dtype=torch.uint8, device=next(iter(rows.values())).device if rows else None)
+
+
+def _decode_rows(data: Tensor, keys: list[str], forms: dict[str, int], like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of ``_encode_rows``: ``like[k]`` is a row of key ``k`` as the receiver holds it
+    (padded shape, dtype)."""
+    n, out, at = data.shape[0], {}, 0
+    for k in keys:
+        row = like[k]
+        wire = _wire_dtype(row, forms[k])
+        nbytes = row.numel() * wire.itemsize
+        buf = data.new_empty(n * nbytes)  # fresh, aligned storage for the dtype view
+        buf.view(n, nbytes).copy_(data[:, at : at + nbytes])
+        x = buf.view(wire).reshape(n, *row.shape)
+        at += nbytes
+        if forms[k] == _U8_PIXELS:
+            x = _pixels_from_u8(x)
+        out[k] = x.to(row.dtype) if forms[k] == _F16 else x
+    return out
+
+
+def _row_bytes(keys: list[str], forms: dict[str, int], like: dict[str, Tensor]) -> int:
+    return sum(like[k].numel() * _wire_dtype(like[k], forms[k]).itemsize for k in keys)
+
+
+@dataclass
+class FetchedRows:
+    """This rank's ITC mining pool after ``fetch_rows``: its own pairs, then the fetched rows.
+
+    Text keys hold [own B + fetched texts] rows and image keys [own B + fetched images] rows (texts
+    and images are indexed apart, as ``select_pairs`` does); rows of the own pairs are 0..B-1.
+    """
+
+    pool: dict
+    text_global: Tensor  # [texts in pool]: each text row's row in the mining group's global batch
+    image_global: Tensor  # [images in pool], likewise
+    text_local: Tensor  # [global batch]: the pool row of each global row's text, -1 when not fetched
+    image_local: Tensor
+
+
+def fetch_rows(batch: dict, text_rows: Tensor, image_rows: Tensor, group: dist.ProcessGroup | None) -> FetchedRows:
+    """The texts of ``text_rows`` and the images of ``image_rows`` (rows of the global batch: every
+    rank's micro-batch in rank order, as ``gather_pool`` builds it) next to this rank's own pairs,
+    each row fetched once from the rank that owns it.
+
+    One exchange of three ``all_to_all_single`` calls (gloo and NCCL both take uneven splits):
+      1. a header to every rank: how many texts and images this rank wants from it, plus this
+         rank's padded lengths and wire forms (what ``gather_pool``'s per-key all_reduce gives);
+      2. the wanted row ids (local to their owner), texts then images, to each owner;
+      3. the rows themselves: each owner packs every requested row, all keys as bytes, texts padded to
+         the longest text and region sets to the most regions on any rank, as ``gather_pool`` pads.
+    Rows this rank owns and rows asked for twice are not sent. The rows arrive bit for bit as
+    ``gather_pool`` would deliver them; float32 pixels the collator normalised from uint8 travel as
+    uint8 and float32 values that are float16 numbers as float16 (each sender checks that its rows
+    decode exactly and says so in the header, else it sends them as they are).
+
+    Every rank's micro-batch must have the same number of pairs (``gather_pool`` assumes it too).
+    Only the text (``text_ids``, ``text_attention``) and image keys travel: ITC mining and the groups
+    need no other.
+    """
+    text_keys = [k for k in TEXT_TENSOR_KEYS if k in batch]
+    image_keys = [k for k in IMAGE_TENSOR_KEYS if k in batch]
+    b = batch["text_ids"].shape[0]
+    if group is None or dist.get_world_size(group) == 1:
+        rows = torch.arange(b, device=batch["text_ids"].device)
+        return FetchedRows(batch, rows, rows, rows, rows)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    keys = text_keys + image_keys
+    device = batch["text_ids"].device
+    offset = rank * b
+
+    def wanted(rows: Tensor) -> Tensor:  # sorted, unique, not this rank's own
+        rows = rows.reshape(-1).to(device).unique()
+        return rows[(rows < offset) | (rows >= offset + b)]
+
+    need_t, need_i = wanted(text_rows), wanted(image_rows)
+    padded = [k not in ("pixel_values",) and batch[k].dim() > 1 for k in keys]
+    forms = {k: _wire_form(k, batch[k]) for k in image_keys}  # texts (ids, masks) travel as they are
+    forms.update({k: _RAW for k in text_keys})
+
+    # 1. Header: [texts wanted from r, images wanted from r, my lengths..., my wire forms...] to each r.
+    n_t = torch.bincount(need_t // b, minlength=world)
+    n_i = torch.bincount(need_i // b, minlength=world)
+    mine = torch.tensor([batch[k].shape[1] if pad else 0 for k, pad in zip(keys, padded)]
+                        + [forms[k] for k in keys], dtype=torch.long, device=device)
+    head = torch.cat([n_t[:, None], n_i[:, None], mine.expand(world, -1)], 1).contiguous()
+    their = torch.empty_like(head)
+    dist.all_to_all_single(their, head, group=group)
+    COMM["fetch.header"] += head[0].nbytes * (world - 1)
+    lengths = their[:, 2 : 2 + len(keys)].amax(0).tolist()  # padded lengths over the whole group
+    sent_forms = their[:, 2 + len(keys) :].tolist()  # each sender's wire forms, by key
+
+    def pad(v: Tensor, k: str, length: int) -> Tensor:
+        if k != "pixel_values" and v.dim() > 1 and v.shape[1] < length:
+            v = F.pad(v, (0, 0) * (v.dim() - 2) + (0, length - v.shape[1]))
+        return v
+
+    own = {k: pad(batch[k], k, n) for k, n in zip(keys, lengths)}
+
+    # 2. Row ids, local to their owner: texts then images for each owner, owners in rank order.
+    ids = torch.cat([need_t, need_i])
+    kind = torch.cat([torch.zeros_like(need_t), torch.ones_like(need_i)])
+    order = torch.sort((ids // b) * 2 + kind, stable=True).indices
+    send_ids = (ids % b)[order]
+    asked_t, asked_i = their[:, 0], their[:, 1]  # what each rank wants from me
+    recv_ids = torch.empty(int((asked_t + asked_i).sum()), dtype=torch.long, device=device)
+    dist.all_to_all_single(recv_ids, send_ids, output_split_sizes=(asked_t + asked_i).tolist(),
+                           input_split_sizes=(n_t + n_i).tolist(), group=group)
+    COMM["fetch.ids"] += recv_ids.nbytes
+
+    # 3. The rows: per requester, its texts then its images, packed as bytes.
+    requester = torch.repeat_interleave(torch.arange(world, device=device), asked_t + asked_i)
+    starts = torch.cumsum(asked_t + asked_i, 0) - (asked_t + asked_i)
+    is_image = (torch.arange(recv_ids.numel(), device=device) - starts[requester]) >= asked_t[requester]
+    text_bytes = _encode_rows({k: own[k][recv_ids[~is_image]] for k in text_keys}, text_keys, forms,
+                              int((~is_image).sum()))
+    image_bytes = _encode_rows({k: own[k][recv_ids[is_image]] for k in image_keys}, image_keys, forms,
+                               int(is_image.sum()))
+    pieces, send_split = [], []
+    for t, i in zip(text_bytes.split(asked_t.tolist()), image_bytes.split(asked_i.tolist())):
+        pieces += [t.reshape(-1), i.reshape(-1)]
+        send_split.append(t.numel() + i.numel())
+    send = torch.cat(pieces)
+    like = {k: own[k][0] for k in keys}
+    text_row = _row_bytes(text_keys, forms, like)
+    image_row = [_row_bytes(image_keys, dict(zip(keys, f)), like) for f in sent_forms]
+    recv_split = [int(t) * text_row + int(i) * image_row[r] for r, (t, i) in enumerate(zip(n_t.tolist(), n_i.tolist()))]
+    recv = torch.empty(sum(recv_split), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_split, input_split_sizes=send_split, group=group)
+    COMM["fetch.rows"] += recv.nbytes
+    COMM["fetch.text_rows"] += int(need_t.numel())
+    COMM["fetch.image_rows"] += int(need_i.numel())
+
+    texts, images = [], []
+    at = 0
+    for r, (t, i) in enumerate(zip(n_t.tolist(), n_i.tolist())):
+        if t:
+            texts.append(_decode_rows(recv[at : at + t * text_row].view(t, text_row), text_keys, forms, like))
+            COMM["fetch.bytes.texts"] += t * text_row
+        at += t * text_row
+        if i:
+            f = dict(zip(keys, sent_forms[r]))
+            images.append(_decode_rows(recv[at : at + i * image_row[r]].view(i, image_row[r]), image_keys, f, like))
+            for k in image_keys:
+                COMM[f"fetch.bytes.{k}"] += i * like[k].numel() * _wire_dtype(like[k], f[k]).itemsize
+        at += i * image_row[r]
+    pool = {k: torch.cat([own[k]] + [x[k] for x in texts]) for k in text_keys}
+    pool.update({k: torch.cat([own[k]] + [x[k] for x in images]) for k in image_keys})
+
+    mine_rows = offset + torch.arange(b, device=device)
+    text_global, image_global = torch.cat([mine_rows, need_t]), torch.cat([mine_rows, need_i])
+    text_local = torch.full((world * b,), -1, dtype=torch.long, device=device)
+    image_local = text_local.clone()
+    text_local[text_global] = torch.arange(text_global.numel(), device=device)
+    image_local[image_global] = torch.arange(image_global.numel(), device=device)
+    return FetchedRows(pool, text_global, image_global, text_local, image_local)
+
+
+def gather_rows(x: Tensor, group: dist.ProcessGroup | None, *, purpose: str = "embeddings") -> Tensor:
     """Every rank's rows of ``x`` in rank order. Differentiable: the gradient of each row flows back
-    to the rank that computed it (pass ``x.detach()`` when none is needed)."""
+    to the rank that computed it (pass ``x.detach()`` when none is needed). ``purpose``: the name
+    its bytes are counted under in ``COMM``."""
     if group is None or dist.get_world_size(group) == 1:
         return x
+    COMM[purpose] += x.nbytes * (dist.get_world_size(group) - 1)
     if not x.requires_grad:
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
@@ -136,11 +404,19 @@ def itc_loss(text: Tensor, image: Tensor, logit_scale: Tensor, group: dist.Proce
     every rank's, gradients flow back through the gather, and DeepSpeed's gradient average over the
     ranks is then exactly the gradient of the InfoNCE of the whole global batch.
     """
-    all_t, all_i = gather_rows(text, group), gather_rows(image, group)
+    return _itc_loss(text, image, logit_scale, group)[0]
+
+
+def _itc_loss(text: Tensor, image: Tensor, logit_scale: Tensor,
+              group: dist.ProcessGroup | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """``itc_loss`` and the gathered (text, image) embeddings of the global batch, detached (ITC
+    mining ranks by them without gathering them again)."""
+    all_t, all_i = (gather_rows(x, group, purpose="itc_loss.embeddings") for x in (text, image))
     offset = 0 if group is None else dist.get_rank(group) * text.shape[0]
-    target = offset + torch.arange(text.shape[0])
+    target = offset + torch.arange(text.shape[0], device=text.device)
     scale = logit_scale.exp().clamp(max=100)
-    return 0.5 * (F.cross_entropy(scale * text @ all_i.T, target) + F.cross_entropy(scale * image @ all_t.T, target))
+    loss = 0.5 * (F.cross_entropy(scale * text @ all_i.T, target) + F.cross_entropy(scale * image @ all_t.T, target))
+    return loss, (all_t.detach(), all_i.detach())
 
 
 def itc_hardest(anchor_emb: Tensor, pool_emb: Tensor, positives: Tensor, num_hard: int) -> Tensor:
@@ -150,7 +426,7 @@ def itc_hardest(anchor_emb: Tensor, pool_emb: Tensor, positives: Tensor, num_har
     anchor, where the cross-encoder needs a joint pass per (anchor, candidate).
     """
     sim = anchor_emb.detach() @ pool_emb.detach().T
-    sim[torch.arange(sim.shape[0]), positives] = -torch.inf
+    sim[torch.arange(sim.shape[0], device=sim.device), positives.to(sim.device)] = -torch.inf
     return sim.topk(num_hard, dim=1).indices
 
 
@@ -169,9 +445,10 @@ def itc_mining(
 def mrfr_loss(model: CrossModalModel, batch: dict, prob: float, generator: torch.Generator) -> Tensor:
     """Masked region feature regression (UNITER): zero some regions' features, regress them back."""
     valid = batch["region_attention"]
-    chosen = (torch.rand(valid.shape, generator=generator) < prob) & valid
-    first = torch.rand(valid.shape, generator=generator).masked_fill(~valid, -1).argmax(1)
-    chosen[torch.arange(valid.shape[0]), first] |= valid.any(1)  # at least one region per image
+    draw = torch.rand((2, *valid.shape), generator=generator).to(valid.device)  # CPU generator: same on any device
+    chosen = (draw[0] < prob) & valid
+    first = draw[1].masked_fill(~valid, -1).argmax(1)
+    chosen[torch.arange(valid.shape[0], device=valid.device), first] |= valid.any(1)  # at least one region per image
     feats = batch["region_features"].masked_fill(chosen[..., None], 0.0)
     out = model(batch["text_ids"], batch["text_attention"], feats, batch["region_geometry"], valid)
     pred = model.mrfr_predictions(out, batch["text_ids"].shape[1])
@@ -208,7 +485,8 @@ def group_loss(
     others = torch.cat([anchors[:, None], negatives], 1)
     texts, images = (own, others) if anchor == "text" else (others, own)
     if iais is not None:
-        iais = IaisRequest(rows=torch.arange(b) * (k + 1), alignment=iais.alignment, direction=iais.direction)
+        rows = torch.arange(b, device=negatives.device) * (k + 1)
+        iais = IaisRequest(rows=rows, alignment=iais.alignment, direction=iais.direction)
     out = model(**select_pairs(pool, pool, texts.reshape(-1), images.reshape(-1)), iais_request=iais)
     logits = model.itm_logit(out).view(b, k + 1)
     scores = torch.sigmoid(logits)
@@ -217,7 +495,7 @@ def group_loss(
     elif kind == "bce":
         rank = 0.5 * (F.softplus(-logits[:, 0]).mean() + F.softplus(logits[:, 1:]).mean())
     else:  # "softmax": cross-entropy of the positive against its group
-        rank = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
+        rank = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=logits.device))
     stats = {"score_pos": scores[:, 0].mean().detach(), "score_neg": scores[:, 1:].mean().detach()}
     if out.iais_loss is None:
         return GroupLoss(rank, rank.new_zeros(()), stats)
@@ -236,16 +514,19 @@ def mask_words(batch: dict, model: CrossModalModel, prob: float, mask_id: int, v
     """BERT masking of the word positions: (masked ids, labels with -100 where not predicted)."""
     ids = batch["text_ids"]
     words = model.word_mask(ids, batch["text_attention"])
-    chosen = (torch.rand(ids.shape, generator=generator) < prob) & words
+    # Drawn on the CPU from the seeded generator (the same masks on any device), then moved.
+    draw = torch.rand((3, *ids.shape), generator=generator).to(ids.device)
+    replacement = torch.randint(vocab_size, ids.shape, generator=generator).to(ids.device)
+    chosen = (draw[0] < prob) & words
     # Every caption predicts at least one word, so no row is wasted.
-    first = torch.rand(ids.shape, generator=generator).masked_fill(~words, -1).argmax(1)
-    chosen[torch.arange(ids.shape[0]), first] |= words.any(1)
+    first = draw[1].masked_fill(~words, -1).argmax(1)
+    chosen[torch.arange(ids.shape[0], device=ids.device), first] |= words.any(1)
     labels = ids.masked_fill(~chosen, -100)
-    roll = torch.rand(ids.shape, generator=generator)
+    roll = draw[2]
     masked = ids.clone()
     masked[chosen & (roll < 0.8)] = mask_id
     random_words = chosen & (roll >= 0.8) & (roll < 0.9)
-    masked[random_words] = torch.randint(vocab_size, ids.shape, generator=generator)[random_words]
+    masked[random_words] = replacement[random_words]
     return masked, labels
 
 
@@ -282,15 +563,18 @@ def training_loss(
     mask_id: int,
     generator: torch.Generator,
     group: dist.ProcessGroup | None = None,
+    pool_exchange: PoolExchange = "fetch",
 ) -> tuple[Tensor, dict[str, float | Tensor]]:
     """The loss of one micro-batch and its logged parts.
 
     ``group``: the data-parallel ranks whose micro-batches form the global batch (ITC loss and ITC
-    mining span it; every rank must then call this for the same steps, as the equal batch counts of
-    ``data.pipeline`` and ``step_tasks`` ensure). ``None``: the micro-batch alone.
+    mining span it, the mining within blocks of ``cfg.mining_group_size`` ranks when set; every rank
+    must then call this for the same steps, as the equal batch counts of ``data.pipeline`` and
+    ``step_tasks`` ensure). ``None``: the micro-batch alone. ``pool_exchange``: how ITC mining gets
+    the candidates' inputs (``mine_negatives``); ``"all_gather"`` is the reference.
     """
     parts: dict[str, float | Tensor] = {}
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=batch["text_ids"].device)
     tasks = step_tasks(cfg, step)
     if "mlm" in tasks:
         mlm = mlm_loss(model, batch, cfg.mlm_prob, mask_id, generator)
@@ -301,9 +585,10 @@ def training_loss(
         loss = loss + cfg.mrfr_weight * mrfr
         parts["mrfr"] = mrfr.detach()
     emb = None  # (text, image) ITC embeddings of the micro-batch, when computed
+    gathered = None  # the same of the whole global batch, detached
     if "itc" in tasks:
         emb = model.itc_embeddings(batch)
-        itc = itc_loss(*emb, model.itc_logit_scale, group)
+        itc, gathered = _itc_loss(*emb, model.itc_logit_scale, group)
         loss = loss + cfg.itc_weight * itc
         parts["itc"] = itc.detach()
     if "itm_rank" not in tasks:
@@ -327,13 +612,15 @@ def training_loss(
                 emb = model.itc_embeddings(batch)
         finally:
             model.train(was_training)
-    pool = None
-    for anchor, direction in kinds:
+    # Every kind is mined before any group is built (mining draws no dropout, so the order is
+    # immaterial): one exchange then serves both kinds.
+    mined = mine_negatives(model, batch, cfg, [a for a, _ in kinds], emb, group, generator,
+                           pool_exchange=pool_exchange, gathered=gathered)
+    for (anchor, direction), m in zip(kinds, mined):
         if cfg.iais.direction != "alternate":
             direction = cfg.iais.direction
         request = IaisRequest(torch.empty(0), cfg.iais.alignment, direction) if cfg.iais.enabled else None
-        pool, anchors, negatives = _mine(model, batch, cfg, anchor, emb, group, generator, pool)
-        g = group_loss(model, pool, anchors, negatives, anchor=anchor, margin=cfg.margin, iais=request,
+        g = group_loss(model, m.pool, m.anchors, m.negatives, anchor=anchor, margin=cfg.margin, iais=request,
                        kind=cfg.itm_rank_loss)
         loss = loss + cfg.itm_rank_weight * g.rank + w * g.iais
         for k, v in (("itm_rank", g.rank.detach()), ("iais", g.iais.detach()), *g.stats.items()):
@@ -341,22 +628,83 @@ def training_loss(
     return loss, parts
 
 
-def _mine(model: CrossModalModel, batch: dict, cfg: ObjectiveConfig, anchor: str, emb, group, generator,
-          pool: dict | None) -> tuple[dict, Tensor, Tensor]:
-    """(pool, anchor rows, [A, num_hard] negative rows) of one group kind."""
+@dataclass
+class MinedGroups:
+    """The groups of one kind: ``anchors`` [A] and ``negatives`` [A, num_hard], rows of ``pool``.
+
+    ``chosen``: the negatives as rows of the candidate pool's global batch (the mining group's
+    micro-batches in rank order; the micro-batch itself for ``mining: cross``), the same whichever
+    exchange built ``pool``.
+    """
+
+    anchor: str
+    pool: dict
+    anchors: Tensor
+    negatives: Tensor
+    chosen: Tensor
+
+
+def mine_negatives(
+    model: CrossModalModel, batch: dict, cfg: ObjectiveConfig, anchor_kinds: list[str], emb, group, generator, *,
+    pool_exchange: PoolExchange = "fetch", gathered: tuple[Tensor, Tensor] | None = None,
+) -> list[MinedGroups]:
+    """The groups of each anchor kind (``"text"``, ``"image"``) of this micro-batch.
+
+    ``mining: itc``: the candidates come from the micro-batches of this rank's mining group
+    (``mining_group``: ``group``, or blocks of ``objectives.mining_group_size`` ranks), ranked by the
+    ITC embeddings ``emb`` of the micro-batch, gathered over the mining group (``gathered``: those of
+    the whole ``group``, already gathered by the ITC loss, are sliced instead).
+    ``pool_exchange="fetch"`` brings only the rows the groups need (``fetch_rows``, one exchange for
+    all kinds); ``"all_gather"`` is the reference that gathers every rank's inputs (``gather_pool``)
+    and the embeddings once per kind. Both give the same groups, bit for bit.
+    """
     num_anchors = cfg.anchors_per_batch or batch["text_ids"].shape[0]
-    if cfg.mining == "itc":
-        # Candidates: the num_candidates pairs of the whole global batch most similar under ITC (the
-        # cross-encoder then keeps the num_hard it scores highest, unless all are kept).
-        offset = (dist.get_rank(group) * batch["text_ids"].shape[0]) if group is not None else 0
-        if pool is None:
-            pool, offset = gather_pool(batch, group)
-        anchors = offset + torch.arange(num_anchors)
-        negatives = itc_mining(
-            model, pool, anchors, gather_rows(emb[0].detach(), group), gather_rows(emb[1].detach(), group),
-            anchor=anchor, num_candidates=cfg.num_candidates, num_hard=cfg.num_hard,
-        )
-        return pool, anchors, negatives
-    negatives = hardest_negatives(model, batch, anchor=anchor, num_candidates=cfg.num_candidates,
-                                  num_hard=cfg.num_hard, generator=generator, num_anchors=num_anchors)
-    return batch, torch.arange(num_anchors), negatives
+    if cfg.mining != "itc":
+        out = []
+        for anchor in anchor_kinds:
+            neg = hardest_negatives(model, batch, anchor=anchor, num_candidates=cfg.num_candidates,
+                                    num_hard=cfg.num_hard, generator=generator, num_anchors=num_anchors)
+            out.append(MinedGroups(anchor, batch, torch.arange(num_anchors, device=neg.device), neg, neg))
+        return out
+    mgroup = mining_group(group, cfg.mining_group_size)
+    b = batch["text_ids"].shape[0]
+    anchors = (0 if mgroup is None else dist.get_rank(mgroup) * b) + torch.arange(num_anchors, device=emb[0].device)
+    if pool_exchange == "all_gather":
+        pool, _ = gather_pool(batch, mgroup)
+        out = []
+        for anchor in anchor_kinds:
+            all_t, all_i = (gather_rows(x.detach(), mgroup, purpose="mining.embeddings") for x in emb)
+            neg = itc_mining(model, pool, anchors, all_t, all_i, anchor=anchor, num_candidates=cfg.num_candidates,
+                             num_hard=cfg.num_hard)
+            out.append(MinedGroups(anchor, pool, anchors, neg, neg))
+        return out
+    if pool_exchange != "fetch":
+        raise ValueError(f"pool_exchange: 'fetch' or 'all_gather' (got {pool_exchange!r})")
+    if gathered is not None and mgroup is not group:  # the mining group's rows of the whole group's
+        size = dist.get_world_size(mgroup)
+        first = dist.get_rank(group) // size * size * b
+        all_t, all_i = (x[first : first + size * b] for x in gathered)
+    elif gathered is not None:
+        all_t, all_i = gathered
+    else:
+        all_t, all_i = (gather_rows(x.detach(), mgroup, purpose="mining.embeddings") for x in emb)
+    # Candidates as global rows: images of text-anchored groups, texts of image-anchored ones.
+    shortlists = []
+    for anchor in anchor_kinds:
+        own, other = (all_t, all_i) if anchor == "text" else (all_i, all_t)
+        shortlists.append(itc_hardest(own[anchors], other, anchors, cfg.num_candidates))
+    none = torch.empty(0, dtype=torch.long, device=all_t.device)
+    fetched = fetch_rows(
+        batch,
+        torch.cat([none] + [s.reshape(-1) for a, s in zip(anchor_kinds, shortlists) if a == "image"]),
+        torch.cat([none] + [s.reshape(-1) for a, s in zip(anchor_kinds, shortlists) if a == "text"]),
+        mgroup,
+    )
+    local = torch.arange(num_anchors, device=all_t.device)
+    out = []
+    for anchor, shortlist in zip(anchor_kinds, shortlists):
+        to_local, to_global = ((fetched.image_local, fetched.image_global) if anchor == "text"
+                               else (fetched.text_local, fetched.text_global))
+        neg = keep_hardest(model, fetched.pool, local, to_local[shortlist], anchor=anchor, num_hard=cfg.num_hard)
+        out.append(MinedGroups(anchor, fetched.pool, local, neg, to_global[neg]))
+    return out

@@ -113,13 +113,16 @@ def _cmdline(p) -> list[str]:
 
 
 def requeue(rank: int, saved: str) -> bool:
-    """Ask SLURM to requeue this job (rank 0 asks, every rank learns the answer)."""
+    """Ask SLURM to requeue this job (rank 0 asks, every rank learns the answer). With
+    ``IAIS_REQUEUE_HOLD=1`` the job is parked (``requeuehold``) until ``scontrol release``, so that
+    its allocation can be changed first (``scontrol update JobId=... NumNodes=...``)."""
     job = os.environ.get("SLURM_JOB_ID")
     ok = torch.zeros(1)
     if rank == 0 and job:
-        log.warning("checkpoint %s saved; asking SLURM to requeue job %s", saved, job)
+        verb = "requeuehold" if os.environ.get("IAIS_REQUEUE_HOLD", "0") not in ("", "0") else "requeue"
+        log.warning("checkpoint %s saved; asking SLURM to requeue job %s (scontrol %s)", saved, job, verb)
         try:
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+            result = subprocess.run(["scontrol", verb, job], capture_output=True, text=True, timeout=60)
             ok[0] = float(result.returncode == 0)
             if result.returncode:
                 log.error("scontrol requeue failed (%s): stopping as interrupted", result.stderr.strip())

@@ -261,6 +261,12 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
             time.sleep(1)
         raise SlurmError(f"job {job_id} not in {sorted(states)} after {timeout:.0f} s: {info}")
 
+    def scontrol(self, *args: str) -> str:
+        p = _run(["scontrol", *args], env=self.env, timeout=30)
+        if p.returncode != 0:
+            raise SlurmError(f"scontrol {' '.join(args)}: {p.stderr}")
+        return p.stdout
+
     def scancel(self, *args: str) -> None:
         p = _run(["scancel", *args], env=self.env, timeout=30)
         if p.returncode != 0:

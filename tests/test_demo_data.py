@@ -157,7 +157,7 @@ def test_writer_rejects_bad_samples(tmp_path: Path) -> None:
         w.write("k0", _meta("train", 0), feat=np.full((2, 4), np.nan, dtype=np.float32), boxes=boxes)
     with pytest.raises(ValueError, match="boxes"):
         w.write("k0", _meta("train", 0), feat=feat, boxes=np.zeros((3, 4)))
-    with pytest.raises(ValueError, match="together"):
+    with pytest.raises(ValueError, match="feat needs boxes, geometry or both"):
         w.write("k0", _meta("train", 0), feat=feat)
     w.write("k0", _meta("train", 0), feat=feat, boxes=boxes)
     with pytest.raises(ValueError, match="twice"):

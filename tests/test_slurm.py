@@ -34,12 +34,12 @@ def tiny_overrides(demo: Path, out: Path, steps: int) -> list[str]:
     ]
 
 
-def submit(cluster: SlurmCluster, tmp: Path, *train_args: str) -> tuple[str, Path]:
+def submit(cluster: SlurmCluster, tmp: Path, *train_args: str, env: dict | None = None) -> tuple[str, Path]:
     """sbatch slurm.sh on both nodes, one CPU rank each; returns (job id, its output file)."""
     job = cluster.sbatch(
         ["--nodes=2", "--gpus-per-node=0", "--time=00:20:00", f"--output={tmp}/%x-%j.out",
          SCRIPT, "configs/demo.yaml", *train_args],
-        cwd=ROOT, env={"PYTHONUNBUFFERED": "1"},
+        cwd=ROOT, env={"PYTHONUNBUFFERED": "1", **(env or {})},
     )
     return job, tmp / f"iais-{job}.out"
 
@@ -104,6 +104,56 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tiny_demo, 
     assert f"job {job} (iais) restart 0" in first
     assert f"resumed from step {step} " in second and "starting at step 0" not in second, second[:4000]
     # one record per 5 steps, none repeated: the second run went on from the checkpoint, not from 0
+    records = [json.loads(line)["step"] for line in train_log.read_text().splitlines()]
+    assert records == list(range(5, steps + 1, 5)), records
+    assert json.loads((run / "eval.json").read_text())["images"] == 16
+
+
+def test_two_nodes_start_from_missing_demo_data(slurm_cluster, tmp_path):  # noqa: F811
+    """Both nodes share the disk and no data exists yet: one rank writes the demo data (atomically),
+    the other waits for it; the job trains and reports."""
+    data, run = tmp_path / "data" / "demo", tmp_path / "run"
+    args = [a for a in tiny_overrides(data, run, steps=5) if not a.startswith("data.make_demo")]
+    job, out = submit(slurm_cluster, tmp_path, *args, "data.make_demo=true", "eval.max_images=20")
+    info = slurm_cluster.wait(job, timeout=600)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), describe(slurm_cluster, job, out)
+    log = out.read_text()
+    assert log.count("demo shards missing") == 1, log[-4000:]  # one writer for the whole job
+    assert (data / "manifest.json").is_file() and not list(data.parent.glob(".demo.*"))  # no leftovers
+    assert json.loads((run / "eval.json").read_text())["images"] == 20
+
+
+def test_requeued_job_resumes_on_fewer_nodes(slurm_cluster, tiny_demo, tmp_path):  # noqa: F811
+    """USR1 on 2 nodes: checkpoint, requeue held (IAIS_REQUEUE_HOLD=1); the job is moved to 1 node and
+    released; it resumes on 1 rank from the 2-rank checkpoint (resharded) and finishes."""
+    run, steps = tmp_path / "run", 60
+    job, out = submit(slurm_cluster, tmp_path, *tiny_overrides(tiny_demo, run, steps=steps),
+                      env={"IAIS_REQUEUE_HOLD": "1"})
+    train_log = run / "train_log.jsonl"
+    t0 = time.monotonic()
+    while not (train_log.exists() and train_log.read_text().strip()):
+        assert slurm_cluster.job(job)["JobState"] in {"PENDING", "RUNNING"}, describe(slurm_cluster, job, out)
+        assert time.monotonic() - t0 < 400, describe(slurm_cluster, job, out)
+        time.sleep(0.5)
+    slurm_cluster.scancel("--signal=USR1", "--batch", job)
+    while True:  # parked: pending and held after the checkpoint
+        info = slurm_cluster.job(job)
+        if info["JobState"] == "PENDING" and info.get("Restarts") == "1":
+            break
+        assert info["JobState"] in {"RUNNING", "COMPLETING", "PENDING", "REQUEUED"}, describe(slurm_cluster, job, out)
+        assert time.monotonic() - t0 < 600, describe(slurm_cluster, job, out)
+        time.sleep(0.5)
+    # min-max ("1" alone keeps the maximum at 2) and one task: one node task per node (slurm.sh)
+    slurm_cluster.scontrol("update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1")
+    slurm_cluster.scontrol("release", job)
+    info = slurm_cluster.wait(job, timeout=600)
+    assert (info["JobState"], info["ExitCode"], info["NumNodes"]) == ("COMPLETED", "0:0", "1"), \
+        describe(slurm_cluster, job, out)
+    log = out.read_text()
+    step = int(re.findall(r"checkpoint \S+/step(\d+) saved; asking SLURM to requeue job", log)[0])
+    second = log.split(f"job {job} (iais) restart 1", 1)[1]
+    assert "world size 1" in second and f"resumed from step {step} " in second, second[-4000:]
+    assert f"step{step}_universal" in second, second[-4000:]
     records = [json.loads(line)["step"] for line in train_log.read_text().splitlines()]
     assert records == list(range(5, steps + 1, 5)), records
     assert json.loads((run / "eval.json").read_text())["images"] == 16

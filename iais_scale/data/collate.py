@@ -2,6 +2,10 @@
 
 Texts and images are padded separately (dynamic padding to the longest in the batch), so that a
 caller can pair any text with any image by indexing: ``text_ids[i]`` with ``region_features[j]``.
+A caption that carries the data set's word-piece ids (``samples.Caption``) is collated as
+``[CLS] ids [SEP]`` instead of being tokenized. Training batches (``pairs``) truncate every caption
+to ``max_text_len``; evaluation (``texts``) never cuts stored ids: the text length grows to the
+longest such caption, as UNITER evaluates.
 
 The image input follows the model's ``image_input``: ``"regions"`` gives ``region_features`` [P, n, D],
 ``region_geometry`` [P, n, 7] and ``region_attention`` [P, n]; ``"patches"`` gives ``pixel_values``
@@ -20,6 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from . import format as fmt
 from .samples import IMAGE_MODES, BadSample, ImageSample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -28,9 +33,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def box_geometry(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     """Pixel boxes [n, 4] -> UNITER's 7-d ``[x1, y1, x2, y2, w, h, w*h]`` normalised by the image size."""
-    x1, y1, x2, y2 = (boxes / np.array([width, height, width, height], np.float32)).clip(0, 1).T
-    w, h = x2 - x1, y2 - y1
-    return np.stack([x1, y1, x2, y2, w, h, w * h], -1).astype(np.float32)
+    return fmt.normalised_geometry(boxes, width, height)
+
+
+def sample_geometry(sample: ImageSample) -> np.ndarray:
+    """The sample's ``[n, 7]`` geometry: ``geometry.npy`` as stored, else computed from its pixel boxes."""
+    if sample.geometry is not None:
+        return sample.geometry
+    return box_geometry(sample.boxes, sample.width, sample.height)
 
 
 def load_pixels(data: bytes, size: int, key: str = "?") -> np.ndarray:
@@ -76,6 +86,7 @@ class Collator:
         self.image_input = image_input
         self.image_size = image_size
         self.feature_dim = feature_dim if image_input == "regions" else None  # checked at decode time
+        self._vocab: int | None = None  # len(tokenizer), the bound on stored token ids (computed once)
         # (x / 255 - mean) / std as one multiply-add per channel.
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std)
@@ -86,16 +97,79 @@ class Collator:
         """Whether ``images`` decodes the encoded image (``patches``) rather than using regions."""
         return self.image_input == "patches"
 
-    def texts(self, captions: Sequence[str]) -> dict[str, Tensor]:
-        enc = self.tokenizer(
-            list(captions),
-            padding="longest",
-            truncation=True,
-            max_length=self.max_text_len,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
-        return {"text_ids": enc["input_ids"], "text_attention": enc["attention_mask"].bool()}
+    def texts(self, captions: Sequence[str], *, truncate_ids: bool = False) -> dict[str, Tensor]:
+        """Padded ``text_ids`` / ``text_attention`` of the captions. Texts are tokenized and truncated to
+        ``max_text_len``; captions with stored ids are ``[CLS] ids [SEP]``, cut to ``max_text_len`` only
+        with ``truncate_ids`` (training), else the batch grows to the longest (evaluation)."""
+        captions = list(captions)
+        if not any(getattr(c, "token_ids", None) is not None for c in captions):
+            enc = self.tokenizer(
+                captions,
+                padding="longest",
+                truncation=True,
+                max_length=self.max_text_len,
+                return_tensors="pt",
+                return_token_type_ids=False,
+            )
+            return {"text_ids": enc["input_ids"], "text_attention": enc["attention_mask"].bool()}
+        return self._texts_with_ids(captions, truncate_ids)
+
+    def _special_ids(self) -> tuple[int, int, int]:
+        tok = self.tokenizer
+        cls, sep, pad = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+        if cls is None or sep is None or pad is None:
+            raise ValueError("captions with token_ids need a tokenizer with [CLS], [SEP] and [PAD] tokens")
+        return cls, sep, pad
+
+    def _vocab_size(self) -> int:
+        if self._vocab is None:
+            self._vocab = len(self.tokenizer)
+        return self._vocab
+
+    def _texts_with_ids(self, captions: list, truncate_ids: bool) -> dict[str, Tensor]:
+        """The tokenizer path's layout, built by hand: [CLS] ids [SEP], right-padded with [PAD]."""
+        cls, sep, pad = self._special_ids()
+        rows: list[list[int] | None] = [None] * len(captions)
+        texts = [i for i, c in enumerate(captions) if getattr(c, "token_ids", None) is None]
+        if texts:
+            enc = self.tokenizer([str(captions[i]) for i in texts], truncation=True, max_length=self.max_text_len,
+                                 return_token_type_ids=False, return_attention_mask=False)
+            for i, ids in zip(texts, enc["input_ids"], strict=True):
+                rows[i] = list(ids)
+        vocab = self._vocab_size()
+        for i, c in enumerate(captions):
+            if rows[i] is not None:
+                continue
+            ids = list(c.token_ids)
+            if ids and max(ids) >= vocab:
+                raise ValueError(
+                    f"caption {str(c)[:60]!r}: token id {max(ids)} is outside the tokenizer's {vocab} tokens;"
+                    " the data set's token_ids come from another tokenizer (see its manifest's 'tokenizer')"
+                )
+            if truncate_ids:
+                ids = ids[: max(0, self.max_text_len - 2)]
+            rows[i] = [cls, *ids, sep]
+        length = max(len(r) for r in rows if r is not None)
+        out = torch.full((len(rows), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for i, r in enumerate(rows):
+            assert r is not None
+            span = slice(length - len(r), length) if left else slice(0, len(r))
+            out[i, span] = torch.tensor(r, dtype=torch.long)
+            mask[i, span] = True
+        return {"text_ids": out, "text_attention": mask}
+
+    def word_pieces(self, captions: Sequence[str]) -> list[int]:
+        """Word pieces of each caption without [CLS]/[SEP]: its stored ids, else the tokenizer's."""
+        counts = [len(c.token_ids) if getattr(c, "token_ids", None) is not None else -1 for c in captions]
+        texts = [i for i, n in enumerate(counts) if n < 0]
+        if texts:
+            enc = self.tokenizer([str(captions[i]) for i in texts], add_special_tokens=False,
+                                 return_token_type_ids=False, return_attention_mask=False)
+            for i, ids in zip(texts, enc["input_ids"], strict=True):
+                counts[i] = len(ids)
+        return counts
 
     def load_pixels(self, sample: ImageSample) -> np.ndarray:
         """The sample's image as ``[S, S, 3]`` uint8 (BadSample ``missing_image`` / ``bad_image``)."""
@@ -126,7 +200,7 @@ class Collator:
                 raise ValueError(f"{s.key}: feature dim {s.features.shape[1]}, expected {dim}")
             k = s.features.shape[0]
             feats[i, :k] = s.features
-            geom[i, :k] = box_geometry(s.boxes, s.width, s.height)
+            geom[i, :k] = sample_geometry(s)
             mask[i, :k] = True
         return {
             "region_features": torch.from_numpy(feats),
@@ -143,6 +217,6 @@ class Collator:
     def pairs(self, items: Sequence[tuple[ImageSample, str]]) -> dict:
         """A training batch of matched pairs: text i belongs to image i."""
         samples = [s for s, _ in items]
-        batch = {**self.texts([c for _, c in items]), **self.images(samples)}
+        batch = {**self.texts([c for _, c in items], truncate_ids=True), **self.images(samples)}
         batch["keys"] = [s.key for s in samples]
         return batch

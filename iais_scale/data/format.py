@@ -40,14 +40,19 @@ JSON_EXT = "json"
 IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "webp")
 FEAT_EXT = "feat.npy"
 BOXES_EXT = "boxes.npy"
-MEMBER_EXTS: tuple[str, ...] = (JSON_EXT, *IMAGE_EXTS, FEAT_EXT, BOXES_EXT)
+GEOMETRY_EXT = "geometry.npy"
+MEMBER_EXTS: tuple[str, ...] = (JSON_EXT, *IMAGE_EXTS, FEAT_EXT, BOXES_EXT, GEOMETRY_EXT)
 
 FEAT_DTYPES: tuple[np.dtype, ...] = (np.dtype("<f2"), np.dtype("<f4"))
 BOXES_DTYPE = np.dtype("<f4")
+GEOMETRY_DTYPE = np.dtype("<f4")
+GEOMETRY_DIM = 7  # UNITER's [x1, y1, x2, y2, w, h, w*h], normalised by the image size
 
-# USTAR stores names of at most 100 bytes without a "/"; keep a margin for the
-# longest extension so that every member name of a valid key fits.
-MAX_KEY_LEN = 100 - 1 - max(len(e) for e in MEMBER_EXTS)
+# USTAR stores names of at most 100 bytes without a "/". Keys keep the margin of
+# the original members (".boxes.npy"), so that keys valid before geometry.npy
+# existed stay valid; the writer refuses a geometry member whose name would not fit.
+MAX_MEMBER_NAME = 100
+MAX_KEY_LEN = MAX_MEMBER_NAME - 1 - len(BOXES_EXT)
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 # Fixed tar header fields make shards byte-identical for identical samples.
@@ -59,6 +64,11 @@ TAR_MODE = 0o444
 # Boxes may poke out of the image by rounding; anything beyond is a bug
 # (for example normalised instead of pixel coordinates on the wrong side).
 BOX_SLACK_PX = 1.0
+# Normalised coordinates (geometry, phrase boxes) get the same allowance for rounding.
+NORM_SLACK = 0.01
+MAX_TOKEN_ID = 1 << 31  # token ids become int64 tensors; anything larger is garbage
+# boxes.npy and geometry.npy of one sample must describe the same boxes.
+GEOMETRY_AGREEMENT = 1e-3
 
 
 def shard_name(index: int) -> str:
@@ -120,18 +130,97 @@ def validate_sample(meta: Mapping[str, Any]) -> None:
             raise ValueError(f"swap.index: must be 0 or 1, got {swap.get('index')!r}")
         if len(captions) != 1:
             raise ValueError("captions: a swap sample has exactly one caption")
-    if "phrases" in meta and not isinstance(meta["phrases"], list):
-        raise ValueError("phrases: must be a list (reserved for phrase-box annotations)")
+    if "token_ids" in meta:
+        _validate_token_ids(meta["token_ids"], len(captions))
+    if "phrases" in meta:
+        _validate_phrases(meta["phrases"], captions)
 
 
-def validate_regions(feat: np.ndarray, boxes: np.ndarray, width: int, height: int) -> None:
-    """Check region features ``[n, D]`` and pixel boxes ``[n, 4]`` of one image; raise ValueError."""
+def _validate_token_ids(token_ids: Any, n_captions: int) -> None:
+    if not isinstance(token_ids, list) or len(token_ids) != n_captions:
+        raise ValueError(f"token_ids: must be a list of {n_captions} id lists, parallel to captions")
+    for i, ids in enumerate(token_ids):
+        if not isinstance(ids, list) or not ids:
+            raise ValueError(f"token_ids[{i}]: must be a non-empty list of token ids")
+        if not all(_is_int(t) and 0 <= t < MAX_TOKEN_ID for t in ids):
+            raise ValueError(f"token_ids[{i}]: must hold integers in [0, {MAX_TOKEN_ID})")
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _validate_phrases(phrases: Any, captions: list[str]) -> None:
+    if not isinstance(phrases, list):
+        raise ValueError("phrases: must be a list of {caption, start, end, boxes[, entity]} objects")
+    lo, hi = -NORM_SLACK, 1 + NORM_SLACK
+    for i, ph in enumerate(phrases):
+        where = f"phrases[{i}]"
+        if not isinstance(ph, Mapping):
+            raise ValueError(f"{where}: must be an object {{caption, start, end, boxes}}")
+        c = ph.get("caption")
+        if not _is_int(c) or not 0 <= c < len(captions):
+            raise ValueError(f"{where}.caption: must be a caption index in [0, {len(captions)}), got {c!r}")
+        start, end = ph.get("start"), ph.get("end")
+        if not (_is_int(start) and _is_int(end) and 0 <= start < end <= len(captions[c])):
+            raise ValueError(
+                f"{where}: start/end must be character offsets 0 <= start < end <= {len(captions[c])}"
+                f" into caption {c}, got {start!r}/{end!r}"
+            )
+        boxes = ph.get("boxes")
+        if not isinstance(boxes, list) or not boxes:
+            raise ValueError(f"{where}.boxes: must be a non-empty list of [x1, y1, x2, y2]")
+        for j, box in enumerate(boxes):
+            if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+                raise ValueError(f"{where}.boxes[{j}]: must be 4 finite numbers [x1, y1, x2, y2]")
+            x1, y1, x2, y2 = box
+            if not (lo <= x1 <= x2 <= hi and lo <= y1 <= y2 <= hi):
+                raise ValueError(f"{where}.boxes[{j}]: need 0 <= x1 <= x2 <= 1 and 0 <= y1 <= y2 <= 1 (normalised)")
+        if "entity" in ph and not isinstance(ph["entity"], str):
+            raise ValueError(f"{where}.entity: must be a string")
+
+
+def normalised_geometry(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Pixel boxes [n, 4] -> UNITER's 7-d ``[x1, y1, x2, y2, w, h, w*h]`` normalised by the image size."""
+    x1, y1, x2, y2 = (boxes / np.array([width, height, width, height], np.float32)).clip(0, 1).T
+    w, h = x2 - x1, y2 - y1
+    return np.stack([x1, y1, x2, y2, w, h, w * h], -1).astype(np.float32)
+
+
+def validate_geometry(geometry: np.ndarray, n: int) -> None:
+    """Check a ``[n, 7]`` float32 normalised box geometry (values in [0, 1] up to rounding)."""
+    if geometry.shape != (n, GEOMETRY_DIM):
+        raise ValueError(f"geometry: shape {list(geometry.shape)} does not match feat rows, expected [{n}, 7]")
+    if geometry.dtype != GEOMETRY_DTYPE:
+        raise ValueError(f"geometry: dtype must be float32, got {geometry.dtype}")
+    if not np.isfinite(geometry).all():
+        raise ValueError("geometry: contains NaN or inf")
+    if (geometry < -NORM_SLACK).any() or (geometry > 1 + NORM_SLACK).any():
+        raise ValueError("geometry: values outside [0, 1] (must be normalised by the image size)")
+    x1, y1, x2, y2 = geometry[:, :4].T
+    if (x2 < x1 - NORM_SLACK).any() or (y2 < y1 - NORM_SLACK).any():
+        raise ValueError("geometry: need x1 <= x2 and y1 <= y2")
+
+
+def validate_regions(
+    feat: np.ndarray, boxes: np.ndarray | None, width: int, height: int, geometry: np.ndarray | None = None
+) -> None:
+    """Check region features ``[n, D]`` with pixel boxes ``[n, 4]`` and/or geometry ``[n, 7]``; raise ValueError.
+
+    With both, the boxes normalised by ``width x height`` must agree with the geometry (1e-3).
+    """
     if feat.ndim != 2 or feat.shape[0] < 1 or feat.shape[1] < 1:
         raise ValueError(f"feat: must have shape [n >= 1, D >= 1], got {list(feat.shape)}")
     if feat.dtype.kind != "f" or feat.dtype.itemsize not in (2, 4):
         raise ValueError(f"feat: dtype must be float16 or float32, got {feat.dtype}")
     if not np.isfinite(feat).all():
         raise ValueError("feat: contains NaN or inf")
+    if boxes is None and geometry is None:
+        raise ValueError("boxes: region features need boxes or geometry")
+    if geometry is not None:
+        validate_geometry(geometry, feat.shape[0])
+    if boxes is None:
+        return
     if boxes.shape != (feat.shape[0], 4):
         raise ValueError(f"boxes: shape {list(boxes.shape)} does not match feat rows, expected [{feat.shape[0]}, 4]")
     if boxes.dtype != BOXES_DTYPE:
@@ -144,6 +233,10 @@ def validate_regions(feat: np.ndarray, boxes: np.ndarray, width: int, height: in
     lo, hx, hy = -BOX_SLACK_PX, width + BOX_SLACK_PX, height + BOX_SLACK_PX
     if (x1 < lo).any() or (y1 < lo).any() or (x2 > hx).any() or (y2 > hy).any():
         raise ValueError(f"boxes: outside the {width}x{height} image")
+    if geometry is not None:
+        gap = float(np.abs(normalised_geometry(boxes, width, height) - geometry).max())
+        if gap > GEOMETRY_AGREEMENT:
+            raise ValueError(f"geometry: differs from boxes / image size by up to {gap:.4g} (> {GEOMETRY_AGREEMENT})")
 
 
 def encode_json(meta: Mapping[str, Any]) -> bytes:
@@ -387,8 +480,12 @@ class ShardWriter:
         image_ext: str = "png",
         feat: np.ndarray | None = None,
         boxes: np.ndarray | None = None,
+        geometry: np.ndarray | None = None,
     ) -> None:
-        """Validate and append one sample; ``image`` is already-encoded file bytes."""
+        """Validate and append one sample; ``image`` is already-encoded file bytes.
+
+        ``feat`` needs pixel ``boxes``, normalised ``geometry`` ``[n, 7]``, or both (they must agree).
+        """
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         validate_key(key)
@@ -402,14 +499,22 @@ class ShardWriter:
             if not image:
                 raise ValueError("image: empty bytes")
             members[image_ext] = bytes(image)
-        if (feat is None) != (boxes is None):
-            raise ValueError("feat and boxes must be given together")
-        if feat is not None and boxes is not None:
+        if feat is None and (boxes is not None or geometry is not None):
+            raise ValueError("boxes and geometry need feat (the region features they belong to)")
+        if feat is not None:
+            if boxes is None and geometry is None:
+                raise ValueError("feat needs boxes, geometry or both")
             feat = np.asarray(feat)
-            boxes = np.asarray(boxes, dtype=BOXES_DTYPE)
-            validate_regions(feat, boxes, meta["width"], meta["height"])
+            boxes = None if boxes is None else np.asarray(boxes, dtype=BOXES_DTYPE)
+            geometry = None if geometry is None else np.asarray(geometry, dtype=GEOMETRY_DTYPE)
+            validate_regions(feat, boxes, meta["width"], meta["height"], geometry)
             members[FEAT_EXT] = encode_npy(feat)
-            members[BOXES_EXT] = encode_npy(boxes)
+            if boxes is not None:
+                members[BOXES_EXT] = encode_npy(boxes)
+            if geometry is not None:
+                if len(f"{key}.{GEOMETRY_EXT}".encode()) > MAX_MEMBER_NAME:
+                    raise ValueError(f"key {key!r}: too long for a .{GEOMETRY_EXT} member (tar names <= 100 bytes)")
+                members[GEOMETRY_EXT] = encode_npy(geometry)
 
         nbytes = sum(_tar_member_bytes(len(v)) for v in members.values())
         full = self._count >= self.shard_size or (

@@ -13,7 +13,7 @@ import itertools
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import storage
 from .collate import Collator
-from .samples import BadSample, decode_sample
+from .samples import BadSample, ImageSample, decode_sample
 from .shards import MAX_MEMBER_BYTES, Split, read_shard, resolve_split
 
 if TYPE_CHECKING:
@@ -77,12 +77,20 @@ class _Tally:
         self.bad.clear()
 
 
-def _decode(raws: Iterable[tuple[int, dict]], tally: _Tally, rng: random.Random, decode_kw: dict) -> Iterator[tuple]:
-    """Good (sample, one caption drawn by ``rng``, position); bad samples are counted and skipped."""
+def _decode(raws: Iterable[tuple[int, dict]], tally: _Tally, rng: random.Random, decode_kw: dict,
+            drawable: Callable[[ImageSample], list[str]] | None = None) -> Iterator[tuple]:
+    """Good (sample, one caption drawn by ``rng``, position); bad samples are counted and skipped.
+
+    ``drawable`` narrows the captions a draw may pick (a sample left with none is ``caption_too_long``);
+    without it, or when it keeps them all, the draws are those of the full caption list.
+    """
     bad_in_row = 0
     for position, raw in raws:
         try:
             sample = decode_sample(raw, **decode_kw)
+            captions = sample.captions if drawable is None else drawable(sample)
+            if not captions:
+                raise BadSample("caption_too_long", f"{sample.key}: every caption is over the word-piece limit")
         except BadSample as e:
             tally.bad[e.reason] += 1
             bad_in_row += 1
@@ -95,7 +103,8 @@ def _decode(raws: Iterable[tuple[int, dict]], tally: _Tally, rng: random.Random,
             continue
         bad_in_row = 0
         tally.good += 1
-        yield sample, rng.choice(sample.captions), position
+        # A Caption carries its stored token ids to the collator.
+        yield sample, rng.choice(captions), position
 
 
 def _shuffled(items: Iterable, bufsize: int, rng: random.Random) -> Iterator:
@@ -178,7 +187,8 @@ class _BatchStream(IterableDataset):
     """Shared machinery: epochs of equal batch counts per rank, workers, resume, bad-sample counts."""
 
     def __init__(self, collator: Collator, batch_size: int, *, rank: int, world_size: int, seed: int,
-                 shuffle_buffer: int, start: StreamStart | None, bucket_by_length: bool, io: IoOptions):
+                 shuffle_buffer: int, start: StreamStart | None, bucket_by_length: bool, io: IoOptions,
+                 max_caption_tokens: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -192,6 +202,22 @@ class _BatchStream(IterableDataset):
         self.batches_per_epoch = 1  # set by the subclass
         self._decode_kw = dict(max_regions=collator.max_regions, image_input=collator.image_input,
                                keep_image=collator.needs_pixels, feature_dim=collator.feature_dim)
+        if max_caption_tokens is not None and max_caption_tokens < 1:
+            raise ValueError(f"max_caption_tokens: must be at least 1 or None, got {max_caption_tokens}")
+        self.max_caption_tokens = max_caption_tokens
+
+    def _drawable(self) -> Callable[[ImageSample], list[str]] | None:
+        """The captions a training draw may pick: those within ``max_caption_tokens`` word pieces (as
+        UNITER's ``TxtTokLmdb(max_txt_len=60)`` drops longer training captions); None: all."""
+        limit = self.max_caption_tokens
+        if limit is None:
+            return None
+
+        def drawable(sample: ImageSample) -> list[str]:
+            counts = self.collator.word_pieces(sample.captions)
+            return [c for c, n in zip(sample.captions, counts, strict=True) if n <= limit]
+
+        return drawable
 
     # ---------------------------------------------------------------- batch numbering
 
@@ -295,9 +321,10 @@ class PairStream(_BatchStream):
 
     def __init__(self, split: str | Split, collator: Collator, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000, start: StreamStart | None = None,
-                 bucket_by_length: bool = False, io: IoOptions = DEFAULT_IO):
+                 bucket_by_length: bool = False, io: IoOptions = DEFAULT_IO, max_caption_tokens: int | None = None):
         super().__init__(collator, batch_size, rank=rank, world_size=world_size, seed=seed,
-                         shuffle_buffer=shuffle_buffer, start=start, bucket_by_length=bucket_by_length, io=io)
+                         shuffle_buffer=shuffle_buffer, start=start, bucket_by_length=bucket_by_length, io=io,
+                         max_caption_tokens=max_caption_tokens)
         self.split = split if isinstance(split, Split) else resolve_split(str(split))
         self.sizes: dict[str, int] = dict(self.split.sizes)  # type: ignore[arg-type]  (resolved with sizes)
         self.urls, self.num_samples = list(self.sizes), sum(self.sizes.values())
@@ -334,10 +361,11 @@ class PairStream(_BatchStream):
         reader = _Reader(self.epoch_order(epoch), self.io, tally.bad)
         mine = self.chunk(epoch, worker, n_workers)
         captions = random.Random(f"captions:{tag}")
-        main = _decode(reader.read(_runs(mine)), tally, captions, self._decode_kw)
+        drawable = self._drawable()
+        main = _decode(reader.read(_runs(mine)), tally, captions, self._decode_kw, drawable)
         # Wrap rule: a chunk short of usable samples goes on with the positions after it.
         after = (mine[-1] + 1) if len(mine) else 0
-        extra = _decode(reader.read([(after, None)]), tally, captions, self._decode_kw)
+        extra = _decode(reader.read([(after, None)]), tally, captions, self._decode_kw, drawable)
         return itertools.chain(_shuffled(main, self.shuffle_buffer, random.Random(f"shuffle:{tag}")), extra)
 
 
@@ -347,9 +375,10 @@ class ResampledPairStream(_BatchStream):
     def __init__(self, sources: Sequence[tuple[str | Split, float]], collator: Collator, batch_size: int, *,
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                  start: StreamStart | None = None, epoch_samples: int | None = None,
-                 bucket_by_length: bool = False, io: IoOptions = DEFAULT_IO):
+                 bucket_by_length: bool = False, io: IoOptions = DEFAULT_IO, max_caption_tokens: int | None = None):
         super().__init__(collator, batch_size, rank=rank, world_size=world_size, seed=seed,
-                         shuffle_buffer=shuffle_buffer, start=start, bucket_by_length=bucket_by_length, io=io)
+                         shuffle_buffer=shuffle_buffer, start=start, bucket_by_length=bucket_by_length, io=io,
+                         max_caption_tokens=max_caption_tokens)
         if not sources:
             raise ValueError("sources: name at least one (path, weight)")
         bad = [f"{p} (weight {w})" for p, w in sources if not float(w) > 0]
@@ -388,8 +417,9 @@ class ResampledPairStream(_BatchStream):
     def _items(self, epoch: int, worker: int, n_workers: int, tally: _Tally) -> Iterator[tuple]:
         tag = self._tag(epoch, worker, n_workers)
         captions = random.Random(f"captions:{tag}")
+        drawable = self._drawable()
         streams = [_decode(self._draws(split, random.Random(f"shards:{i}:{tag}"), tally.bad), tally, captions,
-                           self._decode_kw) for i, split in enumerate(self.splits)]
+                           self._decode_kw, drawable) for i, split in enumerate(self.splits)]
         cum = list(itertools.accumulate(self.weights))
         mix = random.Random(f"mix:{tag}")
 
@@ -411,7 +441,8 @@ def make_train_stream(data: DataConfig, collator: Collator, batch_size: int, ran
     """The training stream ``data.mode`` asks for: epoch mode over the train split, or the resampled
     mixture of ``data.sources``."""
     common = dict(rank=rank, world_size=world_size, seed=seed, shuffle_buffer=data.shuffle_buffer, start=start,
-                  bucket_by_length=data.bucket_by_length, io=io_options(data))
+                  bucket_by_length=data.bucket_by_length, io=io_options(data),
+                  max_caption_tokens=data.max_train_caption_tokens)
     if data.mode == "resampled":
         return ResampledPairStream([(s.path, s.weight) for s in data.sources], collator, batch_size,
                                    epoch_samples=data.epoch_samples, **common)

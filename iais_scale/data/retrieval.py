@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .pipeline import DEFAULT_IO, IoOptions
@@ -98,3 +99,26 @@ def swap_groups(samples: list[ImageSample]) -> list[SwapGroup]:
         SwapGroup((m[0], m[1]), (m[0].captions[0], m[1].captions[0]))
         for _, m in sorted(groups.items())
     ]
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU [A, B] of boxes ``[A, 4]`` and ``[B, 4]`` given as ``x1, y1, x2, y2`` (any common frame)."""
+    a = np.asarray(a, np.float64)[:, None]
+    b = np.asarray(b, np.float64)[None]
+    iw = (np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])).clip(0)
+    ih = (np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])).clip(0)
+    inter = iw * ih
+    area_a = (a[..., 2] - a[..., 0]).clip(0) * (a[..., 3] - a[..., 1]).clip(0)
+    area_b = (b[..., 2] - b[..., 0]).clip(0) * (b[..., 3] - b[..., 1]).clip(0)
+    union = area_a + area_b - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def best_region(regions: np.ndarray, boxes: list) -> int:
+    """Index of the region (``[R, 4]`` normalised boxes) with the highest IoU with any of ``boxes``;
+    -1 when no region overlaps any of them (an alignment by IoU 0 would be arbitrary)."""
+    if not len(regions) or not len(boxes):
+        return -1
+    iou = box_iou(regions, np.asarray(boxes, np.float64).reshape(-1, 4)).max(1)
+    best = int(iou.argmax())
+    return best if iou[best] > 0 else -1

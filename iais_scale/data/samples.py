@@ -27,6 +27,32 @@ _EMPTY_FEATURES = np.zeros((0, 0), np.float32)
 _EMPTY_BOXES = np.zeros((0, 4), np.float32)
 
 
+class Caption(str):
+    """A caption string that also carries the data set's word-piece ids (``token_ids``, no [CLS]/[SEP]).
+
+    It is the caption text everywhere a string is expected; the collator uses ``token_ids`` instead of
+    tokenizing the text, so training and evaluation see exactly the data set's ids.
+    """
+
+    token_ids: tuple[int, ...]
+
+    def __new__(cls, text: str, token_ids) -> Caption:
+        obj = super().__new__(cls, text)
+        obj.token_ids = tuple(int(t) for t in token_ids)
+        return obj
+
+    def __reduce__(self):  # pickled as (text, ids), e.g. into DataLoader workers
+        return Caption, (str(self), self.token_ids)
+
+
+def captions_of(meta: dict) -> list[str]:
+    """The sample's captions: plain strings, or :class:`Caption` objects when ``token_ids`` are stored."""
+    ids = meta.get("token_ids")
+    if ids is None:
+        return list(meta["captions"])
+    return [Caption(text, t) for text, t in zip(meta["captions"], ids, strict=True)]
+
+
 class BadSample(ValueError):
     """A sample that cannot be used; ``reason`` is a short category for the counters."""
 
@@ -54,6 +80,13 @@ class ImageSample:
     meta: dict = field(default_factory=dict)
     image: bytes | None = None
     pixels: np.ndarray | None = None
+    geometry: np.ndarray | None = None  # [n, 7] float32 from geometry.npy; None: computed from boxes
+
+    def normalised_boxes(self) -> np.ndarray:
+        """Region boxes ``[n, 4]`` as fractions of the image size (from geometry when stored)."""
+        if self.geometry is not None:
+            return self.geometry[:, :4]
+        return self.boxes / np.array([self.width, self.height, self.width, self.height], np.float32)
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -181,17 +214,21 @@ def sample_meta(raw: dict) -> dict:
 
 
 def load_regions(raw: dict, meta: dict, *, feature_dim: int | None = None,
-                 max_regions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Region features [n, D] and pixel boxes [n, 4] of a sample, checked (float32 copies)."""
+                 max_regions: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Region features [n, D], pixel boxes [n, 4] and the stored geometry [n, 7] (None without
+    ``geometry.npy``) of a sample, checked (float32 copies). Without ``boxes.npy`` the boxes are the
+    geometry's scaled to ``width x height``."""
     key = raw.get("__key__", "?")
-    if fmt.FEAT_EXT not in raw or fmt.BOXES_EXT not in raw:
+    if fmt.FEAT_EXT not in raw or (fmt.BOXES_EXT not in raw and fmt.GEOMETRY_EXT not in raw):
         raise BadSample("missing_features", key)
     try:
-        features, boxes = load_npy(raw[fmt.FEAT_EXT]), load_npy(raw[fmt.BOXES_EXT])
+        features = load_npy(raw[fmt.FEAT_EXT])
+        boxes = load_npy(raw[fmt.BOXES_EXT]) if fmt.BOXES_EXT in raw else None
+        geometry = load_npy(raw[fmt.GEOMETRY_EXT]) if fmt.GEOMETRY_EXT in raw else None
     except (ValueError, TypeError, OSError, EOFError) as e:  # bad headers, unsupported dtypes, short data
         raise BadSample("bad_npy", f"{key}: {type(e).__name__}: {e}") from None
     try:
-        fmt.validate_regions(features, boxes, meta["width"], meta["height"])
+        fmt.validate_regions(features, boxes, meta["width"], meta["height"], geometry)
     except ValueError as e:
         reason = "nonfinite_features" if "NaN" in str(e) else "bad_regions"
         raise BadSample(reason, f"{key}: {e}") from None
@@ -199,7 +236,13 @@ def load_regions(raw: dict, meta: dict, *, feature_dim: int | None = None,
         raise BadSample("bad_feature_dim", f"{key}: features of dimension {features.shape[1]}, expected {feature_dim}")
     if max_regions is not None and features.shape[0] > max_regions:
         raise BadSample("too_many_regions", f"{key}: {features.shape[0]} > {max_regions}")
-    return features.astype(np.float32), boxes.astype(np.float32)
+    if geometry is not None:
+        geometry = geometry.astype(np.float32)  # a writable copy, like the others
+        if boxes is None:
+            size = np.array([meta["width"], meta["height"], meta["width"], meta["height"]], np.float32)
+            boxes = geometry[:, :4] * size
+    assert boxes is not None
+    return features.astype(np.float32), boxes.astype(np.float32), geometry
 
 
 def decode_sample(
@@ -234,12 +277,12 @@ def _decode(raw: dict, key: str, max_regions: int | None, image_input: str, keep
         if image is None:
             raise BadSample("missing_image", key)
         width, height = check_image(image, key)
-        return ImageSample(key=key, image_id=meta["image_id"], captions=list(meta["captions"]), width=width,
+        return ImageSample(key=key, image_id=meta["image_id"], captions=captions_of(meta), width=width,
                            height=height, features=_EMPTY_FEATURES, boxes=_EMPTY_BOXES, meta=meta, image=image)
-    features, boxes = load_regions(raw, meta, feature_dim=feature_dim, max_regions=max_regions)
-    return ImageSample(key=key, image_id=meta["image_id"], captions=list(meta["captions"]), width=meta["width"],
+    features, boxes, geometry = load_regions(raw, meta, feature_dim=feature_dim, max_regions=max_regions)
+    return ImageSample(key=key, image_id=meta["image_id"], captions=captions_of(meta), width=meta["width"],
                        height=meta["height"], features=features, boxes=boxes, meta=meta,
-                       image=image if keep_image else None)
+                       image=image if keep_image else None, geometry=geometry)
 
 
 class BadSampleCounter:
