@@ -151,7 +151,7 @@ def cost_per_step(model, cfgs: dict, args, tok, collator) -> dict:
         for m, cfg in cfgs.items():
             trial = copy.deepcopy(model)
             opt = torch.optim.AdamW(trial.parameters(), lr=cfg.optim.lr)
-            full = timed(lambda: step(trial, opt, batch, cfg, i, tok.mask_token_id))
+            full = timed(lambda trial=trial, opt=opt, batch=batch, i=i, cfg=cfg: step(trial, opt, batch, cfg, i, tok.mask_token_id))
             times[m].append((full, *mining_seconds(trial.eval(), batch, cfg, "text" if i % 2 == 0 else "image")))
     return {m: tuple(statistics.median(x) for x in zip(*t)) for m, t in times.items()}
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from iais_scale.data.demo import make_demo
 from test_resume import wait_for
 from test_train import ROOT, free_port
+
+from iais_scale.data.demo import make_demo
 
 pytestmark = pytest.mark.slow
 STEPS_PER_EPOCH = 4  # 192 training samples, 48 pairs per optimizer step on any world size
