@@ -45,7 +45,7 @@ def collect(captions: str | Path, images: str | Path | None, features: str | Pat
     if root is not None and not root.is_dir():
         raise FileNotFoundError(f"--images {root}: not a directory")
     split = split or split_from_name(path)
-    inputs = Inputs(features)
+    inputs = Inputs(features, image_root=root)
     by_id: dict[Any, list[Any]] = {}
     files: dict[Any, str] = {}
     for i, img in enumerate(data["images"]):

@@ -72,6 +72,7 @@ REASONS: dict[str, str] = {
     "empty_caption": "caption dropped",
     "split_conflict": "captions kept in the image's first split",
     "reencoded_image": "image re-encoded as PNG",
+    "bad_path": "sample skipped (the path leaves the image folder, or holds a NUL byte)",
 }
 SPLIT_ORDER = ("train", "val", "test")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_\-]{1,80}$")
@@ -130,10 +131,21 @@ def index_features(features_dir: str | os.PathLike[str] | None) -> dict[str, str
     return index
 
 
-class Inputs:
-    """Records per split plus the problems met while collecting them."""
+def inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` lies in folder ``root`` by its name (``..`` and absolute paths resolved
+    lexically; symlinks inside the folder are the user's own and are followed)."""
+    r = os.path.normpath(os.path.abspath(root))
+    p = os.path.normpath(os.path.abspath(path))
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
-    def __init__(self, features_dir: str | os.PathLike[str] | None = None) -> None:
+
+class Inputs:
+    """Records per split plus the problems met while collecting them. Image paths must lie in
+    ``image_root`` (a source file naming ``../secret.png`` or ``/etc/...`` is refused per record)."""
+
+    def __init__(self, features_dir: str | os.PathLike[str] | None = None,
+                 image_root: str | os.PathLike[str] | None = None) -> None:
+        self.image_root = image_root
         self.want_features = features_dir is not None
         self._features = index_features(features_dir)
         self.splits: dict[str, list[Record]] = {}
@@ -163,6 +175,13 @@ class Inputs:
                 issue("duplicate_image", image_id, source, f"image id already used in split {self._seen[image_id]}"),
             )
             return
+        if image is not None:
+            if "\0" in str(image) or "\0" in image_id:
+                self.note(split, issue("bad_path", image_id.replace("\0", "\\0"), source, "NUL byte in the name"))
+                return
+            if self.image_root is not None and not inside(self.image_root, image):
+                self.note(split, issue("bad_path", image_id, source, f"{image} is outside {self.image_root}"))
+                return
         kept = []
         for i, caption in enumerate(captions):
             text = caption.strip() if isinstance(caption, str) else ""
@@ -188,6 +207,7 @@ class LoadOptions:
     want_features: bool
     check_decode: bool = True
     feature_dtype: str = "keep"  # keep | float16 | float32
+    max_array_bytes: int = 512 << 20  # an .npz declaring more is refused before it is expanded
 
 
 @dataclass
@@ -256,7 +276,7 @@ def load_record(opts: LoadOptions, rec: Record) -> Loaded | dict[str, Any]:
         if rec.features is None:
             return issue("missing_features", rec.image_id, rec.source, "no .npz with a matching file stem")
         try:
-            feat, boxes, size = load_regions(rec.features, size, opts.feature_dtype)
+            feat, boxes, size = load_regions(rec.features, size, opts.feature_dtype, max_bytes=opts.max_array_bytes)
         except Exception as e:  # np.load: ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError ...
             return issue(
                 "bad_features",
@@ -544,6 +564,8 @@ def run_conversion(
     check_decode: bool = True,
     feature_dtype: str = "keep",
     overwrite: bool = False,
+    allow_empty_splits: bool = False,
+    max_array_mb: int = 512,
     out: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write ``inputs`` as a data set in ``out_dir`` (resuming an interrupted run) and return its manifest.
@@ -587,7 +609,8 @@ def run_conversion(
         manifest_path.unlink()
     out_path.mkdir(parents=True, exist_ok=True)
 
-    splits = sort_splits(inputs.splits)
+    # Splits whose every input failed are converted too: they end empty and are reported as such.
+    splits = sort_splits({*inputs.splits, *(s for s in inputs.issues if s is not None)})
     bad = [s for s in splits if not valid_split_name(s)]
     if bad:
         raise ValueError(f"invalid split name(s) {bad}: use letters, digits, '-' and '_' (at most 80)")
@@ -595,11 +618,12 @@ def run_conversion(
         if _is_ours(split_dir) or (overwrite and any(SHARD_RE.match(p.name) for p in split_dir.iterdir())):
             _clear_split_dir(split_dir)  # a split of an earlier, different conversion into this folder
 
-    opts = LoadOptions(want_features=inputs.want_features, check_decode=check_decode, feature_dtype=feature_dtype)
+    opts = LoadOptions(want_features=inputs.want_features, check_decode=check_decode, feature_dtype=feature_dtype,
+                       max_array_bytes=max_array_mb << 20)
     feature_dim: int | None = None
     results: dict[str, SplitResult] = {}
     for split in splits:
-        records = order_records(inputs.splits[split], seed, split)
+        records = order_records(inputs.splits.get(split, []), seed, split)
         header = {"generator": generator, "params": params, "records": len(records), "digest": records_digest(records)}
         result = _convert_split(
             out_path / split,
@@ -625,6 +649,15 @@ def run_conversion(
         write_json_atomic(out_path / SKIPPED_FILE, {"counts": _counts(unsplit), "items": _public(unsplit)})
     else:
         (out_path / SKIPPED_FILE).unlink(missing_ok=True)
+    empty = {s: _counts(r.issues) for s, r in results.items() if r.samples == 0}
+    if empty and not allow_empty_splits:
+        # No manifest: the data set is not complete. The listings say why each input was skipped.
+        _summary(out_path, results, unsplit, out)
+        raise ValueError(
+            "split(s) ended empty: " + "; ".join(f"{s} (skipped: {c or 'no inputs'}; see {out_path / s / SKIPPED_FILE})"
+                                                 for s, c in empty.items())
+            + " (pass --allow-empty-splits to write them anyway)"
+        )
 
     manifest = {
         "format": FORMAT_NAME,
@@ -690,6 +723,10 @@ def add_common_args(p: argparse.ArgumentParser, *, features_help: str | None = N
         "--no-decode-check", action="store_true", help="read image headers only; do not decode to catch corrupt files"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a data set made with other parameters")
+    p.add_argument("--allow-empty-splits", action="store_true",
+                   help="write a split whose every input was skipped (an error otherwise)")
+    p.add_argument("--max-array-mb", type=int, default=512,
+                   help="refuse a features .npz declaring more than this before expanding it (default 512)")
 
 
 def run_from_args(args: argparse.Namespace, generator: str, params: dict[str, Any], inputs: Inputs) -> int:
@@ -707,6 +744,8 @@ def run_from_args(args: argparse.Namespace, generator: str, params: dict[str, An
         check_decode=not args.no_decode_check,
         feature_dtype=args.feature_dtype,
         overwrite=args.overwrite,
+        allow_empty_splits=args.allow_empty_splits,
+        max_array_mb=args.max_array_mb,
     )
     return 0
 

@@ -51,8 +51,19 @@ def _scalar(value: np.ndarray | None, name: str) -> int | None:
     return int(round(float(value.reshape(()))))
 
 
+def check_npz_size(path: str | Path, max_bytes: int) -> None:
+    """Refuse an .npz whose members declare more than ``max_bytes`` in all, before expanding any:
+    a few MB compressed can declare gigabytes."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        total = sum(i.file_size for i in zf.infolist())
+    if total > max_bytes:
+        raise ValueError(f"{path}: its arrays declare {total} bytes, over the limit of {max_bytes} (--max-array-mb)")
+
+
 def load_regions(
-    path: str | Path, image_size: tuple[int, int] | None, dtype: str = "keep"
+    path: str | Path, image_size: tuple[int, int] | None, dtype: str = "keep", *, max_bytes: int = 512 << 20
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Return (features [n, D], boxes [n, 4] float32 pixels, (width, height)) checked against the format.
 
@@ -61,6 +72,7 @@ def load_regions(
     Raises ValueError (NaN features, bad shapes, boxes outside the image, ...),
     or whatever numpy raises for an unreadable file.
     """
+    check_npz_size(path, max_bytes)
     with np.load(path, allow_pickle=False) as z:
         feat = np.asarray(_first(z, FEATURE_NAMES))
         boxes = np.asarray(_first(z, BOX_NAMES))

@@ -35,7 +35,7 @@ def collect(
     root = None if images is None else Path(images)
     if root is not None and not root.is_dir():
         raise FileNotFoundError(f"--images {root}: not a directory")
-    inputs = Inputs(features)
+    inputs = Inputs(features, image_root=root)
     for i, entry in enumerate(entries):
         where = f"{json_path.name}:images[{i}]"
         filename = entry.get("filename") if isinstance(entry, dict) else None

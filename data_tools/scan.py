@@ -92,6 +92,7 @@ class Report:
     feature_dims: set[int] = field(default_factory=set)
     keys: list[tuple[str, str]] = field(default_factory=list)  # (key, shard)
     swap: list[tuple[int, int, str]] = field(default_factory=list)  # (group, index, key)
+    image_ids: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
     layout: str = IAIS_LAYOUT
 
@@ -105,6 +106,7 @@ class Report:
         self.feature_dims |= other.feature_dims
         self.keys.extend(other.keys)
         self.swap.extend(other.swap)
+        self.image_ids |= other.image_ids
         self.problems.extend(other.problems)
 
 
@@ -157,6 +159,7 @@ def _check_sample(
     if meta is not None:
         if layout != IMG2DATASET_LAYOUT and meta.get("split") != split:
             bad(f"split: {meta.get('split')!r} does not match the split folder {split!r}")
+        report.image_ids.add(str(meta.get("image_id", key)))
         report.captions += len(meta["captions"])
         for caption in meta["captions"]:
             report.caption_words.add(len(caption.split()))
@@ -442,4 +445,15 @@ def scan_dataset(
             line = f"{MANIFEST_FILE}: split {split_dir.name} has {expected} samples, found {report.samples}"
             report.problems.append(line)
             emit(line)
+    # The same image in two splits (a test shard copied into train, say) inflates test scores.
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = splits[a].image_ids & splits[b].image_ids
+            if shared:
+                line = f"splits {a} and {b} share {len(shared)} image id(s), e.g. {sorted(shared)[:3]}"
+                problems.append(line)
+                emit(line)
+    for r in splits.values():
+        r.image_ids = set()
     return DatasetScan(splits=splits, problems=problems)

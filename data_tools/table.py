@@ -101,7 +101,7 @@ def collect(
     root = Path(image_root) if image_root is not None else path.parent
     n_rows = len(data[caption_col])
 
-    inputs = Inputs(features)
+    inputs = Inputs(features, image_root=root)
     groups: dict[str, dict[str, Any]] = {}  # image id -> {image, split, captions, row}
     for row in range(n_rows):
         where = f"{path.name}:row {row}"

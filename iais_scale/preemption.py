@@ -84,7 +84,9 @@ class Preemption:
             while self.signum is None:
                 for pid, created in watched:
                     try:
-                        alive = psutil.Process(pid).create_time() == created
+                        p = psutil.Process(pid)
+                        # A dead parent whose own parent has not reaped it yet is a zombie.
+                        alive = p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
                     except psutil.Error:
                         alive = False
                     if not alive:

@@ -1,0 +1,385 @@
+"""Hostile inputs and faults (docs/training.md "Threat model"): checkpoints that would run code,
+damaged checkpoints, hung ranks, signals to the launcher, bad samples, converter inputs that point
+outside their folder, and config values that would fail late. One test (or more) per class."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from iais_scale import checkpoint as ckpt
+from iais_scale.config import ConfigError, load_config
+from iais_scale.data import format as fmt
+from iais_scale.data.samples import BadSample, decode_sample
+from iais_scale.data.shards import resolve_split
+from iais_scale.engine import check_inputs
+from test_resume import wait_for
+from test_train import ROOT, free_port
+
+MARKER = Path("/tmp/iais_scale_hostile_payload_ran")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (MARKER,))
+
+
+def single_rank(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``launchers/train.py`` as a 1-rank job started without the DeepSpeed launcher."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "launchers/train.py", "--config", "configs/demo.yaml", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny(demo: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [f"data.root={demo}", "data.make_demo=false", "data.swap_split=null", f"train.output_dir={out}",
+            f"train.steps={steps}", "train.log_every=1", "train.micro_batch_size=8", "train.checkpoint_every=2",
+            "objectives.mlm_only_steps=0", "objectives.num_candidates=4", "objectives.num_hard=2",
+            "eval.max_images=4", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_demo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    proc = single_rank(*tiny(tiny_demo, out, 4))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ckpt.complete_checkpoints(out / "checkpoints") and (out / "checkpoints/step4/COMPLETE").is_file()
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def plant(path: Path) -> None:
+    """Replace a DeepSpeed file by a pickle that runs code, and record it in COMPLETE as a checkpoint
+    received from elsewhere would (matching size and checksum)."""
+    torch.save({"module": {}, "x": _Payload()}, path)
+    folder = path.parent
+    marker = json.loads((folder / "COMPLETE").read_text())
+    marker["files"].update(ckpt.file_records(folder, [path.name]))
+    (folder / "COMPLETE").write_text(json.dumps(marker))
+
+
+# --------------------------------------------------------------------------- code execution
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_planted_pickles_never_run_on_resume_evaluate_or_export(trained_run, tiny_demo, tmp_path, target):
+    MARKER.unlink(missing_ok=True)
+    run = copy_run(trained_run, tmp_path)
+    step4 = run / "checkpoints" / "step4"
+    plant(step4 / target)
+    assert not ckpt.verify(step4)  # sizes and checksums agree: only the pickle check stands between
+    with pytest.raises(ckpt.CheckpointError, match="refused"):
+        ckpt.check_pickles(step4)
+
+    # Named explicitly: refused before DeepSpeed touches it. Automatic: the previous checkpoint.
+    proc = single_rank(*tiny(tiny_demo, run, 6), "--resume", str(step4))
+    assert proc.returncode != 0 and "refused" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    proc = single_rank(*tiny(tiny_demo, run, 3), "--resume", "auto")  # (3 steps: step4 stays as planted)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert f"checkpoint {step4} is damaged" in log and "resumed from step 2 " in log, log[-4000:]
+
+    spec = importlib.util.spec_from_file_location("evaluate_launcher", ROOT / "launchers" / "evaluate.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    assert launcher.main(["--checkpoint", str(step4), "--data", str(tiny_demo), "--swap-split", "none"]) == 2
+    assert ckpt.main(["export", str(step4), str(tmp_path / "hf")]) == 2
+    assert not (tmp_path / "hf").exists()
+    assert not MARKER.exists(), "a planted pickle ran"
+
+
+def test_trainer_state_is_not_a_pickle(trained_run):
+    """Each rank's own state is safetensors + JSON: readable with no unpickling at all."""
+    scalars, tensors = ckpt.read_state(ckpt.state_file(trained_run / "checkpoints" / "step4", 0))
+    assert scalars["step"] == 4 and tensors["rng.torch"].dtype == torch.uint8
+    with open(ckpt.state_file(trained_run / "checkpoints" / "step4", 0), "rb") as f:
+        assert b"\x80\x02" not in f.read(16)  # not a pickle stream
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate_optimizer", "missing_rank_state"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained_run, tiny_demo, tmp_path, damage):
+    run = copy_run(trained_run, tmp_path)
+    step4 = run / "checkpoints" / "step4"
+    if damage == "truncate_optimizer":
+        optim = next(step4.glob("*optim_states.pt"))
+        os.truncate(optim, optim.stat().st_size // 2)
+    else:
+        ckpt.state_file(step4, 0).unlink()
+    assert ckpt.verify(step4)
+    proc = single_rank(*tiny(tiny_demo, run, 6), "--resume", "auto")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert f"checkpoint {step4} is damaged" in log and "resumed from step 2 " in log, log[-4000:]
+    assert "resumed from step 4" not in log
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [5, 6]
+
+
+# --------------------------------------------------------------------------- hangs and signals
+
+
+def launch(demo: Path, out: Path, *extra: str, ranks: int = 2) -> subprocess.Popen:
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "launchers/train.py",
+           "--config", "configs/demo.yaml", *tiny(demo, out, 400, "train.checkpoint_every=0", *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def ranks_of(out: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "launchers/train.py" in cmd and f"train.output_dir={out}" in cmd and "--local_rank" in cmd:
+            found.append(p)
+    return found
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_reported_and_the_job_exits(tiny_demo, tmp_path):
+    """A shard that never delivers a byte (a FIFO nobody writes) stalls one rank while the other waits
+    in a collective: the watchdog names the stage, dumps the stacks and the job exits non-zero."""
+    split = tmp_path / "data" / "train"
+    shutil.copytree(tiny_demo, tmp_path / "data", dirs_exist_ok=True)
+    stalled = split / "shard-000001.tar"
+    stalled.unlink()
+    os.mkfifo(stalled)
+    proc = launch(tmp_path / "data", tmp_path / "run", "train.watchdog_s=6", "train.dist_timeout_s=900")
+    try:
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, log[-3000:]
+    assert "no progress for" in log and "exiting with code 124" in log, log[-4000:]
+    assert "Thread" in log or "Current thread" in log  # the stacks
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_saves_and_leaves_no_orphans(tiny_demo, tmp_path):
+    out = tmp_path / "run"
+    proc = launch(tiny_demo, out)
+    wait_for(out / "train_log.jsonl", proc)
+    os.kill(proc.pid, signal.SIGTERM)  # `kill RUNNER`: only the deepspeed runner gets it
+    deadline = time.time() + 120
+    while ranks_of(out) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not ranks_of(out), "ranks kept training after their launcher died"
+    saved = ckpt.complete_checkpoints(out / "checkpoints")
+    assert saved and 0 < saved[-1][0] < 400, saved
+    proc.wait(timeout=60)
+    log = proc.stdout.read()
+    assert "is gone; stopping after this step" in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_then_stops(tiny_demo, tmp_path):
+    out = tmp_path / "run"
+    proc = launch(tiny_demo, out)
+    wait_for(out / "train_log.jsonl", proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+    log, _ = proc.communicate(timeout=120)
+    saved = ckpt.complete_checkpoints(out / "checkpoints")
+    assert saved and 0 < saved[-1][0] < 400, log[-3000:]
+    assert "got signal 2; stopping after this step" in log, log[-3000:]
+    assert "saved; stopping (exit code 143)" in log, log[-3000:]
+    tracebacks = [b for b in log.split("Traceback")[1:] if "iais_scale" in b or "launchers/train.py" in b]
+    assert not tracebacks, tracebacks[0][:2000]
+
+
+# --------------------------------------------------------------------------- bad samples
+
+
+def raw_sample(**members) -> dict:
+    meta = {"image_id": "k", "split": "train", "width": 10, "height": 10, "captions": ["a red square"]}
+    raw = {"__key__": "k", "json": fmt.encode_json(meta),
+           "feat.npy": fmt.encode_npy(np.ones((2, 4), np.float32)),
+           "boxes.npy": fmt.encode_npy(np.array([[0, 0, 5, 5], [1, 1, 9, 9]], np.float32))}
+    raw.update(members)
+    return raw
+
+
+@pytest.mark.parametrize("members, reason", [
+    ({"json": b"[" * 100_000 + b"]" * 100_000}, "bad_json"),  # RecursionError inside json
+    ({"feat.npy": b"\x93NUMPY\x01\x00v\x00{'descr': '<c32', 'fortran_order': False, 'shape': (2, 4), }"
+      + b" " * 50 + b"\n" + bytes(256)}, "bad_npy"),  # a dtype numpy does not know
+    ({"feat.npy": fmt.encode_npy(np.ones((2, 7), np.float32))}, "bad_feature_dim"),
+    ({"__too_large__": ["feat.npy"]}, "member_too_large"),
+])
+def test_one_bad_sample_is_a_counted_reason(members, reason):
+    with pytest.raises(BadSample) as e:
+        decode_sample(raw_sample(**members), feature_dim=4)
+    assert e.value.reason == reason
+
+
+def test_verify_and_stats_count_a_nested_json_instead_of_crashing(tmp_path, capsys):
+    from data_tools.__main__ import main
+
+    with fmt.ShardWriter(tmp_path / "d" / "train") as w:
+        w.write("ok", {"image_id": "ok", "split": "train", "width": 10, "height": 10, "captions": ["a"]},
+                feat=np.ones((1, 4), np.float32), boxes=np.array([[0, 0, 5, 5]], np.float32))
+    shard = tmp_path / "d" / "train" / "shard-000000.tar"
+    import tarfile
+
+    with tarfile.open(shard, "a") as tf:  # an appended sample whose JSON nests 100,000 deep
+        data = b"[" * 100_000 + b"]" * 100_000
+        info = tarfile.TarInfo("deep.json")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "d" / "train" / "sizes.json").write_text(json.dumps({"shard-000000.tar": 2}))
+    assert main(["verify", str(tmp_path / "d" / "train")]) == 1
+    assert "train/shard-000000.tar:deep: " in capsys.readouterr().out
+    assert main(["stats", str(tmp_path / "d" / "train"), "--json"]) == 0
+
+
+# --------------------------------------------------------------------------- silent wrong results
+
+
+def test_sizes_json_cannot_point_outside_its_split(tmp_path):
+    split = tmp_path / "train"
+    split.mkdir()
+    (split / "shard-000000.tar").write_bytes(b"")
+    for sizes, message in (({"../test/shard-000000.tar": 3}, "invalid shard names"),
+                           ({"/etc/passwd": 3}, "invalid shard names"),
+                           ({"shard-000000.tar": -1}, "integers >= 0"),
+                           ({"shard-000000.tar": "3"}, "integers >= 0")):
+        (split / "sizes.json").write_text(json.dumps(sizes))
+        with pytest.raises(ValueError, match=message):
+            resolve_split(str(split))
+
+
+def test_duplicate_samples_are_skipped_in_evaluation_sets(tiny_demo, tmp_path):
+    from iais_scale.data.retrieval import read_split
+
+    split = tmp_path / "test"
+    shutil.copytree(tiny_demo / "test", split)
+    shutil.copy(split / "shard-000000.tar", split / "shard-000001.tar")  # a shard copied twice
+    sizes = json.loads((split / "sizes.json").read_text())
+    (split / "sizes.json").write_text(json.dumps({**sizes, "shard-000001.tar": sizes["shard-000000.tar"]}))
+    counts: Counter = Counter()
+    samples = read_split(split, counts=counts)
+    assert len(samples) == 16 and counts["duplicate_sample"] == 16
+
+
+def test_verify_reports_images_shared_by_two_splits(tiny_demo, tmp_path, capsys):
+    from data_tools.__main__ import main
+
+    data = Path(shutil.copytree(tiny_demo, tmp_path / "d"))
+    shutil.copy(data / "test" / "shard-000000.tar", data / "train" / "shard-000003.tar")  # test inside train
+    sizes = json.loads((data / "train" / "sizes.json").read_text())
+    (data / "train" / "sizes.json").write_text(json.dumps({**sizes, "shard-000003.tar": 16}))
+    assert main(["verify", str(data)]) == 1
+    assert "splits train and test share 16 image id(s)" in capsys.readouterr().out
+
+
+def jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_converters_refuse_paths_outside_the_image_folder(tmp_path):
+    from data_tools.__main__ import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(jpeg())
+    (tmp_path / "secret.jpg").write_bytes(jpeg())
+    entries = [{"filename": name, "split": "train", "sentences": [{"raw": "a photo"}]}
+               for name in ("a.jpg", "../secret.jpg", str(tmp_path / "secret.jpg"), "nul\x00.jpg")]
+    (tmp_path / "k.json").write_text(json.dumps({"images": entries}))
+    assert main(["karpathy", "--json", str(tmp_path / "k.json"), "--images", str(images),
+                 "--out", str(tmp_path / "out")]) == 0
+    skipped = json.loads((tmp_path / "out" / "train" / "skipped.json").read_text())
+    assert skipped["counts"] == {"bad_path": 3}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"] == {"train": 1}
+
+
+def test_a_split_whose_every_input_failed_is_an_error(tmp_path, capsys):
+    from data_tools.__main__ import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    entries = [{"filename": f"{i}.jpg", "split": split, "sentences": [{"raw": text}]}
+               for i, (split, text) in enumerate([("train", "a dog"), ("test", "  "), ("test", "\t")])]
+    (images / "0.jpg").write_bytes(jpeg())
+    (tmp_path / "k.json").write_text(json.dumps({"images": entries}))
+    args = ["karpathy", "--json", str(tmp_path / "k.json"), "--images", str(images), "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "split(s) ended empty: test" in err and "no_captions" in err
+    assert json.loads((tmp_path / "o" / "test" / "skipped.json").read_text())["counts"] == {"no_captions": 2,
+                                                                                          "empty_caption": 2}
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    assert main([*args, "--allow-empty-splits"]) == 0
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["splits"] == {"train": 1, "test": 0}
+
+
+def test_a_compressed_feature_bomb_is_refused_before_expansion(tmp_path):
+    from data_tools.features import load_regions
+
+    path = tmp_path / "bomb.npz"
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4 << 20,), np.float32))  # 16 MB of zeros, a few KB compressed
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("features.npy", buf.getvalue())
+        z.writestr("boxes.npy", buf.getvalue())
+    assert path.stat().st_size < 200_000
+    with pytest.raises(ValueError, match="declare"):
+        load_regions(path, (10, 10), max_bytes=1 << 20)
+
+
+# --------------------------------------------------------------------------- config holes
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.log_every=0", "train.log_every"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.lr=.nan", "optim.lr"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("objectives.iais.layers=[99]", "objectives.iais.layers"),
+    ("eval.max_images=0", "eval.max_images"),
+    ("train.deepspeed_config=README.md", "train.deepspeed_config"),
+])
+def test_config_holes_are_reported_up_front(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo.yaml", [override])
+    assert any(p.startswith(field) for p in e.value.problems), e.value.problems
+
+
+def test_deepspeed_files_and_batch_sizes_are_checked_before_any_process_starts(tiny_demo, tmp_path):
+    for content, message in (("[1, 2]", "must hold a JSON object"),
+                             ('{"zero_optimization": {"stage": 9}}', "stage must be 0, 1, 2 or 3")):
+        f = tmp_path / "ds.json"
+        f.write_text(content)
+        with pytest.raises(ConfigError, match=message):
+            load_config(ROOT / "configs/demo.yaml", [f"train.deepspeed_config={f}"])
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"data.root={tiny_demo}", "data.make_demo=false",
+                                                   "train.micro_batch_size=64"])
+    problems = check_inputs(cfg, world=2)
+    assert any("fewer than one micro-batch per rank" in p for p in problems), problems
