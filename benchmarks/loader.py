@@ -7,12 +7,21 @@
    resize the shorter side to 384 and centre-crop, normalise, tokenize) -- beside PIL's own
    decode + resize of the same images (the ceiling) and the ratio to it.
 
+3. Where the shards live: both streams again from the same shards served over HTTP by a loopback
+   server in a process of its own (``http://127.0.0.1:PORT/.../shard-{000000..00000N}.tar``) and
+   through ``pipe:cat PATH``, as ratios to the local folder.
+4. What prefetch buys: region shards of 250 samples from a server that waits ``--latency-ms``
+   before the first byte of every request (a distant store), with ``prefetch`` on and off.
+
 Everything runs in this process (``num_workers=0``, one torch thread), so each figure is per core;
-the training DataLoader runs one such loop per worker.
+the training DataLoader runs one such loop per worker. The CPU-time figures include fsspec's event
+loop thread (the HTTP client) but not the server or ``cat``.
 
     python benchmarks/loader.py [--region-samples 4000] [--jpegs 300] [--image-size 384] [--repeats 3]
+                                [--latency-ms 50] [--no-remote]
 
-Targets (one core): >= 2,000 samples/s for region features, >= 150 samples/s for the JPEGs.
+Targets (one core): >= 2,000 samples/s for region features, >= 150 samples/s for the JPEGs; from
+an HTTP URL or a pipe within 0.8x of the local folder.
 """
 
 from __future__ import annotations
@@ -20,9 +29,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -35,7 +47,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from iais_scale.data.collate import Collator  # noqa: E402
 from iais_scale.data.demo import make_demo  # noqa: E402
 from iais_scale.data.format import ShardWriter  # noqa: E402
-from iais_scale.data.pipeline import PairStream  # noqa: E402
+from iais_scale.data.pipeline import DEFAULT_IO, PairStream  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def photo_like_jpegs(n: int, width: int = 640, height: int = 480, seed: int = 0) -> list[bytes]:
@@ -108,6 +122,60 @@ def pil_rate(images: list[bytes], size: int, repeats: int) -> Rate:
     return rate
 
 
+@contextmanager
+def http_server(folder: Path, latency_s: float = 0.0):
+    """The loopback server of the tests (``tests/http_server.py``) in a process of its own, so that
+    serving takes no time of this process; yields its base URL."""
+    cmd = [sys.executable, str(REPO / "tests" / "http_server.py"), str(folder), "--latency-s", str(latency_s)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+def shard_list(prefix: str, n: int) -> str:
+    return f"{prefix}/shard-{{000000..{n - 1:06d}}}.tar"
+
+
+def sources(split_dir: Path, base_url: str, root: Path) -> dict[str, str]:
+    """The same split as a local folder, an HTTP shard list and a ``pipe:cat`` shard list."""
+    n = len(list(split_dir.glob("shard-*.tar")))
+    return {"local": str(split_dir),
+            "http": shard_list(f"{base_url}/{split_dir.relative_to(root).as_posix()}", n),
+            "pipe:cat": "pipe:cat " + shard_list(str(split_dir), n)}
+
+
+def compare_sources(title: str, split_dir: Path, base_url: str, root: Path, collator: Collator, batch_size: int,
+                    n_batches: int | None, repeats: int) -> None:
+    rates = {}
+    for name, spec in sources(split_dir, base_url, root).items():
+        stream = PairStream(spec, collator, batch_size, shuffle_buffer=1000)
+        rates[name] = stream_rate(stream, min(n_batches or 10**9, stream.batches_per_epoch - 1), repeats)
+    for name, rate in rates.items():
+        ratio = "" if name == "local" else (f"   {rate.wall / rates['local'].wall:5.2f}x local wall,"
+                                            f" {rate.cpu / rates['local'].cpu:5.2f}x CPU (target >= 0.8)")
+        print(f"{title:<9} {name:<9}: {rate}{ratio}")
+
+
+def prefetch_gain(tmp: Path, tokenizer, latency_s: float, repeats: int) -> None:
+    """Shards of 250 region samples (about the time of one round trip to read) from a server with a
+    first-byte latency: prefetch on vs off."""
+    root = make_demo(tmp / "small", n_train=4000, n_val=1, n_test=1, n_swap_groups=0, shard_size=250)
+    regions = Collator(tokenizer, max_text_len=40, max_regions=36)
+    n_shards = len(list((root / "train").glob("shard-*.tar")))
+    with http_server(tmp, latency_s) as url:
+        spec = shard_list(f"{url}/small/train", n_shards)
+        rates = {}
+        for prefetch in (False, True):
+            stream = PairStream(spec, regions, 32, shuffle_buffer=1000, io=replace(DEFAULT_IO, prefetch=prefetch))
+            rates[prefetch] = stream_rate(stream, stream.batches_per_epoch - 1, repeats)
+    print(f"prefetch  ({n_shards} shards of 250 samples, {latency_s * 1000:.0f} ms before each response's first byte)")
+    print(f"  prefetch off      : {rates[False]}")
+    print(f"  prefetch on       : {rates[True]}   {rates[True].wall / rates[False].wall:5.2f}x wall")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--region-samples", type=int, default=4000)
@@ -115,6 +183,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--latency-ms", type=float, default=50.0, help="first-byte latency of the prefetch comparison")
+    ap.add_argument("--no-remote", action="store_true", help="only the local-folder figures")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -141,12 +211,19 @@ def main() -> None:
         jpeg = stream_rate(stream, stream.batches_per_epoch - 1, args.repeats)
         pil = pil_rate(images, args.image_size, args.repeats)
 
-    kb = np.mean([len(d) for d in images]) / 1024
-    print(f"one core (in-process, 1 torch thread), batch size {args.batch_size} (regions) / {bs} (JPEG)")
-    print(f"region features   : {region}   (target >= 2000; {args.region_samples} demo samples)")
-    print(f"JPEG -> {args.image_size} px    : {jpeg}   (target >= 150; {len(images)} x 640x480, {kb:.0f} KiB each)")
-    print(f"PIL decode+resize : {pil}   (the ceiling)")
-    print(f"loader / PIL      : {jpeg.wall / pil.wall:8.2f} wall, {jpeg.cpu / pil.cpu:8.2f} CPU time")
+        kb = np.mean([len(d) for d in images]) / 1024
+        print(f"one core (in-process, 1 torch thread), batch size {args.batch_size} (regions) / {bs} (JPEG)")
+        print(f"region features   : {region}   (target >= 2000; {args.region_samples} demo samples)")
+        print(f"JPEG -> {args.image_size} px    : {jpeg}   (target >= 150; {len(images)} x 640x480, {kb:.0f} KiB each)")
+        print(f"PIL decode+resize : {pil}   (the ceiling)")
+        print(f"loader / PIL      : {jpeg.wall / pil.wall:8.2f} wall, {jpeg.cpu / pil.cpu:8.2f} CPU time")
+        if not args.no_remote:
+            print("where the shards live (same shards, same stream; ratios to the local folder):")
+            with http_server(Path(tmp)) as url:
+                compare_sources("regions", root / "train", url, Path(tmp), regions, args.batch_size,
+                                2000 // args.batch_size, args.repeats)
+                compare_sources("JPEG", Path(tmp) / "jpeg" / "train", url, Path(tmp), patches, bs, None, args.repeats)
+            prefetch_gain(Path(tmp), tokenizer, args.latency_ms / 1000, args.repeats)
     print(f"load average      : {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 if __name__ == "__main__":

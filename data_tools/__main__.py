@@ -1,4 +1,4 @@
-"""``python -m data_tools {demo,verify,stats,karpathy,coco,table,features,uniter,entities}``."""
+"""``python -m data_tools {demo,relations,verify,stats,karpathy,coco,table,features,uniter,entities}``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,28 @@ def _demo(args: argparse.Namespace) -> int:
     splits = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))["splits"]
     counts = ", ".join(f"{name} {n}" for name, n in splits.items())
     print(f"demo data set in {out} ({counts}) ready in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _relations(args: argparse.Namespace) -> int:
+    from iais_scale.data.format import MANIFEST_FILE
+    from iais_scale.data.relations import make_relations
+
+    start = time.perf_counter()
+    out = make_relations(
+        args.out,
+        seed=args.seed,
+        n_train_pairs=args.n_train_pairs,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        n_swap_groups=args.n_swap_groups,
+        captions_per_image=args.captions_per_image,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+    )
+    splits = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))["splits"]
+    counts = ", ".join(f"{name} {n}" for name, n in splits.items())
+    print(f"relation benchmark in {out} ({counts}) ready in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -60,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shard-size", type=int, default=500)
     demo.add_argument("--overwrite", action="store_true", help="replace demo data made with other parameters")
     demo.set_defaults(func=_demo)
+
+    rel = sub.add_parser("relations", help="generate the relation benchmark (swap pairs, relation-swap groups)",
+                         description="Synthetic scenes whose captions need their spatial relation: training images in"
+                         " swap pairs, 1,000-image retrieval test, 1,000 Winoground groups, relation spans marked"
+                         " (iais_scale/data/relations.py).")
+    rel.add_argument("--out", required=True, help="output folder")
+    rel.add_argument("--seed", type=int, default=0)
+    rel.add_argument("--n-train-pairs", type=int, default=2000, help="training swap pairs (2 images each)")
+    rel.add_argument("--n-val", type=int, default=200)
+    rel.add_argument("--n-test", type=int, default=1000, help="retrieval test images")
+    rel.add_argument("--n-swap-groups", type=int, default=1000, help="relation-swap (Winoground) groups")
+    rel.add_argument("--captions-per-image", type=int, default=1, help="captions of each val/test image")
+    rel.add_argument("--shard-size", type=int, default=1000)
+    rel.add_argument("--overwrite", action="store_true", help="replace relation data made with other parameters")
+    rel.set_defaults(func=_relations)
 
     for name, func, help_text in (
         ("verify", _verify, "decode and check every sample; exit 1 on any problem"),

@@ -479,9 +479,15 @@ _WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt)$|.*\.index\.json$
 
 def export_hf(spec: str | Path, out_dir: str | Path, *, model_dir: str | Path | None = None,
               trust_pickles: bool = False) -> Path:
-    """Consolidate a complete DeepSpeed checkpoint into a Hugging Face folder (``config.json``,
-    ``model.safetensors``, tokenizer files), written into a temporary folder and renamed into place."""
+    """Consolidate a complete DeepSpeed checkpoint into a Hugging Face folder (``config.json`` with
+    ``auto_map``, ``model.safetensors``, the modelling code, tokenizer files and, for pixel models,
+    ``preprocessor_config.json``), written into a temporary folder and renamed into place.
+
+    The folder loads with ``AutoModel.from_pretrained(out, trust_remote_code=True)`` where this
+    package is not installed (``iais_scale.model.hub``), and with ``CrossModalModel.from_pretrained``
+    or plain ``AutoModel`` where it is."""
     from .model import CrossModalConfig, CrossModalModel
+    from .model.hub import write_remote_code
 
     info = resolve(spec, model_dir)
     if info.kind != "deepspeed":
@@ -495,6 +501,7 @@ def export_hf(spec: str | Path, out_dir: str | Path, *, model_dir: str | Path | 
     for f in sorted(info.model_dir.iterdir()):
         if f.is_file() and not _WEIGHT_FILES.match(f.name):  # the tokenizer's files, whatever its kind
             shutil.copy2(f, tmp / f.name)
+    write_remote_code(tmp)  # (save_pretrained wrote it too; the copies above must not replace it)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -512,12 +519,23 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--model-dir", default=None, help="config + tokenizer folder (default: the run's model/)")
     ex.add_argument("--trust-pickles", action="store_true",
                     help="load pickles beyond the allow-list (only for checkpoints you made or trust)")
+    ex.add_argument("--push-to-hub", metavar="REPO",
+                    help="then upload the folder to this Hugging Face Hub repository (created when missing)")
+    ex.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    ex.add_argument("--token", help="with --push-to-hub: Hub token (default: HF_TOKEN or the cached login)")
+    ex.add_argument("--commit-message", help="with --push-to-hub: the commit message")
     ve = sub.add_parser("verify", help="check a checkpoint's files against its COMPLETE marker")
     ve.add_argument("checkpoint")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            print(export_hf(args.checkpoint, args.out_dir, model_dir=args.model_dir, trust_pickles=args.trust_pickles))
+            out = export_hf(args.checkpoint, args.out_dir, model_dir=args.model_dir, trust_pickles=args.trust_pickles)
+            print(out)
+            if args.push_to_hub:
+                from .model.hub import push_to_hub
+
+                print(push_to_hub(out, args.push_to_hub, private=args.private, token=args.token,
+                                  commit_message=args.commit_message))
             return 0
         folder = resolve(args.checkpoint).folder
         problems = verify(folder)

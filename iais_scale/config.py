@@ -36,12 +36,32 @@ class SourceConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training augmentation of pixel inputs (patches / backbone models; docs/models.md). All off
+    by default; evaluation always takes the deterministic resize + centre crop."""
+
+    random_resized_crop: bool = False
+    scale: tuple[float, float] = (0.5, 1.0)  # area fraction of the random crop
+    ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # its aspect ratio (w / h)
+    color_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - j, 1 + j]; 0: off
+    # A flip swaps left and right: refused for relation data (data.relation_captions).
+    hflip: bool = False
+
+    def enabled(self) -> bool:
+        return self.random_resized_crop or self.color_jitter > 0 or self.hflip
+
+
+@dataclass
 class DataConfig:
     root: str = "data/demo"  # folder or URL with manifest.json, {split}/ shards, tokenizer/
     make_demo: bool = True  # generate the demo shards into `root` when they are missing
     # Splits: a name under `root`, or a split spec of its own (see SourceConfig.path).
     train_split: str = "train"
     eval_split: str = "test"
+    # With train.eval_every: periodic evaluations on this split pick the best checkpoint, and the
+    # final report evaluates that checkpoint on eval_split (the authors' model selection). None:
+    # periodic evaluations on eval_split, the final report on the last step.
+    val_split: str | None = None
     swap_split: str | None = "swap"  # relation-swap (Winoground-format) split, None to skip
     tokenizer: str | None = None  # tokenizer folder; default: {root}/tokenizer
     max_text_len: int = 40  # tokens including [CLS] and [SEP]
@@ -61,6 +81,11 @@ class DataConfig:
     max_member_mb: int = 256  # a tar member (image, features) larger than this is a bad sample
     # Training draws skip captions of more word pieces (UNITER: 60); evaluation never drops or cuts.
     max_train_caption_tokens: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Whether the captions state spatial relations ("left of"): then no augmentation may flip the
+    # image. None: from the manifest ("relation_captions", else the demo/relations generators or a
+    # "swap" split mean yes).
+    relation_captions: bool | None = None
 
     def split_spec(self, split: str) -> str:
         """A split name under ``root``, or a spec of its own (a path, URL or shard list)."""
@@ -83,9 +108,18 @@ class ModelConfig:
     # Initial weights: "bert:FOLDER" (a local BERT checkpoint: text side) or "uniter:FILE.pt"
     # (UNITER's released checkpoints); None: random initialisation.
     init_from: str | None = None
-    image_input: Literal["regions", "patches"] = "regions"
-    image_size: int = 384  # patches: input side in pixels
+    # uniter: how the ranking head starts from UNITER's 2-way itm_output: "row1" copies row 1 (the
+    # authors' init_output), "difference" uses row 1 - row 0 (the pretrained match probability).
+    uniter_itm_init: Literal["row1", "difference"] = "row1"
+    image_input: Literal["regions", "patches", "backbone"] = "regions"
+    image_size: int = 384  # patches: input side in pixels (backbone: the backbone's own)
     patch_size: int = 32
+    # image_input "backbone": a pretrained vision backbone's grid cells as image tokens (docs/models.md).
+    backbone: str | None = None  # "hf:FOLDER" (transformers; a bare folder too) or "timm:NAME"
+    backbone_weights: str = "pretrained"  # "pretrained" (folder / hub cache), "random" or a state-dict file
+    backbone_trainable_blocks: int = 0  # 0: frozen; N: its last N blocks train; -1: all of it
+    backbone_lr: float | None = None  # learning rate of the backbone's parameters (default: optim.lr)
+    backbone_max_tokens: int | None = None  # average-pool the grid to at most this many tokens
     itc_dim: int = 0  # > 0 adds contrastive projections (ITC loss, ITC-mined negatives, re-ranking)
     gradient_checkpointing: bool = False
     checkpoint_every_k_layers: int = 1  # with gradient_checkpointing: recompute every k-th layer
@@ -100,6 +134,13 @@ class IaisConfig:
     layers: list[int] = field(default_factory=lambda: [-1])  # layer indices, loss averaged
     weight: float = 1.0  # coefficient in front of the schedule
     schedule: Literal["constant", "linear", "exp", "log"] = "exp"
+    # Guard against the degenerate minimum (docs/iais-spec.md section 7: IAIS satisfied by uniform
+    # attention), off by default (null). When set, each IAIS layer adds, per positive pair, the excess
+    # relu(H - entropy_ceiling) of the mean normalised row entropy H of each of S_L, S_V, A_t2i and
+    # A_i2t (mean over the four and the layers), times entropy_guard_weight, under the same schedule
+    # weight w(t) as IAIS. Zero wherever attention is sharper than the ceiling; IAIS itself is unchanged.
+    entropy_ceiling: float | None = None
+    entropy_guard_weight: float = 1.0
 
 
 @dataclass
@@ -170,6 +211,11 @@ class TrainConfig:
     resume: str = "none"  # "none", "auto" (newest complete checkpoint in output_dir) or a path
     eval_every: int = 0  # steps between evaluations (0: only at the end); the best RSUM is kept
     max_nonfinite_steps: int = 5  # abort after this many non-finite steps in a row
+    # Where metrics go besides the log and train_log.jsonl: "tensorboard" and/or "wandb" (the run
+    # id is kept in the checkpoint: a resumed or requeued job continues the same wandb run;
+    # WANDB_MODE, WANDB_DIR, WANDB_ENTITY as wandb reads them).
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "iais_scale"
 
 
 @dataclass
@@ -279,6 +325,11 @@ class ExperimentConfig:
                          f" (use 0..{n_layers - 1} or negative indices from the end)")
         if not (o.iais.weight >= 0 and math.isfinite(o.iais.weight)):
             p.append(f"objectives.iais.weight: must be >= 0 and finite (got {o.iais.weight})")
+        if o.iais.entropy_ceiling is not None and not 0 < o.iais.entropy_ceiling < 1:
+            p.append("objectives.iais.entropy_ceiling: must lie in (0, 1) (normalised entropy; 1 = uniform),"
+                     f" or null for no guard (got {o.iais.entropy_ceiling})")
+        if not (o.iais.entropy_guard_weight >= 0 and math.isfinite(o.iais.entropy_guard_weight)):
+            p.append(f"objectives.iais.entropy_guard_weight: must be >= 0 and finite (got {o.iais.entropy_guard_weight})")
         for a in self.eval.isd_alignments:
             if a not in ("singular", "distributed", "congruence"):
                 p.append(f"eval.isd_alignments: unknown alignment {a!r}")
@@ -303,7 +354,53 @@ class ExperimentConfig:
             for dim in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
                 if getattr(m, dim) is None:
                     p.append(f"model.{dim}: required when model.size is 'custom'")
+        p += self._image_problems()
         p += deepspeed_file_problems(t.deepspeed_config)
+        return p
+
+    def _image_problems(self) -> list[str]:
+        """Backbone, augmentation, relation-data and tracking checks."""
+        p: list[str] = []
+        d, m, t = self.data, self.model, self.train
+        if m.image_input == "backbone":
+            from .model.backbone_source import backbone_problems
+
+            p += backbone_problems(m.backbone, m.backbone_weights)
+        elif m.backbone is not None:
+            p.append(f"model.backbone: only used with model.image_input 'backbone' (got {m.image_input!r})")
+        if m.backbone_trainable_blocks < -1:
+            p.append(f"model.backbone_trainable_blocks: 0 (frozen), N > 0 (the last N blocks) or -1 (all);"
+                     f" got {m.backbone_trainable_blocks}")
+        if m.backbone_lr is not None and not (m.backbone_lr > 0 and math.isfinite(m.backbone_lr)):
+            p.append(f"model.backbone_lr: must be a positive finite number or null (got {m.backbone_lr})")
+        if m.backbone_lr is not None and m.backbone_trainable_blocks == 0:
+            p.append("model.backbone_lr: the backbone is frozen (backbone_trainable_blocks 0)")
+        if m.backbone_max_tokens is not None and m.backbone_max_tokens < 1:
+            p.append(f"model.backbone_max_tokens: must be at least 1 or null (got {m.backbone_max_tokens})")
+        a = d.augment
+        lo, hi = a.scale
+        if not 0 < lo <= hi <= 1:
+            p.append(f"data.augment.scale: need 0 < min <= max <= 1 (got {list(a.scale)})")
+        if not 0 < a.ratio[0] <= a.ratio[1]:
+            p.append(f"data.augment.ratio: need 0 < min <= max (got {list(a.ratio)})")
+        if not 0 <= a.color_jitter < 1:
+            p.append(f"data.augment.color_jitter: must lie in [0, 1) (got {a.color_jitter})")
+        if a.enabled() and m.image_input == "regions":
+            p.append("data.augment: augments pixels; model.image_input 'regions' reads region features")
+        if a.hflip:
+            why = relation_data_reason(d.relation_captions, _local_manifest(d.root))
+            if why:
+                p.append(f"data.augment.hflip: a horizontal flip swaps left and right, and {why}; a flipped"
+                         " image contradicts its relational captions (set data.relation_captions: false only"
+                         " if no caption depends on left/right)")
+        for target in t.report_to:
+            if target not in REPORT_TARGETS:
+                p.append(f"train.report_to: unknown target {target!r} (one of {list(REPORT_TARGETS)})")
+        if "wandb" in t.report_to:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                p.append("train.report_to: 'wandb' needs the wandb package (pip install 'iais_scale[wandb]')")
         return p
 
 
@@ -361,6 +458,37 @@ def deepspeed_file_problems(path: str) -> list[str]:
 
 
 TASKS = ("mlm", "itm_rank", "mrfr", "itc")
+REPORT_TARGETS = ("tensorboard", "wandb")
+RELATION_GENERATORS = ("demo", "relations")  # data sets of ours whose captions are relational
+
+
+def _local_manifest(root: str) -> dict | None:
+    """``root/manifest.json`` of a local data set, or None (missing, remote or unreadable)."""
+    try:
+        data = json.loads((Path(root) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def relation_data_reason(flag: bool | None, manifest: dict | None) -> str | None:
+    """Why the data counts as relation data (its captions may say "left of"), or None.
+
+    ``data.relation_captions`` decides when set; else the manifest's ``relation_captions``, else the
+    manifest's generator (the demo and relations generators write relational captions) or a
+    ``swap`` split (relation-swap evaluation data)."""
+    if flag is not None:
+        return "data.relation_captions is true" if flag else None
+    if not manifest:
+        return None
+    declared = manifest.get("relation_captions")
+    if isinstance(declared, bool):
+        return "the manifest declares relation_captions: true" if declared else None
+    if manifest.get("generator") in RELATION_GENERATORS:
+        return f"the data set's captions are relational (manifest generator {manifest['generator']!r})"
+    if "swap" in (manifest.get("splits") or {}):
+        return "the data set has a relation-swap split ('swap' in the manifest)"
+    return None
 
 # name -> (hidden, layers, heads, intermediate)
 MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {

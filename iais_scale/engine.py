@@ -227,19 +227,39 @@ def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int | None, ds_co
         if zero3:
             raise ConfigError(["model.init_from: load into a ZeRO-1/2 run, export, then start ZeRO-3 from that"])
         kind, path = cfg.model.init_from.split(":", 1)
-        report = (init_from_bert if kind == "bert" else import_uniter)(model, path)
+        if kind == "bert":
+            report = init_from_bert(model, path)
+        else:
+            report = import_uniter(model, path, itm_init=cfg.model.uniter_itm_init)
         log.info("initialised from %s: %d tensors loaded, %d missing, %d unexpected",
                  cfg.model.init_from, len(report.loaded), len(report.missing), len(report.unexpected))
+    if cfg.model.image_input == "backbone":
+        # Built from its config above; its pretrained weights now (under ZeRO-3: gathered, filled,
+        # partitioned again).
+        from .model.backbone_source import load_backbone_weights
+
+        log.info("vision backbone %s", load_backbone_weights(model, cfg.model.backbone, cfg.model.backbone_weights))
     return model
 
 
 def _optimizer(cfg: ExperimentConfig, model: torch.nn.Module, ds_cfg: dict):
-    # Under ZeRO-3 the parameters are already partitioned (flat): their shape is ds_shape.
-    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in model.parameters()]
-    decay = [p for p, m in zip(model.parameters(), matrix) if m]
-    no_decay = [p for p, m in zip(model.parameters(), matrix) if not m]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over the trainable parameters: weight decay on matrices only; a vision backbone's
+    trainable parameters in groups of their own at ``model.backbone_lr`` (frozen ones in none)."""
     o = cfg.optim
+    parts: dict[tuple[bool, bool], list] = {(False, True): [], (False, False): []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Under ZeRO-3 the parameters are already partitioned (flat): their shape is ds_shape.
+        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
+        parts.setdefault((name.startswith("image_backbone."), matrix), []).append(p)
+    groups = []
+    for (backbone, matrix), params in parts.items():  # the encoder's two groups first, as always
+        if params or not backbone:
+            group = {"params": params, "weight_decay": o.weight_decay if matrix else 0.0}
+            if backbone:
+                group["lr"] = cfg.model.backbone_lr or o.lr
+            groups.append(group)
     if ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
         # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's vectorised Adam (compiled once).
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -349,8 +369,19 @@ class Trainer:
         self.manifest = _manifest(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(_local_tokenizer(tokenizer_dir(cfg)))
         fdim = feature_dim(cfg, self.manifest)
+        transform = None
+        if cfg.model.image_input != "regions":
+            from .config import relation_data_reason
+            from .model.experiment import image_transform
+
+            why = cfg.data.augment.hflip and relation_data_reason(
+                cfg.data.relation_captions, self.manifest.to_dict() if self.manifest else None)
+            if why:
+                raise ConfigError([f"data.augment.hflip: a horizontal flip swaps left and right, and {why}"])
+            transform = image_transform(cfg)  # the backbone's data config (patches: the explicit default)
         self.collator = Collator(self.tokenizer, cfg.data.max_text_len, cfg.data.max_regions,
-                                 image_input=cfg.model.image_input, image_size=cfg.model.image_size, feature_dim=fdim)
+                                 image_input=cfg.model.image_input, image_size=cfg.model.image_size, feature_dim=fdim,
+                                 transform=transform)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.tokenizer, fdim, ds_cfg)
@@ -382,9 +413,10 @@ class Trainer:
         self.overflow_total = 0
         self.tokens_seen = 0  # text + image tokens of the matched pairs, for throughput
         self.preemption = Preemption(self.rank)
-        self._eval_data: ev.EvalData | None = None
+        self._eval_data: dict[str, ev.EvalData] = {}
         self._stream = None
         self._rng_to_restore = None
+        self.wandb_run_id = ""  # rank 0's wandb run (train.report_to), kept in checkpoints
 
     # ------------------------------------------------------------------ state
 
@@ -398,6 +430,7 @@ class Trainer:
                        "seed": self.cfg.train.seed},
             "data": self.progress.state_dict(), "bad": {"good": self.bad.good, "reasons": dict(self.bad.bad)},
             "rng": _rng_state(),
+            "wandb_run_id": self.wandb_run_id,
         }
 
     def load_state_dict(self, scalars: dict, tensors: dict, peers: list[tuple[dict, dict]]) -> str:
@@ -406,6 +439,7 @@ class Trainer:
         self.step, self.tokens_seen = scalars["step"], scalars["tokens_seen"]
         self.best_rsum = scalars["best_rsum"]
         self.nonfinite_total, self.overflow_total = scalars["nonfinite_total"], scalars.get("overflow_total", 0)
+        self.wandb_run_id = scalars.get("wandb_run_id") or self.wandb_run_id  # the same wandb run continues
         layout = {k[len("layout."):]: v for k, v in scalars.items() if k.startswith("layout.")}
         here = self.state_dict()["layout"]
         same = layout == here
@@ -562,22 +596,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict:
+    def evaluate(self, split: str | None = None, *, final: bool = True, **extra) -> dict:
+        """The report on ``split`` (default: the evaluation split); ``final=False`` only appends it
+        to ``eval_history.jsonl`` (periodic model-selection evaluations)."""
         cfg = self.cfg
-        self.watchdog.beat(f"evaluating at step {self.step}")
-        if self._eval_data is None:
-            self._eval_data = ev.build_eval_data(
-                self.collator, cfg.data.split_spec(cfg.data.eval_split),
-                cfg.data.split_spec(cfg.data.swap_split) if cfg.data.swap_split else None,
-                max_images=cfg.eval.max_images)
-        report = ev.evaluate(self.module, self._eval_data, batch_size=cfg.eval.batch_size,
+        split = split or cfg.data.eval_split
+        self.watchdog.beat(f"evaluating on {split} at step {self.step}")
+        if split not in self._eval_data:
+            swap = cfg.data.split_spec(cfg.data.swap_split) if cfg.data.swap_split and split == cfg.data.eval_split else None
+            self._eval_data[split] = ev.build_eval_data(self.collator, cfg.data.split_spec(split), swap,
+                                                        max_images=cfg.eval.max_images)
+        report = ev.evaluate(self.module, self._eval_data[split], batch_size=cfg.eval.batch_size,
                              isd_alignments=cfg.eval.isd_alignments)
+        report["split"] = split
         report["bad_samples"] = _sum_counts(dict(self.bad.bad), self.world)  # the job's, not rank 0's
         report["nonfinite_steps"] = self.nonfinite_total
         report["overflow_steps"] = self.overflow_total
+        report.update(extra)
         if self.rank == 0:
-            ev.write_report(report, self.out_dir, step=self.step)
-            print(ev.markdown_table(report), flush=True)
+            ev.write_report(report, self.out_dir, step=self.step, history_only=not final)
+            if final:
+                print(ev.markdown_table(report), flush=True)
         return report
 
     # ------------------------------------------------------------------ the loop
@@ -592,7 +631,7 @@ class Trainer:
         batches = iter(train_loader(self._stream, cfg.data.num_workers))
         if self._rng_to_restore is not None:  # after the loader exists: creating it draws from the torch RNG
             _set_rng_state(*self._rng_to_restore)
-        logger = MetricsLogger(self.out_dir, self.rank, cfg.train.steps, initial=self.step)
+        logger = MetricsLogger(self.out_dir, self.rank, cfg.train.steps, initial=self.step, wandb_run=self._wandb())
         self.engine.train()
         window = Window()
         window.reset(self.tokens_seen)
@@ -608,7 +647,8 @@ class Trainer:
                     logger.log(all_reduce_record(record, self.world))
                     window.reset(self.tokens_seen)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
-                    rsum = self.evaluate()["rsum"]
+                    selecting = cfg.data.val_split is not None
+                    rsum = self.evaluate(cfg.data.val_split, final=not selecting)["rsum"]
                     if rsum > self.best_rsum:
                         self.best_rsum = rsum
                         self.save("best")
@@ -624,14 +664,57 @@ class Trainer:
 
         if not (self.out_dir / ckpt.CHECKPOINTS / f"step{self.step}" / ckpt.COMPLETE).is_file():
             self.save(f"step{self.step}")
+        final, extra = self.out_dir / ckpt.CHECKPOINTS / f"step{self.step}", {}
+        best = self.out_dir / ckpt.CHECKPOINTS / "best"
+        if cfg.data.val_split and (best / ckpt.COMPLETE).is_file():
+            # Model selection: the weights with the best RSUM on the validation split are reported.
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                rsum = self.evaluate(cfg.data.val_split, final=False)["rsum"]  # the last step competes too
+                if rsum > self.best_rsum:
+                    self.best_rsum = rsum
+                    self.save("best")
+            self.engine.load_checkpoint(str(best.parent), tag="best", load_module_only=True,
+                                        load_optimizer_states=False, load_lr_scheduler_states=False)
+            final = best
+            extra = {"selected_by": {"split": cfg.data.val_split, "rsum": self.best_rsum,
+                                     "step": (ckpt.read_state(ckpt.state_file(best, self.rank))[0]["step"])}}
         if self.rank == 0:  # a consolidated Hugging Face folder, whatever the ZeRO stage
             self.watchdog.beat("exporting hf_model")
-            ckpt.export_hf(self.out_dir / ckpt.CHECKPOINTS / f"step{self.step}", self.out_dir / "hf_model")
+            ckpt.export_hf(final, self.out_dir / "hf_model")
         dist.barrier()
-        report = self.evaluate()
+        report = self.evaluate(**extra)
         dist.barrier()
         self.watchdog.stop()
+        self._finish_wandb(report)
         return report
+
+    # ------------------------------------------------------------------ wandb
+
+    def _wandb(self):
+        """Rank 0's wandb run when ``train.report_to`` names wandb: the checkpoint's run resumed
+        (``resume="allow"``: a requeued job continues its curves), else a new one."""
+        if self.rank != 0 or "wandb" not in self.cfg.train.report_to:
+            return None
+        if getattr(self, "_wandb_run", None) is None:
+            import wandb
+
+            run_id = self.wandb_run_id or wandb.util.generate_id()
+            kw = {} if os.environ.get("WANDB_DIR") else {"dir": str(self.out_dir)}
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._wandb_run = wandb.init(project=self.cfg.train.wandb_project, name=self.cfg.name, id=run_id,
+                                         resume="allow", config=to_dict(self.cfg), job_type="train", **kw)
+            self.wandb_run_id = self._wandb_run.id
+            log.info("wandb run %s (%s)", self.wandb_run_id, "resumed" if self.step else "new")
+        return self._wandb_run
+
+    def _finish_wandb(self, report: dict) -> None:
+        run = getattr(self, "_wandb_run", None)
+        if run is None:
+            return
+        run.log({f"eval/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                step=self.step)
+        run.finish()
+        self._wandb_run = None
 
     def _stop_on_signal(self, signum: int) -> None:
         folder = self.save(f"step{self.step}")

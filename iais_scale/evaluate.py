@@ -420,6 +420,98 @@ def phrase_annotations(rset: RetrievalSet, collator: Collator) -> Tensor | None:
     return out
 
 
+# --------------------------------------------------------------------------- relation-word probe
+
+
+def relation_token_mask(collator: Collator, captions: list[str], spans: list) -> tuple[dict[str, Tensor], Tensor]:
+    """Collated ``captions`` and [n, Lt] bool: the word pieces inside each caption's relation span.
+
+    ``spans[c]`` is ``[start, end]`` (character offsets into caption c, ``caption[start:end]`` the
+    relation phrase, e.g. "left of"), or None. A piece is marked when its characters lie inside the
+    span. Captions without a (valid) span, or whose tokenizer pieces differ from the collated ids
+    (stored ids from another tokenizer), get no mark. Needs a fast tokenizer (character offsets).
+    """
+    texts = collator.texts(captions)
+    ids, attention = texts["text_ids"], texts["text_attention"]
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    tok = collator.tokenizer
+    if not getattr(tok, "is_fast", False):
+        log.warning("relation-word probe not computed: it needs a fast tokenizer (character offsets)")
+        return texts, mask
+    for row, (text, span) in enumerate(zip(captions, spans, strict=True)):
+        if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(v, int) for v in span)
+                and 0 <= span[0] < span[1] <= len(str(text))):
+            continue
+        columns = attention[row].nonzero().flatten()
+        collated = ids[row, columns].tolist()
+        enc = tok(str(text), return_offsets_mapping=True, return_attention_mask=False, return_token_type_ids=False)
+        if enc["input_ids"][: len(collated) - 1] != collated[:-1]:
+            continue
+        for p in range(1, len(collated) - 1):  # the words between [CLS] and [SEP]
+            a, b = enc["offset_mapping"][p]
+            if b > a and span[0] <= a and b <= span[1]:
+                mask[row, columns[p]] = True
+    return texts, mask
+
+
+def masked_prediction_hits(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """[n, 3] per caption: (all marked pieces predicted, marked pieces, pieces predicted), from MLM
+    ``logits`` [n, Lt, vocab] (argmax over the vocabulary), the true ids ``labels`` [n, Lt] and the
+    marked positions ``mask`` [n, Lt]. A caption without marks counts 0 in every column."""
+    right = (logits.argmax(-1) == labels) & mask
+    n, k = mask.sum(1), right.sum(1)
+    return torch.stack([(n > 0) & (k == n), n, k], 1).float()
+
+
+@torch.no_grad()
+def relation_probe(
+    model: CrossModalModel, collator: Collator, captions: list[str], spans: list, images: dict, batch_size: int
+) -> dict | None:
+    """The relation-word MLM probe: mask every word piece of each caption's relation phrase (all of
+    them at once), encode the caption with its own image (``images`` row c belongs to caption c), and
+    predict the pieces with the MLM head (argmax over the vocabulary).
+
+    ``accuracy``: % of captions whose relation pieces are all predicted; ``token_accuracy``: % of the
+    pieces. It tells whether the encoder's token outputs carry the relation ("the model sees it"),
+    apart from whether the ITM head uses it (the relation-swap scores). None when no caption has a
+    relation span or the tokenizer has no [MASK].
+    """
+    mask_id = getattr(collator.tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        return None
+    texts, mask = relation_token_mask(collator, captions, spans)
+    rows = mask.any(1).nonzero().flatten()
+    if not rows.numel():
+        return None
+    texts = {k: v.index_select(0, rows) for k, v in texts.items()}
+    images = {k: v.index_select(0, rows) for k, v in images.items()}
+    mask = mask.index_select(0, rows)
+    masked = texts["text_ids"].masked_fill(mask, mask_id)
+    device = _device(model)
+
+    def fn(r: Tensor) -> Tensor:
+        ids = masked.index_select(0, r).to(device)
+        out = model(text_ids=ids, text_attention=texts["text_attention"].index_select(0, r).to(device),
+                    **_select(images, r, device))
+        logits = model.mlm_logits(out, ids.shape[1])
+        return masked_prediction_hits(logits, texts["text_ids"].index_select(0, r).to(device),
+                                      mask.index_select(0, r).to(device))
+
+    hits = sharded_map(fn, rows.numel(), batch_size).sum(0)
+    return {"captions": rows.numel(), "accuracy": 100.0 * hits[0].item() / rows.numel(),
+            "token_accuracy": 100.0 * hits[2].item() / max(hits[1].item(), 1.0)}
+
+
+def _spans_of(samples) -> list:
+    """Relation spans of every caption of ``samples`` in order (``relation_spans`` meta, else None)."""
+    out = []
+    for s in samples:
+        spans = s.meta.get("relation_spans")
+        spans = spans if isinstance(spans, list) and len(spans) == len(s.captions) else [None] * len(s.captions)
+        out += spans
+    return out
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -432,6 +524,7 @@ def evaluate(
     isd_alignments: tuple[str, ...] | list[str] = ("singular", "distributed", "congruence"),
     rerank_k: int | None = None,
     all_pairs: bool = True,
+    relation_probe_enabled: bool = True,
 ) -> dict:
     """The full report: recall metrics, ISD and entropies, relation-swap scores, throughput.
 
@@ -439,6 +532,11 @@ def evaluate(
     ``all_pairs=False`` (``report["protocol"]`` says which). With ``rerank_k`` (needs the model's ITC
     head) the report also holds ``itc`` (retrieval by the ITC similarity alone) and ``rerank``
     (cross-encoder re-scoring of the top ``rerank_k`` ITC candidates of every query).
+
+    When the evaluation (or relation-swap) captions mark their relation phrase (``relation_spans``
+    meta, e.g. ``data_tools relations``), the report also holds the relation-word MLM probe
+    (``relation_mlm`` on the retrieval captions, ``relation_mlm_swap`` on the swap captions; see
+    ``relation_probe``); ``relation_probe_enabled=False`` skips it.
     """
     if not all_pairs and rerank_k is None:
         raise ValueError("all_pairs=False needs rerank_k: there would be nothing to score")
@@ -503,7 +601,12 @@ def evaluate(
             report["isda"] = "not computed: the evaluation shards carry no phrase-box annotations"
         flat = degenerate_layers(report["relations"])
         report["degenerate_layers"] = flat
+        report["degenerate"] = bool(flat)
         report["warnings"] = [degenerate_warning(flat)] if flat else []
+        if relation_probe_enabled:
+            probe = relation_probe(model, collator, rset.captions, _spans_of(rset.images), matched_images, batch_size)
+            if probe is not None:
+                report["relation_mlm"] = probe
         if swaps:
             swap_texts = collator.texts([c for g in swaps for c in g.captions])
             swap_images = collator.images([im for g in swaps for im in g.images])
@@ -513,6 +616,12 @@ def evaluate(
             ij = torch.tensor([0, 1, 0, 1]).repeat(len(swaps)) + 2 * g.repeat_interleave(4)
             s = score_pairs(model, swap_texts, swap_images, ci, ij, batch_size).view(-1, 2, 2)
             report["relation_swap"] = {"groups": len(swaps), **winoground_scores(s)}
+            if relation_probe_enabled:
+                swap_captions = [c for g in swaps for c in g.captions]
+                probe = relation_probe(model, collator, swap_captions, _spans_of(im for g in swaps for im in g.images),
+                                       swap_images, batch_size)  # caption i of a group with image i
+                if probe is not None:
+                    report["relation_mlm_swap"] = probe
             if has_itc(model):
                 t_emb, i_emb = sharded_itc_embeddings(model, swap_texts, swap_images, batch_size)
                 s_itc = (t_emb[ci] * i_emb[ij]).sum(-1).view(-1, 2, 2)
@@ -583,15 +692,24 @@ def markdown_table(report: dict) -> str:
         if "relation_swap_itc" in r:
             s = r["relation_swap_itc"]
             lines.append(f"Relation swap, ITC only: text {s['text']:.1f}  image {s['image']:.1f}  group {s['group']:.1f}")
+    for key, where in (("relation_mlm", "retrieval captions"), ("relation_mlm_swap", "relation-swap captions")):
+        if key in r:
+            p = r[key]
+            lines.append(f"Relation-word MLM probe ({p['captions']} {where}, relation phrase masked, with the image):"
+                         f" caption accuracy {p['accuracy']:.1f}%, word-piece accuracy {p['token_accuracy']:.1f}%")
     return "\n".join(lines)
 
 
-def write_report(report: dict, out_dir: str | Path, step: int | None = None) -> Path:
-    """Write ``eval.json`` and ``eval.md`` and append to ``eval_history.jsonl``."""
+def write_report(report: dict, out_dir: str | Path, step: int | None = None, *, history_only: bool = False) -> Path:
+    """Write ``eval.json`` and ``eval.md`` (atomically; not with ``history_only``) and append to
+    ``eval_history.jsonl``."""
+    from .data import storage
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "eval.md").write_text(markdown_table(report) + "\n")
+    if not history_only:
+        storage.write_bytes_atomic(str(out_dir / "eval.json"), json.dumps(report, indent=2).encode())
+        storage.write_bytes_atomic(str(out_dir / "eval.md"), (markdown_table(report) + "\n").encode())
     with open(out_dir / "eval_history.jsonl", "a") as f:
         f.write(json.dumps({"step": step, **report}) + "\n")
     return out_dir / "eval.json"

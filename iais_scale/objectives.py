@@ -31,6 +31,7 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import iais as iais_math
 from .config import IaisConfig, ObjectiveConfig
 from .data.collate import IMAGENET_MEAN, IMAGENET_STD
 from .model import CrossModalModel, IaisRequest
@@ -53,7 +54,7 @@ def iais_weight(step: int, total: int, cfg: IaisConfig) -> float:
         "constant": 1.0,
         "linear": t,
         "exp": math.exp(5.0 * (t - 1.0)),
-        "log": math.log1p((math.e - 1.0) * t),  # concave, 0 -> 1
+        "log": 1.0 - math.exp(-5.0 * t),  # the reference's log_schedule: concave, 0 -> 1 - e^-5
     }[cfg.schedule]
     return cfg.weight * schedule
 
@@ -455,11 +456,37 @@ def mrfr_loss(model: CrossModalModel, batch: dict, prob: float, generator: torch
     return F.mse_loss(pred[chosen].float(), batch["region_features"][chosen].float())
 
 
+def entropy_excess(rel: iais_math.RelationMatrices, ceiling: float) -> Tensor:
+    """[B] the entropy guard of one IAIS layer (``objectives.iais.entropy_ceiling``), with gradient:
+    the mean over S_L, S_V, A_t2i and A_i2t of relu(H - ``ceiling``), H the matrix's mean normalised
+    row entropy over the pair's valid rows (1 = uniform rows, as ``iais.attention_entropy`` reports
+    it). Rows with fewer than two columns have no entropy; a matrix without such rows, or a pair
+    without valid words or regions, contributes 0.
+
+    The degenerate minimum of spec section 7 makes all four H about 1: with a ceiling below that, it
+    costs ``1 - ceiling`` per matrix, while attention sharper than the ceiling costs nothing, so the
+    term leaves IAIS alone wherever the relation matrices carry structure.
+    """
+    total = rel.s_l.new_zeros(rel.s_l.shape[0])
+    for name, rows, cols in (("s_l", rel.word_mask, rel.word_mask), ("s_v", rel.region_mask, rel.region_mask),
+                             ("t2i", rel.word_mask, rel.region_mask), ("i2t", rel.region_mask, rel.word_mask)):
+        m = getattr(rel, name)
+        n_cols = cols.sum(1, keepdim=True)  # [B, 1]
+        # m * log m from the log-space logs: finite values and gradients where m underflows (spec 6).
+        entropy = -(m * rel.log(name)).sum(-1) / n_cols.clamp_min(2).float().log()  # [B, R]
+        rows = rows & (n_cols > 1) & rel.pair_mask[:, None]
+        count = rows.sum(1)
+        mean = (entropy * rows).sum(1) / count.clamp_min(1)
+        total = total + torch.where(count > 0, F.relu(mean - ceiling), 0.0)
+    return total / 4
+
+
 @dataclass
 class GroupLoss:
     rank: Tensor  # hinge loss, scalar
     iais: Tensor  # IAIS on the positives, scalar (0 when off)
     stats: dict[str, Tensor]  # detached diagnostics of the positives
+    guard: Tensor | None = None  # entropy guard on the positives, scalar (None when off)
 
 
 def group_loss(
@@ -472,6 +499,7 @@ def group_loss(
     margin: float,
     iais: IaisRequest | None,
     kind: str = "hinge",
+    entropy_ceiling: float | None = None,
 ) -> GroupLoss:
     """Ranking loss of groups [positive, negatives...] for the pairs ``anchors`` [A] of ``pool``
     (rows of the micro-batch, or of the global batch), negatives [A, k] being rows of ``pool``.
@@ -479,7 +507,10 @@ def group_loss(
     ``kind``: the reference hinge ``max(0, margin + s_neg - s_pos)`` on sigmoid scores; binary
     cross-entropy (UNITER's ITM), positives and negatives weighted equally; or the softmax
     cross-entropy of the positive against its group (a listwise loss with a stronger gradient on
-    hard groups)."""
+    hard groups).
+
+    ``entropy_ceiling``: also the entropy guard (``entropy_excess``) of the positives' relation
+    matrices, averaged over the IAIS layers and the pairs, in ``GroupLoss.guard``."""
     b, k = negatives.shape
     own = anchors[:, None].expand(b, k + 1)
     others = torch.cat([anchors[:, None], negatives], 1)
@@ -506,7 +537,12 @@ def group_loss(
     iais_loss = (out.iais_loss * valid).sum() / valid.sum().clamp_min(1)
     stats["isd"] = iais_loss.detach()
     stats.update({f"entropy_{n}": v.nanmean() for n, v in out.relation_stats.items()})
-    return GroupLoss(rank, iais_loss, stats)
+    guard = None
+    if entropy_ceiling is not None:
+        excess = torch.stack([entropy_excess(r, entropy_ceiling) for r in out.relations]).mean(0)
+        guard = (excess * valid).sum() / valid.sum().clamp_min(1)
+        stats["entropy_guard"] = guard.detach()
+    return GroupLoss(rank, iais_loss, stats, guard)
 
 
 def mask_words(batch: dict, model: CrossModalModel, prob: float, mask_id: int, vocab_size: int,
@@ -621,8 +657,10 @@ def training_loss(
             direction = cfg.iais.direction
         request = IaisRequest(torch.empty(0), cfg.iais.alignment, direction) if cfg.iais.enabled else None
         g = group_loss(model, m.pool, m.anchors, m.negatives, anchor=anchor, margin=cfg.margin, iais=request,
-                       kind=cfg.itm_rank_loss)
+                       kind=cfg.itm_rank_loss, entropy_ceiling=cfg.iais.entropy_ceiling if cfg.iais.enabled else None)
         loss = loss + cfg.itm_rank_weight * g.rank + w * g.iais
+        if g.guard is not None:
+            loss = loss + w * cfg.iais.entropy_guard_weight * g.guard
         for k, v in (("itm_rank", g.rank.detach()), ("iais", g.iais.detach()), *g.stats.items()):
             parts[k] = parts.get(k, 0.0) + v / len(kinds)
     return loss, parts

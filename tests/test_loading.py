@@ -190,10 +190,21 @@ def test_uniter_import_maps_names_and_rank_output(tmp_path):
     eq(model.itm(x), want)
 
 
+def test_uniter_pretraining_itm_head_starts_as_row_1_like_the_authors():
+    """The authors' init_output: rank_output.weight = itm_output.weight[1:], bias likewise."""
+    sd = uniter_state(rank_output=False)
+    model = CrossModalModel(tiny_config()).eval()
+    import_uniter(model, sd)  # default: "row1"
+    x = torch.randn(4, H)
+    torch.testing.assert_close(model.itm(x).squeeze(-1), x @ sd["itm_output.weight"][1] + sd["itm_output.bias"][1])
+    with pytest.raises(ValueError, match="itm_init"):
+        import_uniter(CrossModalModel(tiny_config()), sd, itm_init="mean")
+
+
 def test_uniter_pretraining_itm_head_becomes_the_logit_difference_and_mrfr_maps():
     sd = uniter_state(rank_output=False)
     model = CrossModalModel(tiny_config()).eval()
-    report = import_uniter(model, sd)
+    report = import_uniter(model, sd, itm_init="difference")
     assert report.missing == []
     assert not any(k.startswith(("itm_output.", "feat_regress.")) for k in report.unexpected), report.unexpected
     torch.testing.assert_close(model.mrfr.net[2].weight, sd["feat_regress.net.2.weight"], rtol=0, atol=0)

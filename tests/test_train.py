@@ -82,3 +82,26 @@ def test_zero3_fine_tuning_with_hard_negative_groups(tiny_demo, tmp_path):
     assert len(list((out / "checkpoints" / "step30").glob("*model_states.pt"))) == 2  # partitioned: one per rank
     assert (out / "hf_model" / "model.safetensors").is_file()
     assert json.loads((out / "eval.json").read_text())["images"] == 16
+
+
+def test_a_step_is_classified_by_deepspeeds_overflow_flag_and_the_loss():
+    from iais_scale.engine import classify_step
+
+    assert classify_step(False, True, 1.5, fp16=True) == "ok"
+    assert classify_step(False, False, float("nan"), fp16=True) == "overflow"  # the loss-scale warm-up
+    assert classify_step(True, False, float("nan"), fp16=True) == "nonfinite"  # a NaN loss is never an overflow
+    assert classify_step(False, False, float("nan"), fp16=False) == "nonfinite"  # no scaler: a skip is a fault
+    assert classify_step(False, True, float("inf"), fp16=False) == "nonfinite"
+
+
+@pytest.mark.slow
+def test_fp16_loss_scale_overflows_do_not_abort_the_run(tiny_demo, tmp_path):
+    """fp16 on 2 CPU ranks: DeepSpeed's scaler starts at 2^16 and skips overflowing steps while it
+    lowers its scale; with max_nonfinite_steps=2 the run must still finish, counting them apart."""
+    out = tmp_path / "run"
+    train(tiny_demo, out, "train.deepspeed_config=configs/deepspeed/zero2_fp16.json", "train.max_nonfinite_steps=2",
+          "train.steps=12")
+    report = json.loads((out / "eval.json").read_text())
+    assert report["overflow_steps"] >= 1 and report["nonfinite_steps"] == 0, report
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert records[-1]["overflow_steps"] == report["overflow_steps"]

@@ -8,27 +8,37 @@ to ``max_text_len``; evaluation (``texts``) never cuts stored ids: the text leng
 longest such caption, as UNITER evaluates.
 
 The image input follows the model's ``image_input``: ``"regions"`` gives ``region_features`` [P, n, D],
-``region_geometry`` [P, n, 7] and ``region_attention`` [P, n]; ``"patches"`` gives ``pixel_values``
-[P, 3, S, S] float32 normalised with the ImageNet mean and std, decoded from the sample's encoded
-image: JPEG decoded at reduced scale (``draft``) when it is at least twice the target, RGB, the
-shorter side resized to S (bicubic) and the centre S x S crop kept.
+``region_geometry`` [P, n, 7] and ``region_attention`` [P, n]; ``"patches"`` and ``"backbone"`` give
+``pixel_values`` [P, 3, S, S] decoded from the sample's encoded image by an ``ImageTransform``
+(``data/transforms.py``): JPEG decoded at reduced scale (``draft``) when it is at least twice the
+target, RGB, the centre square of the shorter side (times ``crop_pct``) resized to S. ``patches``
+pixels are float32, normalised by the transform's mean and std (by default the explicit ImageNet
+statistics, bicubic, the whole shorter side); ``backbone`` pixels stay uint8 and the model's vision
+backbone normalises them with its own mean and std (so evaluation needs only the size).
+
+Training augmentation (the transform's ``augment``: random resized crop, colour jitter, flip) is
+applied where the training stream decodes its draws, :meth:`Collator.load_pixels`; images of
+samples that arrive undecoded (evaluation: ``images``) always take the deterministic transform.
 """
 
 from __future__ import annotations
 
-import io
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from . import format as fmt
 from .samples import IMAGE_MODES, BadSample, ImageSample
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, BadImage, ImageTransform
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODEL_IMAGE_INPUTS", "Collator", "box_geometry", "load_pixels",
+           "sample_geometry"]
+
+# What a model consumes -> what its samples must carry (samples.IMAGE_MODES): a backbone reads pixels.
+MODEL_IMAGE_INPUTS = {"regions": "regions", "patches": "patches", "backbone": "patches"}
 
 
 def box_geometry(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -44,25 +54,15 @@ def sample_geometry(sample: ImageSample) -> np.ndarray:
 
 
 def load_pixels(data: bytes, size: int, key: str = "?") -> np.ndarray:
-    """Encoded image -> ``[size, size, 3]`` uint8 RGB: shorter side resized to ``size``, centre crop.
+    """Encoded image -> ``[size, size, 3]`` uint8 RGB: shorter side resized to ``size`` (bicubic),
+    centre crop (the default transform's evaluation pixels).
 
     Raises ``BadSample("bad_image")`` when the image does not decode.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format in ("JPEG", "MPO"):
-                # Decode at 1/2, 1/4 or 1/8 scale (in the IDCT) while both sides stay >= size.
-                im.draft("RGB", (size, size))
-            if im.mode == "P":
-                im = im.convert("RGBA")  # palette transparency first, or PIL warns
-            im = im.convert("RGB") if im.mode != "RGB" else im
-            w, h = im.size
-            s = min(w, h)
-            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-            out = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-            return np.asarray(out)
-    except Exception as e:  # PIL raises many types (OSError for truncated data, SyntaxError, ...)
-        raise BadSample("bad_image", f"{key}: {type(e).__name__}: {e}") from None
+        return ImageTransform(size).pixels(data, key=key)
+    except BadImage as e:
+        raise BadSample("bad_image", str(e)) from None
 
 
 class Collator:
@@ -75,26 +75,34 @@ class Collator:
         image_input: str = "regions",
         image_size: int = 384,
         feature_dim: int | None = None,
+        transform: ImageTransform | None = None,
     ):
-        if image_input not in IMAGE_MODES:
-            raise ValueError(f"image_input: one of {IMAGE_MODES}, got {image_input!r}")
+        """``image_input`` is the model's (``regions``, ``patches`` or ``backbone``); ``transform``
+        the pixel models' image transform (default: ``ImageTransform(image_size)``, the explicit
+        ImageNet default; a backbone model's comes from ``ImageTransform.from_backbone(config)``).
+        Afterwards ``image_input`` names what the samples carry (``regions`` or ``patches``, i.e.
+        pixels, as ``samples.decode_sample`` takes it) and ``model_input`` the model's input."""
+        if image_input not in MODEL_IMAGE_INPUTS:
+            raise ValueError(f"image_input: one of {tuple(MODEL_IMAGE_INPUTS)}, got {image_input!r}")
+        if transform is not None:
+            image_size = transform.size
         if image_size < 1:
             raise ValueError(f"image_size: must be at least 1, got {image_size}")
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
         self.max_regions = max_regions
-        self.image_input = image_input
+        self.model_input = image_input
+        self.image_input = MODEL_IMAGE_INPUTS[image_input]
+        assert self.image_input in IMAGE_MODES
         self.image_size = image_size
         self.feature_dim = feature_dim if image_input == "regions" else None  # checked at decode time
+        self.transform = transform or ImageTransform(image_size)
         self._vocab: int | None = None  # len(tokenizer), the bound on stored token ids (computed once)
-        # (x / 255 - mean) / std as one multiply-add per channel.
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / std
+        self._draws = 0  # training draws decoded by this process (seeds the augmentation with the key)
 
     @property
     def needs_pixels(self) -> bool:
-        """Whether ``images`` decodes the encoded image (``patches``) rather than using regions."""
+        """Whether ``images`` decodes the encoded image (``patches``/``backbone``) rather than using regions."""
         return self.image_input == "patches"
 
     def texts(self, captions: Sequence[str], *, truncate_ids: bool = False) -> dict[str, Tensor]:
@@ -172,18 +180,39 @@ class Collator:
         return counts
 
     def load_pixels(self, sample: ImageSample) -> np.ndarray:
-        """The sample's image as ``[S, S, 3]`` uint8 (BadSample ``missing_image`` / ``bad_image``)."""
+        """A training draw's image as ``[S, S, 3]`` uint8 (BadSample ``missing_image`` / ``bad_image``):
+        augmented when the transform has ``augment`` enabled, else the evaluation pixels. Each draw
+        is seeded by (transform seed, sample key, this process's draw count): reproducible for a
+        given stream, different on every visit of a sample."""
         if sample.image is None:
             raise BadSample("missing_image", sample.key)
-        return load_pixels(sample.image, self.image_size, sample.key)
+        rng = None
+        if self.transform.augment.enabled:
+            self._draws += 1
+            rng = np.random.default_rng([self.transform.seed, zlib.crc32(sample.key.encode()), self._draws])
+        try:
+            return self.transform.pixels(sample.image, train=rng is not None, rng=rng, key=sample.key)
+        except BadImage as e:
+            raise BadSample("bad_image", str(e)) from None
+
+    def eval_pixels(self, sample: ImageSample) -> np.ndarray:
+        """The sample's deterministic ``[S, S, 3]`` uint8 pixels (evaluation)."""
+        if sample.image is None:
+            raise BadSample("missing_image", sample.key)
+        try:
+            return self.transform.pixels(sample.image, key=sample.key)
+        except BadImage as e:
+            raise BadSample("bad_image", str(e)) from None
 
     def pixel_values(self, samples: Sequence[ImageSample]) -> Tensor:
-        """[P, 3, S, S] float32, ImageNet-normalised; uses ``sample.pixels`` when already decoded."""
-        arrays = [s.pixels if s.pixels is not None else self.load_pixels(s) for s in samples]
+        """[P, 3, S, S]: float32 normalised by the transform (``patches``), or uint8 (``backbone``:
+        the model normalises). Uses ``sample.pixels`` when already decoded (a training draw), else
+        the deterministic evaluation pixels."""
+        arrays = [s.pixels if s.pixels is not None else self.eval_pixels(s) for s in samples]
         u8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [P, 3, S, S] view of NHWC
-        out = torch.empty(u8.shape, dtype=torch.float32)
-        out.copy_(u8)
-        return out.mul_(self._scale).add_(self._shift)
+        if self.model_input == "backbone":
+            return u8.contiguous()
+        return self.transform.normalise(u8)
 
     def regions(self, samples: Sequence[ImageSample]) -> dict[str, Tensor]:
         n = max(s.features.shape[0] for s in samples)
@@ -209,7 +238,7 @@ class Collator:
         }
 
     def images(self, samples: Sequence[ImageSample]) -> dict[str, Tensor]:
-        """The image inputs of the model: region tensors, or ``{"pixel_values": ...}`` for patches."""
+        """The image inputs of the model: region tensors, or ``{"pixel_values": ...}`` for pixel models."""
         if self.needs_pixels:
             return {"pixel_values": self.pixel_values(samples)}
         return self.regions(samples)

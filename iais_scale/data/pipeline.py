@@ -140,7 +140,7 @@ def _runs(positions: Iterable[int]) -> Iterator[tuple[int, int]]:
 
 class _Reader:
     """Reads positions of one epoch order: shard by shard, runs skipped into by headers, the next
-    remote shard opened ahead while the current one is read."""
+    remote shard that will be read opened ahead while the current one is read."""
 
     def __init__(self, order: Sequence[tuple[str, int]], io: IoOptions, counts: Counter):
         self.order, self.io, self.counts = order, io, counts
@@ -151,28 +151,43 @@ class _Reader:
     def _shard(self, q: int) -> int:
         return bisect.bisect_right(self.cum, q) - 1  # empty shards are skipped
 
-    def read(self, runs: Iterable[tuple[int, int | None]]) -> Iterator[tuple[int, dict]]:
-        """(position, raw sample) of each run [a, b) (b None: endless), positions modulo N (wrapping)."""
-        empty_since = 0
+    def _segments(self, runs: Iterable[tuple[int, int | None]]) -> Iterator[tuple[int, int, int]]:
+        """(shard, first sample in it, count) of each piece of the runs [a, b) (b None: endless),
+        positions modulo N (wrapping)."""
         for a, b in runs:
             p = a
             while b is None or p < b:
                 q = p % self.total
                 s = self._shard(q)
                 n = self.cum[s + 1] - q if b is None else min(self.cum[s + 1] - q, b - p)
-                if self.prefetcher is not None:
-                    self.prefetcher.ahead(self.order[(s + 1) % len(self.order)][0])
-                got = False
-                start = q - self.cum[s]
-                for raw in read_shard(self.order[s][0], start, start + n, self.counts, retries=self.io.retries,
-                                      backoff_s=self.io.backoff_s, prefetcher=self.prefetcher,
-                                      max_member_bytes=self.io.max_member_bytes):
-                    got = True
-                    yield (self.cum[s] + raw["__index__"]), raw
-                empty_since = 0 if got else empty_since + n
-                if empty_since >= self.total:
-                    raise RuntimeError(f"no readable sample in a whole pass over the {self.total} samples of the shards")
+                yield s, q - self.cum[s], n
                 p += n
+
+    def read(self, runs: Iterable[tuple[int, int | None]]) -> Iterator[tuple[int, dict]]:
+        """(position, raw sample) of each run [a, b) (b None: endless), positions modulo N (wrapping)."""
+        empty_since = 0
+        segments = self._segments(runs)
+        following = next(segments, None)
+        while following is not None:
+            s, start, n = following
+            following = next(segments, None)
+            # Only a shard that will be read next is opened ahead (not the one after a chunk's end).
+            if self.prefetcher is not None and following is not None and following[0] != s:
+                self.prefetcher.ahead(self.order[following[0]][0])
+            got = False
+            for raw in read_shard(self.order[s][0], start, start + n, self.counts, retries=self.io.retries,
+                                  backoff_s=self.io.backoff_s, prefetcher=self.prefetcher,
+                                  max_member_bytes=self.io.max_member_bytes):
+                got = True
+                yield (self.cum[s] + raw["__index__"]), raw
+            empty_since = 0 if got else empty_since + n
+            if empty_since >= self.total:
+                raise RuntimeError(f"no readable sample in a whole pass over the {self.total} samples of the shards")
+
+    def close(self) -> None:
+        """Close the streams opened ahead (their connections) and the prefetch thread."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
 
 
 def _length(item: tuple) -> int:
@@ -274,7 +289,10 @@ class _BatchStream(IterableDataset):
             skip = self._owned(max(self.start.consumed, lo), worker, n_workers) - self._owned(lo, worker, n_workers)
             items = self._items(epoch, worker, n_workers, tally)
             rng = random.Random(f"buckets:{self._tag(epoch, worker, n_workers)}")
-            yield from self._epoch_batches(epoch, items, n, min(skip, n), rng, tally)
+            try:
+                yield from self._epoch_batches(epoch, items, n, min(skip, n), rng, tally)
+            finally:
+                items.close()  # the epoch's readers: streams opened ahead, connections
 
     def _take(self, items: Iterator, count: int, load: bool, tally: _Tally) -> list:
         """The next ``count`` usable items; with ``load`` the pixels are decoded and failures replaced."""
@@ -366,7 +384,12 @@ class PairStream(_BatchStream):
         # Wrap rule: a chunk short of usable samples goes on with the positions after it.
         after = (mine[-1] + 1) if len(mine) else 0
         extra = _decode(reader.read([(after, None)]), tally, captions, self._decode_kw, drawable)
-        return itertools.chain(_shuffled(main, self.shuffle_buffer, random.Random(f"shuffle:{tag}")), extra)
+        try:
+            yield from itertools.chain(_shuffled(main, self.shuffle_buffer, random.Random(f"shuffle:{tag}")), extra)
+        finally:
+            main.close()
+            extra.close()
+            reader.close()
 
 
 class ResampledPairStream(_BatchStream):
@@ -400,19 +423,23 @@ class ResampledPairStream(_BatchStream):
         """Whole shards drawn with replacement, forever; the next draw is opened ahead."""
         prefetcher = storage.Prefetcher() if self.io.prefetch else None
         empty, url = 0, rng.choice(split.urls)
-        while True:
-            following = rng.choice(split.urls)  # drawn one ahead: the same sequence of shards
+        try:
+            while True:
+                following = rng.choice(split.urls)  # drawn one ahead: the same sequence of shards
+                if prefetcher is not None and following != url:
+                    prefetcher.ahead(following)
+                got = False
+                for raw in read_shard(url, counts=counts, retries=self.io.retries, backoff_s=self.io.backoff_s,
+                                      prefetcher=prefetcher, max_member_bytes=self.io.max_member_bytes):
+                    got = True
+                    yield -1, raw
+                empty = 0 if got else empty + 1
+                if empty >= max(10, 2 * len(split.urls)):
+                    raise RuntimeError(f"source {split.spec}: no readable sample in {empty} shards drawn in a row")
+                url = following
+        finally:
             if prefetcher is not None:
-                prefetcher.ahead(following)
-            got = False
-            for raw in read_shard(url, counts=counts, retries=self.io.retries, backoff_s=self.io.backoff_s,
-                                  prefetcher=prefetcher, max_member_bytes=self.io.max_member_bytes):
-                got = True
-                yield -1, raw
-            empty = 0 if got else empty + 1
-            if empty >= max(10, 2 * len(split.urls)):
-                raise RuntimeError(f"source {split.spec}: no readable sample in {empty} shards drawn in a row")
-            url = following
+                prefetcher.close()
 
     def _items(self, epoch: int, worker: int, n_workers: int, tally: _Tally) -> Iterator[tuple]:
         tag = self._tag(epoch, worker, n_workers)
@@ -424,9 +451,13 @@ class ResampledPairStream(_BatchStream):
         mix = random.Random(f"mix:{tag}")
 
         def mixture() -> Iterator[tuple]:
-            while True:
-                i = min(bisect.bisect_right(cum, mix.random() * cum[-1]), len(streams) - 1)
-                yield next(streams[i])
+            try:
+                while True:
+                    i = min(bisect.bisect_right(cum, mix.random() * cum[-1]), len(streams) - 1)
+                    yield next(streams[i])
+            finally:
+                for stream in streams:  # their prefetchers: streams opened ahead, threads
+                    stream.close()
 
         return _shuffled(mixture(), self.shuffle_buffer, random.Random(f"shuffle:{tag}"))
 

@@ -42,6 +42,10 @@ class ShardError(Exception):
     """A shard that cannot be read on: a bad or hostile header, or a truncated file."""
 
 
+class TruncatedShard(ShardError):
+    """The bytes end before the tar does (a cut file, or a transfer that ended early: worth a retry)."""
+
+
 Note = Callable[[str, str], None]  # (kind, detail): format deviations that verify reports
 
 
@@ -89,6 +93,14 @@ class _Cursor:
             self.can_seek = bool(f.seekable())
         except (OSError, ValueError):
             self.can_seek = False
+        self.end = None  # where a seekable stream ends: no skip may go past it
+        if self.can_seek:
+            try:
+                here = f.tell()
+                self.end = f.seek(0, 2) - here
+                f.seek(here)
+            except (OSError, ValueError):
+                self.can_seek = False
 
     def read(self, n: int) -> bytes:
         parts, left = [], n
@@ -106,13 +118,15 @@ class _Cursor:
         if n <= 0:
             return
         if self.can_seek:
+            if self.offset + n > self.end:  # also a hostile size: never seek past the end
+                raise TruncatedShard(f"truncated: {n} bytes to skip at offset {self.offset}, {self.end} in the file")
             self.f.seek(n, 1)
             self.offset += n
             return
-        while n > 0:
+        while n > 0:  # forward-only streams: read and discard, 1 MiB at a time
             got = len(self.read(min(n, 1 << 20)))
             if got == 0:
-                raise ShardError(f"truncated: data ends at offset {self.offset}")
+                raise TruncatedShard(f"truncated: data ends at offset {self.offset}")
             n -= got
 
 
@@ -132,10 +146,10 @@ def iter_members(
         at = cur.offset
         header = cur.read(_BLOCK)
         if len(header) < _BLOCK:
-            raise ShardError(f"truncated: {len(header)} header bytes at offset {at} (no end-of-archive marker)")
+            raise TruncatedShard(f"truncated: {len(header)} header bytes at offset {at} (no end-of-archive marker)")
         if header == _ZERO_BLOCK:
             if len(cur.read(_BLOCK)) < _BLOCK:
-                raise ShardError("truncated: end-of-archive marker incomplete")
+                raise TruncatedShard("truncated: end-of-archive marker incomplete")
             return
         stored = _number(header[148:156], at)
         unsigned = sum(header) - sum(header[148:156]) + 256
@@ -148,7 +162,7 @@ def iter_members(
                 raise ShardError(f"extended header of {size} bytes at offset {at}")
             data = cur.read(size)
             if len(data) < size:
-                raise ShardError(f"truncated: extended header at offset {at}")
+                raise TruncatedShard(f"truncated: extended header at offset {at}")
             cur.skip(-size % _BLOCK)
             if kind == b"x":
                 pax = _pax(data, at)
@@ -163,8 +177,8 @@ def iter_members(
                 name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         if "size" in pax:
             text = pax["size"]
-            if not text.isdigit():
-                raise ShardError(f"PAX size {text!r} of {name!r} at offset {at}")
+            if not (text.isascii() and text.isdigit() and len(text) <= 20):  # 20 digits: beyond any file
+                raise ShardError(f"PAX size {text[:40]!r} of {name!r} at offset {at}")
             size = int(text)
         long_name, pax = None, {}
         padded = size + (-size % _BLOCK)
@@ -185,7 +199,7 @@ def iter_members(
             continue
         data = cur.read(size)
         if len(data) < size:
-            raise ShardError(f"truncated: member {name!r} at offset {at}")
+            raise TruncatedShard(f"truncated: member {name!r} at offset {at}")
         cur.skip(padded - size)
         yield name, data, size
 
@@ -262,27 +276,33 @@ def read_shard(
 ) -> Iterator[dict]:
     """Raw samples ``start <= i < stop`` of the shard at ``url`` (see ``iter_samples``).
 
-    A remote shard that fails mid-way is reopened up to ``retries`` times (exponential back-off),
-    continuing after the last sample it gave, so the samples are exactly those of a clean read.
-    A shard that still fails, or ends before ``stop``, adds one ``bad_shard`` to ``counts`` and
-    yields the complete samples before the damage. Local shards are not retried.
+    A remote shard (a URL or a ``pipe:`` command) whose transfer fails or ends early is reopened up
+    to ``retries`` times (exponential back-off), continuing after the last sample it gave, so the
+    samples are exactly those of a clean read. A bad header is not retried (the bytes would be the
+    same). A shard that still fails, or ends before ``stop``, adds one ``bad_shard`` to ``counts``
+    and yields the complete samples before the damage. Local shards are not retried.
     """
     counts = counts if counts is not None else Counter()
     remote = not storage.is_local(url)
     attempts = retries if remote else 0
     position = start
     for attempt in range(attempts + 1):
+        f = None
         try:
             f = prefetcher.get(url) if (prefetcher is not None and attempt == 0) else storage.open_read(url)
-            with f:
-                for sample in iter_samples(f, url, start=position, stop=stop, max_member_bytes=max_member_bytes):
-                    yield sample
-                    position = sample["__index__"] + 1
+            for sample in iter_samples(f, url, start=position, stop=stop, max_member_bytes=max_member_bytes):
+                yield sample
+                position = sample["__index__"] + 1
+            f, done = None, f
+            done.close()  # a pipe command's failing exit status shows here
             break
-        except GeneratorExit:
+        except GeneratorExit:  # the reader has what it wanted: close without a word
+            _close_quietly(f)
             raise
         except Exception as e:  # ShardError, OSError, the transports' own errors
-            if attempt < attempts:
+            _close_quietly(f)
+            transient = not isinstance(e, ShardError) or isinstance(e, TruncatedShard)
+            if attempt < attempts and transient:
                 delay = backoff_s * 2**attempt
                 log.warning("%s: read failed at sample %d (%s: %s); retry %d of %d in %.1f s", url, position,
                             type(e).__name__, e, attempt + 1, attempts, delay)
@@ -294,6 +314,14 @@ def read_shard(
     if stop is not None and position < stop:
         counts["bad_shard"] += 1
         log.warning("%s: ended after %d samples, %d expected", url, position, stop)
+
+
+def _close_quietly(f: IO[bytes] | None) -> None:
+    if f is not None:
+        try:
+            f.close()
+        except Exception as e:  # already failing or done: the close adds nothing
+            log.debug("closing a shard stream: %s: %s", type(e).__name__, e)
 
 
 def count_samples(url: str) -> int:
@@ -327,6 +355,8 @@ def _is_shard_list(spec: str) -> bool:
 
 
 def _img2dataset_count(stats_url: str) -> int | None:
+    if storage.scheme(stats_url) == "pipe":
+        return None
     try:
         n = json.loads(storage.read_bytes(stats_url)).get("successes")
     except Exception:  # missing, unreadable, not JSON, not an object
@@ -335,15 +365,19 @@ def _img2dataset_count(stats_url: str) -> int | None:
 
 
 def _sizes_json(folder: str, *, ours: bool) -> dict[str, int] | None:
+    if storage.scheme(folder) == "pipe":
+        return None  # no sizes.json is derived from a command: pipe: shards are counted
     url = storage.join(folder, fmt.SIZES_FILE)
     try:
         data = storage.read_bytes(url)
     except (FileNotFoundError, IsADirectoryError):
         return None
-    except OSError as e:
+    except storage.MissingHandler:
+        raise
+    except Exception as e:  # OSError, the transports' own errors (an HTTP 403 or 500 ...)
         if not storage.exists(url):
             return None
-        raise FileNotFoundError(f"{url}: unreadable ({e})") from e
+        raise FileNotFoundError(f"{url}: unreadable ({type(e).__name__}: {e})") from e
     return fmt.parse_sizes(data, url, ours=ours)
 
 
@@ -375,6 +409,8 @@ def resolve_split(spec: str, *, need_sizes: bool = True, count_missing: bool = T
                 raise FileNotFoundError(f"{folder}: shards listed in {fmt.SIZES_FILE} are missing: {missing}")
         return Split(spec, urls, IAIS_LAYOUT)
     if names is None:
+        if storage.scheme(folder) == "pipe":
+            raise FileNotFoundError(f"{folder}: a pipe: source must name its shards (.../shard-{{000000..000099}}.tar)")
         raise FileNotFoundError(
             f"{storage.join(folder, fmt.SIZES_FILE)} not found, and {storage.scheme(folder)}:// folders cannot be"
             " listed: name the shards as a list (e.g. .../shard-{000000..000099}.tar) or add a sizes.json"
@@ -390,11 +426,29 @@ def resolve_split(spec: str, *, need_sizes: bool = True, count_missing: bool = T
 def _stats_sizes(urls: list[str], need_sizes: bool, count_missing: bool) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
     for url in urls:
-        n = _img2dataset_count(url[: -len(fmt.SHARD_SUFFIX)] + STATS_SUFFIX) if need_sizes else None
+        stats = url[: -len(fmt.SHARD_SUFFIX)] + STATS_SUFFIX if url.endswith(fmt.SHARD_SUFFIX) else None
+        n = _img2dataset_count(stats) if need_sizes and stats else None
         if n is None and need_sizes and count_missing:
-            n = count_samples(url)
+            n = _count_for_sizes(url)
         out[url] = n
     return out
+
+
+def _count_for_sizes(url: str) -> int:
+    """A shard's sample count when nothing states it: its headers counted. A damaged shard counts
+    the samples begun before the damage (the loader then meets the damage: one ``bad_shard``);
+    a shard that cannot be opened is a FileNotFoundError or ValueError, as ``resolve_split`` says."""
+    n = 0
+    try:
+        for _ in headers_only(url):
+            n += 1
+    except (FileNotFoundError, ValueError):
+        raise
+    except ShardError as e:
+        log.warning("%s: %s; sized by the %d sample(s) before it", url, e, n)
+    except Exception as e:  # OSError, the transports' own errors
+        raise ValueError(f"{url}: cannot count its samples ({type(e).__name__}: {e})") from e
+    return n
 
 
 def _shard_list(spec: str, need_sizes: bool, count_missing: bool) -> Split:

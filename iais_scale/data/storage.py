@@ -3,6 +3,8 @@
 Every reader and writer of shards, ``sizes.json``, manifests and synced checkpoints opens through
 this module, so a URL works wherever a path does. Opening is the libraries' job: fsspec for
 ``http(s)://``, ``s3://``, ``gs://``, ``az://``, ``hf://`` ...; ``webdataset.gopen`` for ``pipe:CMD``.
+What is supported, and how (endpoints, retries, prefetch): ``docs/data-format.md``, "Where shards
+can live".
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ _SCHEME_PACKAGES = {
     "abfss": "adlfs", "http": "aiohttp", "https": "aiohttp", "hf": "huggingface_hub",
 }
 _EXTRAS = {"s3fs": "s3", "gcsfs": "gcs", "adlfs": "azure", "aiohttp": "remote", "huggingface_hub": "remote"}
+# S3-compatible stores (MinIO, Ceph, R2, moto ...): the endpoint botocore's own variables name.
+S3_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_HTTP_BUFFER = 1 << 20  # bytes read from an HTTP body per call into its event loop
+
+
+class MissingHandler(ValueError):
+    """A URL whose scheme has no handler here (an fsspec implementation or its package missing)."""
 
 
 def scheme(url: str) -> str:
@@ -95,22 +104,69 @@ def missing_handler(url: str) -> str | None:
     return None
 
 
+def _check_handler(url: str) -> None:
+    problem = missing_handler(url)
+    if problem:
+        raise MissingHandler(problem)
+
+
+def fs_options(url: str) -> dict:
+    """Options for the fsspec filesystem of ``url``: for ``s3://`` the endpoint named by
+    ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (botocore's own variables, passed explicitly so
+    that every botocore version and every fsspec call honours them), unless fsspec's configuration
+    (``FSSPEC_S3_ENDPOINT_URL``, ``FSSPEC_S3``) already names one."""
+    if scheme(url) not in ("s3", "s3a"):
+        return {}
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return {}
+    import fsspec.config
+
+    conf = fsspec.config.conf.get("s3", {})
+    if conf.get("endpoint_url") or (conf.get("client_kwargs") or {}).get("endpoint_url"):
+        return {}
+    endpoint = next((os.environ[v] for v in S3_ENDPOINT_ENV if os.environ.get(v)), None)
+    return {"endpoint_url": endpoint} if endpoint else {}
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path within it) of a URL; MissingHandler when its scheme cannot be opened."""
+    _check_handler(url)
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **fs_options(url))
+
+
 def open_read(url: str) -> IO[bytes]:
     """A binary stream of ``url``: a seekable file for local paths and object stores, a
-    forward-only stream for HTTP and pipes (their ``seekable()`` is False)."""
+    forward-only stream for HTTP and pipes (their ``seekable()`` is False).
+
+    Raises MissingHandler (a ValueError) when the URL's scheme has no handler installed."""
     s = scheme(url)
     if s == "file":
         return open(local_path(url), "rb")
     if s == "pipe":
         from webdataset.gopen import gopen
 
-        return _ForwardOnly(gopen(url, "rb"))
-    import fsspec
-
+        return _PipeStream(gopen(url, "rb"))
+    fs, path = filesystem(url)
     if s in ("http", "https"):
-        # block_size=0: one streamed GET, no range requests (plain HTTP servers do not support them).
-        return _ForwardOnly(fsspec.open(url, "rb", block_size=0).open())
-    return fsspec.open(url, "rb").open()
+        # Buffered: each read of the body is a round trip into fsspec's event loop thread.
+        return io.BufferedReader(_ForwardOnly(_http_stream(fs, path)), _HTTP_BUFFER)
+    return fs.open(path, "rb")
+
+
+def _http_stream(fs, url: str):
+    """One streamed GET of ``url``: no range requests (plain HTTP servers do not support them) and
+    no HEAD request first (``fs.open(block_size=0)`` asks for the size it does not need: one more
+    round trip per shard). A missing file still raises FileNotFoundError, from the GET."""
+    try:
+        from fsspec.asyn import sync
+        from fsspec.implementations.http import HTTPStreamFile
+
+        session = sync(fs.loop, fs.set_session)
+    except (ImportError, AttributeError):  # another fsspec: its own streamed open
+        return fs.open(url, "rb", block_size=0)
+    return HTTPStreamFile(fs, url, mode="rb", loop=fs.loop, session=session, **fs.kwargs)
 
 
 def read_bytes(url: str) -> bytes:
@@ -123,9 +179,7 @@ def exists(url: str) -> bool:
         return local_path(url).exists()
     if scheme(url) == "pipe":
         return True
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     try:
         return fs.exists(path)
     except (OSError, ValueError):
@@ -139,9 +193,7 @@ def listdir(url: str) -> list[str] | None:
         return sorted(str(c) for c in p.iterdir()) if p.is_dir() else None
     if scheme(url) in ("pipe", "http", "https"):
         return None
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     try:
         entries = fs.ls(path, detail=False)
     except (OSError, ValueError):
@@ -163,25 +215,24 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return
-    import fsspec
-
-    with fsspec.open(url, "wb") as f:
+    fs, path = filesystem(url)
+    with fs.open(path, "wb") as f:
         f.write(data)
 
 
 def copy_tree(src: str, dst: str, *, skip: Callable[[str], bool] = lambda name: False) -> list[str]:
     """Copy the files of folder ``src`` (recursively) to ``dst`` (any URL); returns the names copied.
     Names for which ``skip`` is true are left out (the caller copies them last, e.g. a marker)."""
-    import fsspec
-
-    src_fs, src_path = fsspec.core.url_to_fs(src)
-    dst_fs, dst_path = fsspec.core.url_to_fs(dst)
+    src_fs, src_path = filesystem(src)
+    dst_fs, dst_path = filesystem(dst)
     names = []
     for full in sorted(src_fs.find(src_path)):
         name = posixpath.relpath(full, src_path) if not is_local(src) else os.path.relpath(full, src_path)
         if skip(name):
             continue
         target = posixpath.join(dst_path, name.replace(os.sep, "/"))
+        if is_local(dst):  # object stores have no folders; a local copy needs them made
+            os.makedirs(posixpath.dirname(target), exist_ok=True)
         with src_fs.open(full, "rb") as fin, dst_fs.open(target, "wb") as fout:
             while chunk := fin.read(1 << 24):
                 fout.write(chunk)
@@ -220,7 +271,7 @@ class _ForwardOnly(io.RawIOBase):
         return self.inner.read(n)
 
     def readinto(self, b) -> int:
-        data = self.inner.read(len(b))
+        data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
 
@@ -230,6 +281,32 @@ class _ForwardOnly(io.RawIOBase):
                 self.inner.close()
             finally:
                 super().close()
+
+
+class _PipeStream(_ForwardOnly):
+    """The output of a ``pipe:`` command (webdataset's ``Pipe``). A command that fails while it is
+    read is an error (``Pipe.read`` checks its status after every read; ``close`` after the last
+    byte). Closed before its end (a reader that has what it wanted), the command is stopped and its
+    exit status ignored: it would die of SIGPIPE, or fail writing (``curl`` exits 23), which says
+    nothing about the data."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.at_end = False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.inner.read(n)
+        if not data and n != 0:
+            self.at_end = True
+        return data
+
+    def close(self) -> None:
+        if not self.closed and not self.at_end:
+            self.inner.ignore_errors = True
+            proc = getattr(self.inner, "proc", None)
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        super().close()
 
 
 class _Prefilled(io.RawIOBase):

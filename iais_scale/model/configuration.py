@@ -1,8 +1,14 @@
-"""The model's Hugging Face config: BERT's fields plus the image input and the IAIS layers."""
+"""The model's Hugging Face config: BERT's fields plus the image input and the IAIS layers.
+
+Self-contained (transformers only): it travels with exported models (``model/hub.py``).
+"""
 
 from __future__ import annotations
 
 from transformers import BertConfig
+
+IMAGE_INPUTS = ("regions", "patches", "backbone")
+BACKBONE_LIBRARIES = ("transformers", "timm")
 
 
 class CrossModalConfig(BertConfig):
@@ -11,6 +17,16 @@ class CrossModalConfig(BertConfig):
     Extends ``BertConfig`` so that transformers' own BERT embeddings and layers take it unchanged.
     ``iais_layers`` lists the layers (negative indices count from the end) whose self-attention
     yields the IAIS relation matrices; ``cls_token_id``/``sep_token_id`` locate the words.
+
+    Image inputs: ``regions`` (detector features + box geometry), ``patches`` (a ViLT-style patch
+    projection of ``image_size`` pixels) or ``backbone``: a vision backbone, described by
+    ``vision_backbone`` (``{"library": "transformers", "config": <its config dict>}`` or
+    ``{"library": "timm", "name": ..., "kwargs": {...}}``), whose output tokens (a ViT's patch
+    tokens or a CNN's grid cells, average-pooled to at most ``backbone_max_tokens`` when > 0) enter
+    the region embedding (``region_feature_dim`` = the backbone's width) with the geometry of their
+    grid cells. ``backbone_trainable_blocks``: 0 frozen, N the last N blocks (and what follows
+    them), -1 all of it. ``image_size``/``image_mean``/``image_std``/``image_resample``/
+    ``image_crop_pct`` are the backbone's data config: uint8 pixels are normalised in the model.
     """
 
     model_type = "iais_single_stream"
@@ -28,15 +44,31 @@ class CrossModalConfig(BertConfig):
         patch_size: int = 32,
         num_channels: int = 3,
         itc_dim: int = 0,
+        vision_backbone: dict | None = None,
+        backbone_trainable_blocks: int = 0,
+        backbone_max_tokens: int = 0,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        image_resample: str = "bicubic",
+        image_crop_pct: float = 1.0,
         **kwargs,
     ):
         kwargs.setdefault("type_vocab_size", 2)  # 0: text, 1: image tokens (as in UNITER)
         kwargs.setdefault("attn_implementation", "sdpa")
         super().__init__(**kwargs)
-        if image_input not in ("regions", "patches"):
-            raise ValueError(f"image_input must be 'regions' or 'patches', got {image_input!r}")
+        if image_input not in IMAGE_INPUTS:
+            raise ValueError(f"image_input must be one of {IMAGE_INPUTS}, got {image_input!r}")
         if image_input == "patches" and image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if image_input == "backbone":
+            library = (vision_backbone or {}).get("library")
+            if library not in BACKBONE_LIBRARIES:
+                raise ValueError(f"image_input 'backbone' needs vision_backbone with library in {BACKBONE_LIBRARIES},"
+                                 f" got {vision_backbone!r}")
+        if backbone_trainable_blocks < -1:
+            raise ValueError(f"backbone_trainable_blocks: 0 (frozen), N > 0 or -1 (all), got {backbone_trainable_blocks}")
+        if backbone_max_tokens < 0:
+            raise ValueError(f"backbone_max_tokens: 0 (no pooling) or positive, got {backbone_max_tokens}")
         self.image_input = image_input
         self.region_feature_dim = region_feature_dim
         self.region_geometry_dim = region_geometry_dim
@@ -45,10 +77,17 @@ class CrossModalConfig(BertConfig):
         self.sep_token_id = sep_token_id
         # 0: off; k: checkpoint every k-th layer's activations (recomputed in backward).
         self.gradient_checkpointing_every = gradient_checkpointing_every
-        self.image_size = image_size  # patches: square input side in pixels
+        self.image_size = image_size  # patches/backbone: square input side in pixels
         self.patch_size = patch_size
         self.num_channels = num_channels
         self.itc_dim = itc_dim  # > 0: contrastive projections from text-only and image-only passes
+        self.vision_backbone = dict(vision_backbone) if vision_backbone else None
+        self.backbone_trainable_blocks = backbone_trainable_blocks
+        self.backbone_max_tokens = backbone_max_tokens
+        self.image_mean = list(image_mean) if image_mean is not None else None
+        self.image_std = list(image_std) if image_std is not None else None
+        self.image_resample = image_resample
+        self.image_crop_pct = image_crop_pct
 
     def resolved_iais_layers(self) -> list[int]:
         n = self.num_hidden_layers
@@ -57,40 +96,3 @@ class CrossModalConfig(BertConfig):
             if not -n <= i < n:
                 raise ValueError(f"iais layer {i} out of range for {n} layers")
         return layers
-
-
-def config_from_experiment(
-    model,
-    *,
-    vocab_size: int,
-    region_feature_dim: int,
-    cls_token_id: int,
-    sep_token_id: int,
-    pad_token_id: int,
-    iais_layers: list[int],
-    max_text_len: int,
-) -> CrossModalConfig:
-    """Build the HF config from an experiment's ``ModelConfig`` (a named size or explicit dims)."""
-    from ..config import MODEL_SIZES
-
-    hidden, layers, heads, inter = MODEL_SIZES.get(model.size, (None, None, None, None))
-    return CrossModalConfig(
-        vocab_size=vocab_size,
-        hidden_size=model.hidden_size or hidden,
-        num_hidden_layers=model.num_layers or layers,
-        num_attention_heads=model.num_heads or heads,
-        intermediate_size=model.intermediate_size or inter,
-        hidden_dropout_prob=model.dropout,
-        attention_probs_dropout_prob=model.dropout,
-        max_position_embeddings=max(512, max_text_len),
-        region_feature_dim=model.region_feature_dim or region_feature_dim,
-        iais_layers=iais_layers,
-        cls_token_id=cls_token_id,
-        sep_token_id=sep_token_id,
-        pad_token_id=pad_token_id,
-        gradient_checkpointing_every=model.checkpoint_every_k_layers if model.gradient_checkpointing else 0,
-        image_input=model.image_input,
-        image_size=model.image_size,
-        patch_size=model.patch_size,
-        itc_dim=model.itc_dim,
-    )

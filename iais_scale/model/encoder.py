@@ -1,7 +1,8 @@
 """The single-stream image-text encoder with its heads, read top to bottom.
 
 ``[CLS] w_1 .. w_T [SEP] (pad) r_1 .. r_V (pad)`` -> BERT embeddings for the text, UNITER region
-embeddings for the image -> transformers' ``BertLayer`` stack (SDPA attention) -> pooled [CLS].
+embeddings for the image (detector regions, or a vision backbone's grid cells with their cell
+geometry; ViLT patches otherwise) -> transformers' ``BertLayer`` stack (SDPA attention) -> pooled [CLS].
 The layers named in ``config.iais_layers`` also give the IAIS relation matrices of the rows that
 the caller marks as matched pairs: one extra ``q k^T`` over the compacted word/region positions of
 those rows only (``iais_scale.iais``), from the layer's own query/key projections.
@@ -24,8 +25,13 @@ from transformers.models.bert.modeling_bert import (
 )
 
 from .. import iais
+from .backbone import VisionBackbone
 from .configuration import CrossModalConfig
 from .embeddings import PatchEmbeddings, RegionEmbeddings
+
+# Set by ``iais_scale.model`` (hub.write_remote_code): ``save_pretrained`` also writes the modelling
+# code and ``auto_map``, so that a saved folder loads with ``trust_remote_code=True`` anywhere.
+REMOTE_CODE_WRITER = None
 
 IMAGE_TENSOR_KEYS = ("region_features", "region_geometry", "region_attention", "pixel_values")
 
@@ -83,6 +89,10 @@ class CrossModalModel(BertPreTrainedModel):
         if config.image_input == "regions":
             self.region_embeddings = RegionEmbeddings(config)
             self.mrfr = RegionFeatureRegression(config)
+        elif config.image_input == "backbone":
+            # Grid cells enter like regions: their features and their cell geometry.
+            self.image_backbone = VisionBackbone(config)
+            self.region_embeddings = RegionEmbeddings(config)
         else:
             self.patch_embeddings = PatchEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config, layer_idx=i) for i in range(config.num_hidden_layers))
@@ -96,6 +106,15 @@ class CrossModalModel(BertPreTrainedModel):
             self.itc_logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self._iais_layers = set(config.resolved_iais_layers())
         self.post_init()
+        if config.image_input == "backbone":  # post_init does not touch requires_grad; keep it explicit
+            self.image_backbone.set_trainable(config.backbone_trainable_blocks)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' ``save_pretrained``, plus the modelling code and ``auto_map`` in the folder
+        (when this package is installed): it then loads with ``trust_remote_code=True`` without it."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if REMOTE_CODE_WRITER is not None and kwargs.get("is_main_process", True):
+            REMOTE_CODE_WRITER(save_directory)
 
     # ------------------------------------------------------------------ embeddings
 
@@ -106,7 +125,8 @@ class CrossModalModel(BertPreTrainedModel):
         region_attention: Tensor | None = None,
         pixel_values: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Image tokens [P, Li, d] and their validity [P, Li] from regions or from pixels."""
+        """Image tokens [P, Li, d] and their validity [P, Li] from regions or from pixels (a backbone's
+        grid cells, or patches)."""
         image_type = self.text_embeddings.token_type_embeddings.weight[1]
         given = [x for x in (region_features, region_geometry, region_attention, pixel_values) if x is not None]
         if not given:  # text alone (the text-only pass of ITC)
@@ -118,7 +138,13 @@ class CrossModalModel(BertPreTrainedModel):
             tokens = self.region_embeddings(region_features.to(dtype), region_geometry.to(dtype), image_type)
             return tokens, region_attention.bool()
         if pixel_values is None:
-            raise ValueError("a patches model needs pixel_values")
+            raise ValueError(f"a {self.config.image_input} model needs pixel_values")
+        if self.config.image_input == "backbone":
+            features, geometry = self.image_backbone(pixel_values)
+            dtype = image_type.dtype
+            boxes = geometry.to(dtype).expand(features.shape[0], -1, -1)
+            tokens = self.region_embeddings(features.to(dtype), boxes, image_type)
+            return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         tokens = self.patch_embeddings(pixel_values, image_type)
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
@@ -175,7 +201,8 @@ class CrossModalModel(BertPreTrainedModel):
         iais_request: IaisRequest | None = None,
     ) -> EncoderOutput:
         """Encode P image-text pairs: text [P, Lt] with regions ([P, Lr, F], [P, Lr, 7], [P, Lr])
-        or pixels [P, 3, S, S]. Zero image tokens (Lr = 0) encode the text alone."""
+        or pixels [P, 3, S, S] (a backbone model: uint8, or floats normalised by its mean and std).
+        Zero image tokens (Lr = 0) encode the text alone."""
         text = self.text_embeddings(input_ids=text_ids)
         image, image_valid = self.embed_image(region_features, region_geometry, region_attention, pixel_values)
         if image.shape[0] == 0:  # no image given: zero image tokens

@@ -240,7 +240,8 @@ _UNITER_IMAGE = {
 }
 
 
-def import_uniter(model: CrossModalModel, state_dict_or_path: Mapping[str, Tensor] | PathLike) -> LoadReport:
+def import_uniter(model: CrossModalModel, state_dict_or_path: Mapping[str, Tensor] | PathLike, *,
+                  itm_init: str = "row1") -> LoadReport:
     """Map a UNITER checkpoint (a flat state dict, or the path of its ``.pt``) onto ``model``.
 
     ``uniter.embeddings`` -> ``text_embeddings``; ``uniter.img_embeddings`` -> ``region_embeddings``
@@ -252,10 +253,10 @@ def import_uniter(model: CrossModalModel, state_dict_or_path: Mapping[str, Tenso
 
     The matching score: ``rank_output`` (Linear(hidden, 1), retrieval fine-tunes) maps to ``itm``
     directly. Otherwise the pretraining ``itm_output`` (Linear(hidden, 2), softmax over
-    {mismatch, match}) becomes the single logit ``(w1 - w0)·x + (b1 - b0)``, whose sigmoid equals
-    UNITER's softmax probability of "match". (UNITER's own ``init_output`` copies row 1 alone into
-    ``rank_output``; the difference keeps the pretrained probabilities.) When both exist,
-    ``rank_output`` wins and ``itm_output`` is reported as unexpected.
+    {mismatch, match}) becomes the single logit: ``itm_init="row1"`` copies row 1 (``w1·x + b1``, the
+    authors' ``init_output`` before fine-tuning); ``"difference"`` uses ``(w1 - w0)·x + (b1 - b0)``,
+    whose sigmoid equals UNITER's softmax probability of "match". When both exist, ``rank_output``
+    wins and ``itm_output`` is reported as unexpected.
 
     UNITER's image features are 2048-d with a 7-d box: ``region_feature_dim`` and
     ``region_geometry_dim`` must match (``ValueError`` naming the tensor otherwise).
@@ -307,9 +308,12 @@ def import_uniter(model: CrossModalModel, state_dict_or_path: Mapping[str, Tenso
         w, b = state["itm_output.weight"], state.get("itm_output.bias")
         if w.shape[0] != 2:
             raise ValueError(f"itm_output.weight {tuple(w.shape)}: expected UNITER's 2-way ITM head")
-        mapped["itm.weight"] = ("itm_output.weight", (w[1] - w[0]).unsqueeze(0))
+        if itm_init not in ("row1", "difference"):
+            raise ValueError(f"itm_init: 'row1' or 'difference', got {itm_init!r}")
+        row1 = itm_init == "row1"
+        mapped["itm.weight"] = ("itm_output.weight", (w[1] if row1 else w[1] - w[0]).unsqueeze(0))
         if b is not None:
-            mapped["itm.bias"] = ("itm_output.bias", (b[1] - b[0]).unsqueeze(0))
+            mapped["itm.bias"] = ("itm_output.bias", (b[1] if row1 else b[1] - b[0]).unsqueeze(0))
     return _apply(model, mapped, unexpected)
 
 

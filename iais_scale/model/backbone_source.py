@@ -1,0 +1,300 @@
+"""Where a vision backbone comes from: its architecture and data config, and its pretrained weights.
+
+``model.backbone`` in an experiment names it:
+
+* ``hf:FOLDER`` (or a bare folder path): a transformers checkpoint folder (``config.json`` +
+  weights; ``preprocessor_config.json`` for the image processor, else that model type's default
+  processor). A vision-only model (``ViTModel``, ``CLIPVisionModel``, ``Dinov2Model``, ConvNeXt,
+  ResNet, ...) or a two-tower model whose ``vision_config`` is taken (``CLIPModel``,
+  ``SiglipModel``). ``hf:ORG/NAME`` also takes a model from the local Hugging Face cache.
+* ``timm:NAME``: a timm architecture by name; its weights from ``model.backbone_weights`` (a local
+  ``.safetensors``/``.pth`` file) or, with ``pretrained``, from the Hugging Face cache (set
+  ``HF_HUB_OFFLINE=1`` on machines without internet). timm needs torchvision (see ``backbone.py``).
+
+``model.backbone_weights``: ``pretrained`` (the folder's weights; timm: the hub cache), ``random``
+(the architecture only: tests and ablations) or a state-dict file.
+
+The model is first built from its config (``backbone_fields`` gives the ``CrossModalConfig``
+fields), then :func:`load_backbone_weights` copies the weights in. Under ZeRO-3 the parameters are
+partitioned by then: they are gathered (``deepspeed.zero.GatheredParameters``, modifier rank 0),
+filled, and partitioned again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..data.transforms import RESAMPLE_NAMES
+from .backbone import DEFAULT_MEAN, DEFAULT_STD, UNUSED_MODULES, build_timm_model, import_timm
+
+log = logging.getLogger("iais_scale")
+
+WEIGHT_CHOICES = ("pretrained", "random")
+
+
+def parse_backbone(spec: str) -> tuple[str, str]:
+    """``"timm:NAME"`` -> ("timm", NAME); ``"hf:X"`` or a bare ``X`` -> ("transformers", X)."""
+    if spec.startswith("timm:"):
+        return "timm", spec[len("timm:"):]
+    if spec.startswith("hf:"):
+        return "transformers", spec[len("hf:"):]
+    return "transformers", spec
+
+
+def backbone_problems(spec: str | None, weights: str) -> list[str]:
+    """What is wrong with ``model.backbone`` / ``model.backbone_weights``, found without building anything."""
+    if not spec:
+        return ["model.backbone: required when model.image_input is 'backbone' ('hf:FOLDER' or 'timm:NAME')"]
+    library, source = parse_backbone(spec)
+    p = []
+    if not source:
+        p.append(f"model.backbone: {spec!r} names no model")
+    if weights not in WEIGHT_CHOICES and not Path(weights).is_file():
+        p.append(f"model.backbone_weights: {weights!r} is neither 'pretrained', 'random' nor an existing file")
+    if library == "transformers" and source:
+        local = source.startswith(("/", ".", "~")) or Path(source).exists()
+        if local and not (Path(source).expanduser() / "config.json").is_file():
+            p.append(f"model.backbone: {source}/config.json not found (a transformers model folder)")
+    if library == "timm":
+        try:
+            import_timm()
+        except ImportError as e:
+            p.append(f"model.backbone: {e}")
+    return p
+
+
+# --------------------------------------------------------------------------- architecture + data config
+
+
+def _hf_image_processor(source: str, model_type: str):
+    """The folder's image processor, else the default one of its model type (the PIL backend when
+    torchvision is missing), else None."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(source)
+    except Exception:  # no preprocessor_config.json (a folder saved from the model alone)
+        pass
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    for mt in (model_type, model_type.removesuffix("_vision_model")):
+        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(mt)
+        if not names:
+            continue
+        candidates = list(names.values()) if isinstance(names, dict) else [n for n in names if n]
+        for name in sorted(candidates, key=lambda n: not n.endswith("Pil")):
+            cls = getattr(transformers, name, None)
+            if cls is not None:
+                try:
+                    return cls()
+                except Exception:
+                    continue
+    return None
+
+
+def _size_value(size, key: str):
+    if size is None:
+        return None
+    if isinstance(size, dict):
+        return size.get(key)
+    return getattr(size, key, None) if not isinstance(size, int) else size
+
+
+def hf_data_config(source: str, vision_config) -> dict:
+    """``image_size``/``mean``/``std``/``resample``/``crop_pct`` from the image processor (model
+    config's ``image_size`` wins for ViT-like models, whose position embeddings fix it)."""
+    proc = _hf_image_processor(source, vision_config.model_type)
+    mean, std, resample, crop_pct, size = DEFAULT_MEAN, DEFAULT_STD, "bicubic", 1.0, None
+    if proc is not None:
+        if getattr(proc, "do_normalize", True) is not False:
+            mean = tuple(float(v) for v in (getattr(proc, "image_mean", None) or mean))
+            std = tuple(float(v) for v in (getattr(proc, "image_std", None) or std))
+        else:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        r = getattr(proc, "resample", None)
+        if r is not None:
+            resample = RESAMPLE_NAMES.get(int(r), "bicubic")
+        crop = _size_value(getattr(proc, "crop_size", None), "height") if getattr(proc, "do_center_crop", False) else None
+        psize = getattr(proc, "size", None)
+        short = _size_value(psize, "shortest_edge")
+        height = _size_value(psize, "height")
+        if crop and (short or height):
+            size, crop_pct = crop, crop / (short or height)
+        elif short:
+            size = short
+            crop_pct = float(getattr(proc, "crop_pct", None) or 1.0)
+        elif height:
+            size = height
+    model_size = getattr(vision_config, "image_size", None)
+    if isinstance(model_size, (tuple, list)):
+        model_size = model_size[0]
+    if model_size and size and model_size != size:
+        log.warning("backbone %s: image processor size %s, model image_size %s: using %s", source, size,
+                    model_size, model_size)
+    size = int(model_size or size or 224)
+    return {"image_size": size, "image_mean": list(mean), "image_std": list(std), "image_resample": resample,
+            "image_crop_pct": min(1.0, max(0.05, float(crop_pct)))}
+
+
+def _vision_config(source: str):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(source)
+    return getattr(cfg, "vision_config", None) or cfg
+
+
+def _width(vision_config) -> int:
+    for name in ("hidden_size", "embed_dim"):
+        v = getattr(vision_config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    sizes = getattr(vision_config, "hidden_sizes", None)
+    if sizes:
+        return int(sizes[-1])
+    raise ValueError(f"cannot tell the output width of a {vision_config.model_type} backbone")
+
+
+def _timm_data_config(model: nn.Module) -> dict:
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    size = cfg.get("input_size", (3, 224, 224))[-1]
+    interp = cfg.get("interpolation", "bicubic")
+    return {"image_size": int(size), "image_mean": [float(v) for v in cfg.get("mean", DEFAULT_MEAN)],
+            "image_std": [float(v) for v in cfg.get("std", DEFAULT_STD)],
+            "image_resample": interp if interp in RESAMPLE_NAMES.values() else "bicubic",
+            "image_crop_pct": float(cfg.get("crop_pct", 1.0) or 1.0)}
+
+
+@functools.lru_cache(maxsize=16)
+def _backbone_fields(spec: str) -> str:
+    library, source = parse_backbone(spec)
+    if library == "transformers":
+        vcfg = _vision_config(source)
+        fields = {"vision_backbone": {"library": "transformers", "source": spec, "config": vcfg.to_dict()},
+                  "region_feature_dim": _width(vcfg), **hf_data_config(source, vcfg)}
+    else:
+        with torch.device("meta"):
+            model = build_timm_model(source)
+        fields = {"vision_backbone": {"library": "timm", "source": spec, "name": source, "kwargs": {}},
+                  "region_feature_dim": int(model.num_features), **_timm_data_config(model)}
+    return json.dumps(fields)
+
+
+def backbone_fields(spec: str) -> dict:
+    """The ``CrossModalConfig`` fields of a backbone: ``vision_backbone`` (what rebuilds it),
+    ``region_feature_dim`` (its width) and its data config (``image_size``, ``image_mean``,
+    ``image_std``, ``image_resample``, ``image_crop_pct``). Reads configs only (timm: builds the
+    model on the meta device)."""
+    return json.loads(_backbone_fields(spec))
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@dataclass
+class BackboneLoad:
+    source: str
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (f"{self.source}: {self.loaded} tensors loaded, {len(self.missing)} missing {self.missing[:5]},"
+                f" {len(self.unexpected)} unexpected {self.unexpected[:5]}")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A state-dict file: ``.safetensors``, or a torch file of tensors (``weights_only``), unwrapping
+    ``state_dict``/``model`` nesting and a ``module.`` prefix."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _source_state(target: nn.Module, library: str, source: str, weights: str) -> dict[str, Tensor]:
+    if weights not in WEIGHT_CHOICES:
+        return read_state_dict(weights)
+    if library == "transformers":
+        kwargs = {"add_pooling_layer": False} if "pooler" not in dict(target.named_children()) else {}
+        try:
+            src = type(target).from_pretrained(source, **kwargs)
+        except TypeError:
+            src = type(target).from_pretrained(source)
+        return src.state_dict()
+    timm = import_timm()
+    return timm.create_model(source, pretrained=True, num_classes=0).state_dict()
+
+
+def _fit_keys(target: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop a wrapper prefix (``vit.``, ``vision_model.``, ...) when the target's keys lack it."""
+    keys = set(target.state_dict())
+    if len(keys & state.keys()) >= len(keys) // 2:
+        return state
+    best = state
+    for prefix in sorted({k.split(".", 1)[0] + "." for k in state if "." in k}):
+        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if len(keys & stripped.keys()) > len(keys & best.keys()):
+            best = stripped
+    return best
+
+
+def load_backbone_weights(model: nn.Module, spec: str, weights: str = "pretrained") -> BackboneLoad:
+    """Copy the backbone's pretrained weights into ``model.image_backbone`` (a ``CrossModalModel``).
+
+    Every shape must match and every tensor the token output uses must be filled (``ValueError``
+    otherwise). Under ZeRO-3 (partitioned parameters) the backbone's parameters are gathered with
+    modifier rank 0, filled on every rank (rank 0's values are kept) and partitioned again.
+    """
+    library, source = parse_backbone(spec)
+    report = BackboneLoad(f"{spec} ({weights})")
+    if weights == "random":
+        return report
+    target = model.image_backbone.model
+    state = _fit_keys(target, _source_state(target, library, source, weights))
+    own = target.state_dict(keep_vars=True)
+    shapes = {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in own.items()}
+    bad = [f"{k}: {tuple(v.shape)} in {spec}, {shapes[k]} in the model" for k, v in state.items()
+           if k in shapes and tuple(v.shape) != shapes[k]]
+    if bad:
+        raise ValueError("backbone weights do not fit the backbone config:\n  " + "\n  ".join(bad[:20]))
+    report.unexpected = sorted(k for k in state if k not in own)
+    report.missing = sorted(k for k in own if k not in state and not any(
+        part in UNUSED_MODULES for part in k.split(".")) and not k.endswith(("position_ids", "num_batches_tracked")))
+    if report.missing:
+        raise ValueError(f"backbone weights of {spec} lack {len(report.missing)} tensors the model uses:"
+                         f" {report.missing[:10]}")
+    usable = {k: v for k, v in state.items() if k in own}
+    params = [p for p in target.parameters() if hasattr(p, "ds_id")]
+    if params:  # ZeRO-3: partitioned
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            _copy(own, usable)
+    else:
+        _copy(own, usable)
+    report.loaded = len(usable)
+    return report
+
+
+@torch.no_grad()
+def _copy(own: dict[str, Tensor], state: dict[str, Tensor]) -> None:
+    for k, v in state.items():
+        own[k].data.copy_(v.to(dtype=own[k].dtype))
