@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from data_tools.__main__ import main  # noqa: E402
+from iais_scale.data.shards import read_shard  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 THINGS = ["dog", "ball", "car", "kite", "tree", "boat"]
@@ -76,12 +76,7 @@ def check_pass_through(out: Path, images: Path) -> tuple[int, int]:
     """(samples whose .jpg member hashes like the source file, samples checked)."""
     same = total = 0
     for shard in sorted(out.glob("*/shard-*.tar")):
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shard) as tf:
-            for info in tf:
-                key, ext = info.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tf.extractfile(info).read()  # type: ignore[union-attr]
-        for sample in members.values():
+        for sample in read_shard(str(shard)):  # the one shard reader
             image_id = json.loads(sample["json"])["image_id"]
             source = (images / f"{image_id}.jpg").read_bytes()
             total += 1

@@ -18,7 +18,7 @@ the training DataLoader runs one such loop per worker. The CPU-time figures incl
 loop thread (the HTTP client) but not the server or ``cat``.
 
     python benchmarks/loader.py [--region-samples 4000] [--jpegs 300] [--image-size 384] [--repeats 3]
-                                [--latency-ms 50] [--no-remote]
+                                [--latency-ms 50] [--no-remote] [--prefetch-samples 4000]
 
 Targets (one core): >= 2,000 samples/s for region features, >= 150 samples/s for the JPEGs; from
 an HTTP URL or a pipe within 0.8x of the local folder.
@@ -159,10 +159,10 @@ def compare_sources(title: str, split_dir: Path, base_url: str, root: Path, coll
         print(f"{title:<9} {name:<9}: {rate}{ratio}")
 
 
-def prefetch_gain(tmp: Path, tokenizer, latency_s: float, repeats: int) -> None:
+def prefetch_gain(tmp: Path, tokenizer, latency_s: float, repeats: int, samples: int = 4000) -> None:
     """Shards of 250 region samples (about the time of one round trip to read) from a server with a
     first-byte latency: prefetch on vs off."""
-    root = make_demo(tmp / "small", n_train=4000, n_val=1, n_test=1, n_swap_groups=0, shard_size=250)
+    root = make_demo(tmp / "small", n_train=samples, n_val=1, n_test=1, n_swap_groups=0, shard_size=250)
     regions = Collator(tokenizer, max_text_len=40, max_regions=36)
     n_shards = len(list((root / "train").glob("shard-*.tar")))
     with http_server(tmp, latency_s) as url:
@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--latency-ms", type=float, default=50.0, help="first-byte latency of the prefetch comparison")
     ap.add_argument("--no-remote", action="store_true", help="only the local-folder figures")
+    ap.add_argument("--prefetch-samples", type=int, default=4000, help="samples of the prefetch comparison (250/shard)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -223,7 +224,7 @@ def main() -> None:
                 compare_sources("regions", root / "train", url, Path(tmp), regions, args.batch_size,
                                 2000 // args.batch_size, args.repeats)
                 compare_sources("JPEG", Path(tmp) / "jpeg" / "train", url, Path(tmp), patches, bs, None, args.repeats)
-            prefetch_gain(Path(tmp), tokenizer, args.latency_ms / 1000, args.repeats)
+            prefetch_gain(Path(tmp), tokenizer, args.latency_ms / 1000, args.repeats, args.prefetch_samples)
     print(f"load average      : {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 if __name__ == "__main__":

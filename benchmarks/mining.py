@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT / "data/demo_mining"),
                     help="the demo data with a larger test split (same training split as data/demo)")
     ap.add_argument("--test-images", type=int, default=300, help="test split size when the data is made")
+    ap.add_argument("--train-images", type=int, default=3000, help="training split size when the data is made")
     ap.add_argument("--pool", type=int, default=400, help="pairs per step; cross scores pool - 1 per anchor")
     ap.add_argument("--hard", type=int, default=31, help="hardest negatives per group")
     ap.add_argument("--shortlist", type=int, default=63, help="ITC shortlist the cross-encoder scores (itc+K)")
@@ -175,7 +176,7 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="save the fine-tuned models (HF folders) under this folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    make_demo(args.data, n_test=args.test_images)  # 100 test images leave R@1 noise of about 5 points
+    make_demo(args.data, n_train=args.train_images, n_test=args.test_images)  # 100 test images leave R@1 noise of about 5 points
     tok = AutoTokenizer.from_pretrained(str(Path(args.data) / "tokenizer"))
     collator = Collator(tok, 24, 8)
     rset = RetrievalSet.from_samples(read_split(Path(args.data) / "test"))

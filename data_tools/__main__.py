@@ -1,4 +1,8 @@
-"""``python -m data_tools {demo,relations,verify,stats,karpathy,coco,table,features,uniter,entities}``."""
+"""``python -m data_tools {demo,relations,verify,stats,karpathy,coco,table,features,uniter,entities}``.
+
+``features --backbone NAME_OR_FOLDER --images-from SHARDS_DIR --out DIR`` runs a frozen vision
+backbone over the images of existing shards and writes its grid cells as region features with
+their geometry (docs/models.md)."""
 
 from __future__ import annotations
 

@@ -218,6 +218,9 @@ class Loaded:
     feat: np.ndarray | None
     boxes: np.ndarray | None
     notes: list[dict[str, Any]] = field(default_factory=list)
+    geometry: np.ndarray | None = None  # precomputed 7-d box geometry (UNITER's img_db), instead of boxes
+    source: str = ""  # where the image came from, and the features: named by issues found when writing
+    features_source: str = ""
 
 
 def inspect_image(data: bytes, check_decode: bool) -> tuple[bytes, str, int, int, bool]:
@@ -292,7 +295,7 @@ def load_record(opts: LoadOptions, rec: Record) -> Loaded | dict[str, Any]:
         "height": size[1],
         "captions": list(rec.captions),
     }
-    return Loaded(meta, image, ext, feat, boxes, notes)
+    return Loaded(meta, image, ext, feat, boxes, notes, source=str(rec.source), features_source=str(rec.features))
 
 
 # ---------------------------------------------------------------- ordering
@@ -401,21 +404,21 @@ class SplitResult:
     issues: list[dict[str, Any]]
 
 
-def _convert_split(
+def write_split(
     split_dir: Path,
-    records: list[Record],
+    records: Sequence[Any],
     issues: list[dict[str, Any]],
     header: dict[str, Any],
     feature_dim: int | None,
-    opts: LoadOptions,
+    load: Callable[[Sequence[Any]], Iterable[Loaded | dict[str, Any]]],
     *,
     shard_size: int,
     max_shard_bytes: int | None,
-    workers: int,
     overwrite: bool,
     log: Callable[[str], None] = print,
 ) -> SplitResult:
-    """Write one split, resuming from its progress log when it matches; see the module docstring."""
+    """Write one split from ``load(records)`` (a Loaded sample or an issue per record, in order), resuming
+    from its progress log when it matches; see the module docstring. Every converter writes through here."""
     split = split_dir.name
     split_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(split_dir, header)
@@ -440,69 +443,43 @@ def _convert_split(
         end = pending[-1] + 1
         logged = [i for i in open_issues if i["record"] < end]
         open_issues[:] = [i for i in open_issues if i["record"] >= end]
-        size = (split_dir / name).stat().st_size
-        progress.append(
-            {
-                "shard": name,
-                "samples": count,
-                "bytes": size,
-                "records_end": end,
-                "feature_dim": feature_dim,
-                "issues": logged,
-            }
-        )
+        progress.append({"shard": name, "samples": count, "bytes": (split_dir / name).stat().st_size,
+                         "records_end": end, "feature_dim": feature_dim, "issues": logged})
         pending.clear()
         _after_shard(split, name)
 
     from tqdm import tqdm
 
     resume = {s["shard"]: s["samples"] for s in progress.shards} if resumed else None
-    writer = ShardWriter(
-        split_dir,
-        shard_size=shard_size,
-        max_shard_bytes=max_shard_bytes,
-        overwrite=overwrite or stale,
-        resume=resume,
-        on_shard_done=shard_done,
-    )
-    todo = records[start:]
-    # The pool starts before the progress bar, so no thread of ours exists yet when the workers fork.
-    with _loader(opts, workers, len(todo)) as load, writer:
-        bar = tqdm(total=len(records), initial=start, desc=split, unit="img", disable=None, leave=False)
-        with bar:
-            for index, result in zip(range(start, len(records)), load(todo), strict=True):
-                bar.update()
-                if isinstance(result, dict):
-                    open_issues.append({**result, "record": index})
+    writer = ShardWriter(split_dir, shard_size=shard_size, max_shard_bytes=max_shard_bytes,
+                         overwrite=overwrite or stale, resume=resume, on_shard_done=shard_done)
+    with writer, tqdm(total=len(records), initial=start, desc=split, unit="img", disable=None, leave=False) as bar:
+        for index, result in zip(range(start, len(records)), load(records[start:]), strict=True):
+            bar.update()
+            if isinstance(result, dict):
+                open_issues.append({**result, "record": index})
+                continue
+            image_id = result.meta["image_id"]
+            if result.feat is not None:
+                dim = int(result.feat.shape[1])
+                if feature_dim is None:
+                    feature_dim = dim
+                elif dim != feature_dim:
+                    detail = f"feature dimension {dim} != {feature_dim} of the samples before"
+                    open_issues.append({**issue("bad_features", image_id, result.features_source, detail),
+                                        "record": index})
                     continue
-                if result.feat is not None:
-                    dim = int(result.feat.shape[1])
-                    if feature_dim is None:
-                        feature_dim = dim
-                    elif dim != feature_dim:
-                        rec = records[index]
-                        detail = f"feature dimension {dim} != {feature_dim} of the samples before"
-                        open_issues.append(
-                            {**issue("bad_features", rec.image_id, str(rec.features), detail), "record": index}
-                        )
-                        continue
-                try:
-                    writer.write(
-                        sample_key(split, writer.n_samples),
-                        result.meta,
-                        image=result.image,
-                        image_ext=result.image_ext,
-                        feat=result.feat,
-                        boxes=result.boxes,
-                    )
-                except ValueError as e:  # load_record checks what the writer checks; this is a safety net
-                    rec = records[index]
-                    regions = str(e).startswith(("feat", "boxes"))
-                    reason, where = ("bad_features", str(rec.features)) if regions else ("unreadable_image", rec.source)
-                    open_issues.append({**issue(reason, rec.image_id, where, str(e)), "record": index})
-                    continue
-                pending.append(index)
-                open_issues.extend({**n, "record": index} for n in result.notes)
+            try:
+                writer.write(sample_key(split, writer.n_samples), result.meta, image=result.image,
+                             image_ext=result.image_ext, feat=result.feat, boxes=result.boxes, geometry=result.geometry)
+            except ValueError as e:  # the loaders check what the writer checks; this is a safety net
+                regions = str(e).startswith(("feat", "boxes", "geometry"))
+                reason, where = ("bad_features", result.features_source) if regions else ("unreadable_image",
+                                                                                            result.source)
+                open_issues.append({**issue(reason, image_id, where, str(e)), "record": index})
+                continue
+            pending.append(index)
+            open_issues.extend({**n, "record": index} for n in result.notes)
     progress.append({"complete": True, "feature_dim": feature_dim, "issues": open_issues})
     items = [*issues, *(i for s in progress.shards for i in s["issues"]), *open_issues]
     return SplitResult(writer.n_samples, len(writer.sizes), feature_dim, items)
@@ -525,13 +502,16 @@ def _loader(
         yield lambda records: pool.imap(fn, records, chunksize=chunk)
 
 
-def _public(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def public(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issues as skipped.json lists them (without the internal record index)."""
     return [{k: v for k, v in i.items() if k != "record"} for i in items]
 
 
-def _counts(items: list[dict[str, Any]]) -> dict[str, int]:
-    counts = Counter(i["reason"] for i in items)
-    return {r: counts[r] for r in REASONS if counts[r]}
+def counts(items: list[dict[str, Any]], reasons: Iterable[str] = REASONS) -> dict[str, int]:
+    """Issues per reason, in the order of ``reasons`` (a converter's table), any others after them."""
+    n = Counter(i["reason"] for i in items)
+    order = list(reasons)
+    return {r: n[r] for r in [*order, *sorted(set(n) - set(order))] if n[r]}
 
 
 def _is_ours(split_dir: Path) -> bool:
@@ -625,31 +605,22 @@ def run_conversion(
     for split in splits:
         records = order_records(inputs.splits.get(split, []), seed, split)
         header = {"generator": generator, "params": params, "records": len(records), "digest": records_digest(records)}
-        result = _convert_split(
-            out_path / split,
-            records,
-            inputs.issues.get(split, []),
-            header,
-            feature_dim,
-            opts,
-            shard_size=shard_size,
-            max_shard_bytes=max_shard_bytes,
-            workers=workers,
-            overwrite=overwrite,
-            log=out,
-        )
+        # The pool starts before the progress bar, so no thread of ours exists yet when the workers fork.
+        with _loader(opts, workers, len(records)) as load:
+            result = write_split(out_path / split, records, inputs.issues.get(split, []), header, feature_dim, load,
+                                 shard_size=shard_size, max_shard_bytes=max_shard_bytes, overwrite=overwrite, log=out)
         if result.feature_dim is not None:
             feature_dim = result.feature_dim
         write_json_atomic(
-            out_path / split / SKIPPED_FILE, {"counts": _counts(result.issues), "items": _public(result.issues)}
+            out_path / split / SKIPPED_FILE, {"counts": counts(result.issues), "items": public(result.issues)}
         )
         results[split] = result
     unsplit = inputs.issues.get(None, [])
     if unsplit:
-        write_json_atomic(out_path / SKIPPED_FILE, {"counts": _counts(unsplit), "items": _public(unsplit)})
+        write_json_atomic(out_path / SKIPPED_FILE, {"counts": counts(unsplit), "items": public(unsplit)})
     else:
         (out_path / SKIPPED_FILE).unlink(missing_ok=True)
-    empty = {s: _counts(r.issues) for s, r in results.items() if r.samples == 0}
+    empty = {s: counts(r.issues) for s, r in results.items() if r.samples == 0}
     if empty and not allow_empty_splits:
         # No manifest: the data set is not complete. The listings say why each input was skipped.
         _summary(out_path, results, unsplit, out)
@@ -665,7 +636,7 @@ def run_conversion(
         "generator": generator,
         "params": params,
         "splits": {s: r.samples for s, r in results.items()},
-        "skipped": {s: _counts(r.issues) for s, r in results.items()},
+        "skipped": {s: counts(r.issues) for s, r in results.items()},
     }
     write_json_atomic(manifest_path, manifest, sort_keys=False)
     for split in splits:
@@ -678,7 +649,7 @@ def _summary(
     out_path: Path, results: dict[str, SplitResult], unsplit: list[dict[str, Any]], out: Callable[[str], None]
 ) -> None:
     def problems(where: str, items: list[dict[str, Any]], listing: Path) -> None:
-        for reason, n in _counts(items).items():
+        for reason, n in counts(items).items():
             out(f"  {reason}: {n} ({REASONS[reason]})")
         for i in items[:MAX_LISTED]:
             detail = f": {i['detail']}" if i["detail"] else ""

@@ -17,6 +17,7 @@ before they are expanded (``--max-array-mb``); a bad value is a counted skip, ne
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -24,7 +25,6 @@ import math
 import re
 import shutil
 import zipfile
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +37,6 @@ from iais_scale.data.format import (
     MANIFEST_FILE,
     TOKENIZER_DIR,
     Manifest,
-    ShardWriter,
-    sample_key,
     validate_regions,
     write_json_atomic,
 )
@@ -46,13 +44,17 @@ from iais_scale.data.format import (
 from .convert import (
     PROGRESS_FILE,
     SKIPPED_FILE,
-    Progress,
+    Loaded,
+    SplitResult,
     _clear_split_dir,
     _is_ours,
+    counts,
     order_records,
     parse_bytes,
+    public,
     sort_splits,
     valid_split_name,
+    write_split,
 )
 
 GENERATOR = "uniter"
@@ -486,9 +488,9 @@ class Options:
     max_shard_bytes: int | None = None
 
 
-def load_entry(txn: Any, nbb: dict[str, int] | None, entry: Entry, opts: Options, where: str
-               ) -> tuple[np.ndarray, np.ndarray] | dict[str, Any]:
-    """(features, geometry) of one image, or the issue that skips it."""
+def load_entry(txn: Any, nbb: dict[str, int] | None, entry: Entry, opts: Options, where: str, split: str,
+               want_size: bool) -> Loaded | dict[str, Any]:
+    """One image's sample (features, geometry, its captions and token ids), or the issue that skips it."""
     src = f"{where}:{entry.img_fname}"
     value = txn.get(entry.img_fname.encode("utf-8"))
     if value is None:
@@ -504,84 +506,12 @@ def load_entry(txn: Any, nbb: dict[str, int] | None, entry: Entry, opts: Options
         return _issue(e.reason, entry.image_id, src, str(e))
     except Exception as e:  # zipfile, numpy, msgpack and our checks raise many types
         return _issue("bad_features", entry.image_id, src, f"{type(e).__name__}: {str(e)[:200]}")
-    return feat, geometry
-
-
-@dataclass
-class SplitResult:
-    samples: int
-    shards: int
-    feature_dim: int | None
-    issues: list[dict[str, Any]]
-
-
-def write_split(split_dir: Path, entries: list[Entry], issues: list[dict[str, Any]], header: dict[str, Any],
-                read: Callable[[Entry], tuple[np.ndarray, np.ndarray] | dict[str, Any]], opts: Options,
-                feature_dim: int | None, overwrite: bool, log: Callable[[str], None]) -> SplitResult:
-    """Write one split, resuming after the shards logged in ``progress.jsonl`` (as the converters do)."""
-    split = split_dir.name
-    split_dir.mkdir(parents=True, exist_ok=True)
-    progress = Progress(split_dir, header)
-    stale = progress.path.exists()
-    resumed = not overwrite and progress.load()
-    if stale and not resumed and not overwrite:
-        log(f"{split}: inputs or parameters changed since the interrupted run; starting this split afresh")
-    if resumed and progress.complete is not None:
-        done = progress.complete
-        items = [*issues, *(i for s in progress.shards for i in s["issues"]), *done["issues"]]
-        return SplitResult(sum(s["samples"] for s in progress.shards), len(progress.shards), done["feature_dim"], items)
-    if resumed and progress.shards:
-        feature_dim = progress.shards[-1]["feature_dim"]
-    start = progress.shards[-1]["records_end"] if progress.shards else 0
-    progress.start()
-    pending: list[int] = []
-    open_issues: list[dict[str, Any]] = []
-
-    def shard_done(name: str, count: int) -> None:
-        end = pending[-1] + 1
-        logged = [i for i in open_issues if i["record"] < end]
-        open_issues[:] = [i for i in open_issues if i["record"] >= end]
-        progress.append({"shard": name, "samples": count, "bytes": (split_dir / name).stat().st_size,
-                         "records_end": end, "feature_dim": feature_dim, "issues": logged})
-        pending.clear()
-
-    resume = {s["shard"]: s["samples"] for s in progress.shards} if resumed else None
-    writer = ShardWriter(split_dir, shard_size=opts.shard_size, max_shard_bytes=opts.max_shard_bytes,
-                         overwrite=overwrite or stale, resume=resume, on_shard_done=shard_done)
-    with writer:
-        for index in range(start, len(entries)):
-            e = entries[index]
-            result = read(e)
-            if isinstance(result, dict):
-                open_issues.append({**result, "record": index})
-                continue
-            feat, geometry = result
-            if feature_dim is None:
-                feature_dim = int(feat.shape[1])
-            elif feat.shape[1] != feature_dim:
-                detail = f"feature dimension {feat.shape[1]} != {feature_dim} of the samples before"
-                open_issues.append({**_issue("bad_features", e.image_id, e.img_fname, detail), "record": index})
-                continue
-            width, height = e.size or (1, 1)
-            if e.size is None and header["params"].get("images"):
-                open_issues.append({**_issue("no_image_size", e.image_id, e.img_fname), "record": index})
-            meta = {"image_id": e.image_id, "split": split, "width": width, "height": height,
-                    "captions": e.captions, "token_ids": e.token_ids,
-                    "uniter": {"img_fname": e.img_fname, "txt_ids": e.txt_ids}}
-            writer.write(sample_key(split, writer.n_samples), meta, feat=feat, geometry=geometry)
-            pending.append(index)
-    progress.append({"complete": True, "feature_dim": feature_dim, "issues": open_issues})
-    items = [*issues, *(i for s in progress.shards for i in s["issues"]), *open_issues]
-    return SplitResult(writer.n_samples, len(writer.sizes), feature_dim, items)
-
-
-def _public(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in i.items() if k != "record"} for i in items]
-
-
-def _counts(items: list[dict[str, Any]]) -> dict[str, int]:
-    counts = Counter(i["reason"] for i in items)
-    return {r: counts[r] for r in REASONS if counts[r]}
+    width, height = entry.size or (1, 1)  # sizes only from --images; geometry is already normalised
+    meta = {"image_id": entry.image_id, "split": split, "width": width, "height": height,
+            "captions": entry.captions, "token_ids": entry.token_ids,
+            "uniter": {"img_fname": entry.img_fname, "txt_ids": entry.txt_ids}}
+    notes = [_issue("no_image_size", entry.image_id, entry.img_fname)] if want_size and entry.size is None else []
+    return Loaded(meta, None, "png", feat, None, notes, geometry=geometry, source=src, features_source=src)
 
 
 def _load_tokenizer(path: str | Path | None, info: dict[str, Any]):
@@ -670,12 +600,14 @@ def convert(
             for name in splits:
                 ordered = order_records(entries[name], seed, name)
                 header = {"generator": GENERATOR, "params": params, "records": len(ordered), "digest": _digest(ordered)}
-                result = write_split(out_path / name, ordered, text_issues.get(name, []), header,
-                                     lambda e: load_entry(txn, nbb, e, opts, db_path.name), opts, feature_dim,
-                                     overwrite, out)
+                read = functools.partial(load_entry, txn, nbb, opts=opts, where=db_path.name, split=name,
+                                         want_size=images is not None)
+                result = write_split(out_path / name, ordered, text_issues.get(name, []), header, feature_dim,
+                                     functools.partial(map, read), shard_size=opts.shard_size,
+                                     max_shard_bytes=opts.max_shard_bytes, overwrite=overwrite, log=out)
                 feature_dim = result.feature_dim if result.feature_dim is not None else feature_dim
                 write_json_atomic(out_path / name / SKIPPED_FILE,
-                                  {"counts": _counts(result.issues), "items": _public(result.issues)})
+                                  {"counts": counts(result.issues, REASONS), "items": public(result.issues)})
                 results[name] = result
     finally:
         env.close()
@@ -687,7 +619,7 @@ def convert(
         tok.save_pretrained(str(tok_dir))
     manifest = Manifest(
         splits={s: r.samples for s, r in results.items()}, feature_dim=feature_dim, generator=GENERATOR,
-        params=params, skipped={s: _counts(r.issues) for s, r in results.items()},
+        params=params, skipped={s: counts(r.issues, REASONS) for s, r in results.items()},
         extra={"tokenizer": {**info, "files": TOKENIZER_DIR if tok is not None else None}},
     )
     assert manifest.format == FORMAT_NAME
@@ -702,7 +634,7 @@ def _summary(out_path: Path, results: dict[str, SplitResult], out: Callable[[str
     for name, r in results.items():
         note = f", {len(r.issues)} problem(s)" if r.issues else ""
         out(f"{name}: {r.samples} samples in {r.shards} shard(s){note}")
-        for reason, n in _counts(r.issues).items():
+        for reason, n in counts(r.issues, REASONS).items():
             out(f"  {reason}: {n} ({REASONS[reason]})")
         for i in r.issues[:5]:
             out(f"    {i['reason']} {i['image_id']} {i['input']}" + (f": {i['detail']}" if i["detail"] else ""))

@@ -69,6 +69,8 @@ def _manifest(cfg: ExperimentConfig) -> Manifest | None:
         return Manifest.read(cfg.data.root)
     except FileNotFoundError:
         return None
+    except (OSError, RuntimeError) as e:  # a remote store refusing or failing: a reported problem
+        raise ValueError(f"{storage.join(cfg.data.root, 'manifest.json')}: unreadable ({type(e).__name__}: {e})") from e
 
 
 def feature_dim(cfg: ExperimentConfig, manifest: Manifest | None) -> int | None:
@@ -349,6 +351,7 @@ class Trainer:
 
         deepspeed.init_distributed(dist_backend=None, timeout=datetime.timedelta(seconds=cfg.train.dist_timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        _release_shm_name(self.rank)
         self.watchdog = Watchdog(self.rank, cfg.train.watchdog_s)
         self.watchdog.start()
         self.grad_accum, plan_line = batch_plan(cfg, self.world)
@@ -356,6 +359,11 @@ class Trainer:
         self.out_dir = Path(cfg.train.output_dir)
         self.checkpoints = ckpt.Checkpointer(self.out_dir, rank=self.rank, world=self.world,
                                              keep=cfg.train.keep_checkpoints, remote_sync=cfg.train.remote_sync)
+        if resume not in ("none", "auto") and storage.scheme(resume) != "file":
+            # A remote checkpoint: rank 0 copies it into checkpoints/, the others use that copy.
+            fetched = [str(ckpt.fetch_remote(resume, self.out_dir)) if self.rank == 0 else None]
+            dist.broadcast_object_list(fetched, src=0)
+            resume = fetched[0]
         self.resume_from = self.checkpoints.choose(ckpt.resume_candidates(resume, self.out_dir))
         if self.resume_from is None and resume != "none" and self.rank == 0:
             log.info("--resume %s: no complete checkpoint in %s, starting at step 0", resume,
@@ -372,13 +380,16 @@ class Trainer:
         transform = None
         if cfg.model.image_input != "regions":
             from .config import relation_data_reason
-            from .model.experiment import image_transform
+            from .data.transforms import experiment_transform
+            from .model.backbone_source import backbone_fields
 
             why = cfg.data.augment.hflip and relation_data_reason(
                 cfg.data.relation_captions, self.manifest.to_dict() if self.manifest else None)
             if why:
                 raise ConfigError([f"data.augment.hflip: a horizontal flip swaps left and right, and {why}"])
-            transform = image_transform(cfg)  # the backbone's data config (patches: the explicit default)
+            # The backbone's data config (size, interpolation, crop, mean/std); patches: the explicit default.
+            transform = experiment_transform(
+                cfg, backbone_fields(cfg.model.backbone) if cfg.model.image_input == "backbone" else None)
         self.collator = Collator(self.tokenizer, cfg.data.max_text_len, cfg.data.max_regions,
                                  image_input=cfg.model.image_input, image_size=cfg.model.image_size, feature_dim=fdim,
                                  transform=transform)
@@ -546,7 +557,7 @@ class Trainer:
             batch.pop("positions", None), batch.pop("epoch", None)
             keys += batch["keys"]
             image_tokens = batch["region_attention"].sum() if "region_attention" in batch else (
-                batch["pixel_values"].shape[0] * (cfg.model.image_size // cfg.model.patch_size) ** 2)
+                batch["pixel_values"].shape[0] * self.module.image_tokens_per_image())
             tokens += batch["text_attention"].sum() + image_tokens  # CPU tensors: no device sync
             batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             # Mining and masking draw from a generator seeded by (seed, rank, step, micro-step).
@@ -698,11 +709,17 @@ class Trainer:
         if getattr(self, "_wandb_run", None) is None:
             import wandb
 
-            run_id = self.wandb_run_id or wandb.util.generate_id()
             kw = {} if os.environ.get("WANDB_DIR") else {"dir": str(self.out_dir)}
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._wandb_run = wandb.init(project=self.cfg.train.wandb_project, name=self.cfg.name, id=run_id,
-                                         resume="allow", config=to_dict(self.cfg), job_type="train", **kw)
+            rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+            try:  # wandb draws nothing from the training's random streams
+                self._wandb_run = wandb.init(project=self.cfg.train.wandb_project, name=self.cfg.name,
+                                             id=self.wandb_run_id or None, resume="allow", config=to_dict(self.cfg),
+                                             job_type="train", **kw)
+            finally:
+                random.setstate(rng[0])
+                np.random.set_state(rng[1])
+                torch.set_rng_state(rng[2])
             self.wandb_run_id = self._wandb_run.id
             log.info("wandb run %s (%s)", self.wandb_run_id, "resumed" if self.step else "new")
         return self._wandb_run
@@ -730,7 +747,37 @@ class Trainer:
 
 def run(cfg: ExperimentConfig, resume: str = "none") -> dict:
     """Train, checkpoint, evaluate; returns the final evaluation report."""
-    return Trainer(cfg, resume).fit()
+    try:
+        report = Trainer(cfg, resume).fit()
+    except StopTraining:
+        shutdown()  # every rank stops here together (a barrier precedes StopTraining)
+        raise
+    shutdown()
+    return report
+
+
+def shutdown() -> None:
+    """Destroy the process group at the end of a run that every rank finished. Left to interpreter exit,
+    gloo's worker threads abort the process (``terminate called without an active exception``, exit
+    code 250 through the launcher; pytorch#190489). A rank failing alone skips this, as torchtitan
+    does, so that it never waits on peers."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _release_shm_name(rank: int) -> None:
+    """Unlink this rank's name of DeepSpeed's CPU all-reduce buffer in /dev/shm once every rank has
+    mapped it (a barrier): the mappings stay, and the 70 MB file no longer outlives the process
+    (DeepSpeed never unlinks it; on a CPU machine every run, and every kill, would leak one per rank)."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    if not os.path.exists(name):
+        return
+    dist.barrier()
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
 
 
 def classify_step(loss_nonfinite: bool, applied: bool, grad_norm: float, fp16: bool) -> str:

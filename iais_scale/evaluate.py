@@ -731,10 +731,15 @@ class EvalData:
 
 
 def eval_collator(tokenizer, config, *, max_text_len: int, max_regions: int | None) -> Collator:
-    """The collator of a trained model: its image input (regions or pixels), size and feature D."""
+    """The collator of a trained model: its image input (regions or pixels), feature D, and for pixel
+    models the deterministic transform its config states (size, resampling, crop, mean/std)."""
+    from .data.transforms import ImageTransform
+
+    pixels = config.image_input != "regions"
     return Collator(tokenizer, max_text_len, max_regions or 0, image_input=config.image_input,
                     image_size=getattr(config, "image_size", 384),
-                    feature_dim=config.region_feature_dim if config.image_input == "regions" else None)
+                    feature_dim=config.region_feature_dim if not pixels else None,
+                    transform=ImageTransform.from_backbone(config) if pixels else None)
 
 
 def build_eval_data(collator: Collator, split: str, swap_split: str | None = None, *, max_images: int | None = None,

@@ -364,23 +364,23 @@ def isd_annotated(rel: RelationMatrices, word_to_region: Tensor, *, direction: D
     return per_pair
 
 
-@torch.no_grad()
 def attention_entropy(rel: RelationMatrices) -> dict[str, Tensor]:
     """Normalised row entropy (1 = uniform) of S_L, S_V, A_t2i, A_i2t, per pair [B].
 
     A low ISD is meaningless when the rows are uniform (spec section 7), so reports show this beside
-    it. Rows with fewer than two columns have no defined value; a pair without any such row is NaN
-    (aggregate with ``nanmean``).
+    it, and the entropy guard of ``objectives`` penalises it. Rows with fewer than two columns have
+    no defined value; a pair without any such row is NaN (aggregate with ``nanmean``). m log m comes
+    from the log-space logs: finite values and gradients where m underflows (spec section 6).
     """
     out = {}
-    for name, m, rows, cols in (
-        ("S_L", rel.s_l, rel.word_mask, rel.word_mask),
-        ("S_V", rel.s_v, rel.region_mask, rel.region_mask),
-        ("A_t2i", rel.t2i, rel.word_mask, rel.region_mask),
-        ("A_i2t", rel.i2t, rel.region_mask, rel.word_mask),
+    for name, key, rows, cols in (
+        ("S_L", "s_l", rel.word_mask, rel.word_mask),
+        ("S_V", "s_v", rel.region_mask, rel.region_mask),
+        ("A_t2i", "t2i", rel.word_mask, rel.region_mask),
+        ("A_i2t", "i2t", rel.region_mask, rel.word_mask),
     ):
         n_cols = cols.sum(1, keepdim=True).float()  # [B, 1]
-        entropy = -torch.xlogy(m, m).sum(-1) / n_cols.clamp_min(2).log()  # [B, R]
+        entropy = -(getattr(rel, key) * rel.log(key)).sum(-1) / n_cols.clamp_min(2).log()  # [B, R]
         rows = rows & (n_cols > 1) & rel.pair_mask[:, None]
         count = rows.sum(1)
         value = (entropy * rows).sum(1) / count.clamp_min(1)

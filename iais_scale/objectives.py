@@ -449,7 +449,8 @@ def mrfr_loss(model: CrossModalModel, batch: dict, prob: float, generator: torch
     draw = torch.rand((2, *valid.shape), generator=generator).to(valid.device)  # CPU generator: same on any device
     chosen = (draw[0] < prob) & valid
     first = draw[1].masked_fill(~valid, -1).argmax(1)
-    chosen[torch.arange(valid.shape[0], device=valid.device), first] |= valid.any(1)  # at least one region per image
+    # At least one region per image: an image that drew none gets one (only then: the rate stays prob).
+    chosen[torch.arange(valid.shape[0], device=valid.device), first] |= valid.any(1) & ~chosen.any(1)
     feats = batch["region_features"].masked_fill(chosen[..., None], 0.0)
     out = model(batch["text_ids"], batch["text_attention"], feats, batch["region_geometry"], valid)
     pred = model.mrfr_predictions(out, batch["text_ids"].shape[1])
@@ -459,25 +460,15 @@ def mrfr_loss(model: CrossModalModel, batch: dict, prob: float, generator: torch
 def entropy_excess(rel: iais_math.RelationMatrices, ceiling: float) -> Tensor:
     """[B] the entropy guard of one IAIS layer (``objectives.iais.entropy_ceiling``), with gradient:
     the mean over S_L, S_V, A_t2i and A_i2t of relu(H - ``ceiling``), H the matrix's mean normalised
-    row entropy over the pair's valid rows (1 = uniform rows, as ``iais.attention_entropy`` reports
-    it). Rows with fewer than two columns have no entropy; a matrix without such rows, or a pair
-    without valid words or regions, contributes 0.
+    row entropy (``iais.attention_entropy``); a matrix without rows of two or more columns adds 0.
 
     The degenerate minimum of spec section 7 makes all four H about 1: with a ceiling below that, it
     costs ``1 - ceiling`` per matrix, while attention sharper than the ceiling costs nothing, so the
     term leaves IAIS alone wherever the relation matrices carry structure.
     """
-    total = rel.s_l.new_zeros(rel.s_l.shape[0])
-    for name, rows, cols in (("s_l", rel.word_mask, rel.word_mask), ("s_v", rel.region_mask, rel.region_mask),
-                             ("t2i", rel.word_mask, rel.region_mask), ("i2t", rel.region_mask, rel.word_mask)):
-        m = getattr(rel, name)
-        n_cols = cols.sum(1, keepdim=True)  # [B, 1]
-        # m * log m from the log-space logs: finite values and gradients where m underflows (spec 6).
-        entropy = -(m * rel.log(name)).sum(-1) / n_cols.clamp_min(2).float().log()  # [B, R]
-        rows = rows & (n_cols > 1) & rel.pair_mask[:, None]
-        count = rows.sum(1)
-        mean = (entropy * rows).sum(1) / count.clamp_min(1)
-        total = total + torch.where(count > 0, F.relu(mean - ceiling), 0.0)
+    total = 0.0
+    for h in iais_math.attention_entropy(rel).values():
+        total = total + torch.where(torch.isnan(h), 0.0, F.relu(h - ceiling))
     return total / 4
 
 
@@ -554,9 +545,10 @@ def mask_words(batch: dict, model: CrossModalModel, prob: float, mask_id: int, v
     draw = torch.rand((3, *ids.shape), generator=generator).to(ids.device)
     replacement = torch.randint(vocab_size, ids.shape, generator=generator).to(ids.device)
     chosen = (draw[0] < prob) & words
-    # Every caption predicts at least one word, so no row is wasted.
+    # Every caption predicts at least one word, so no row is wasted: a row that drew none gets one
+    # (only then: the masking rate stays mlm_prob).
     first = draw[1].masked_fill(~words, -1).argmax(1)
-    chosen[torch.arange(ids.shape[0], device=ids.device), first] |= words.any(1)
+    chosen[torch.arange(ids.shape[0], device=ids.device), first] |= words.any(1) & ~chosen.any(1)
     labels = ids.masked_fill(~chosen, -100)
     roll = draw[2]
     masked = ids.clone()

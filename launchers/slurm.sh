@@ -6,43 +6,11 @@
 #   sbatch [sbatch options] launchers/slurm.sh configs/X.yaml [key.sub=value ...] [--resume auto|none|PATH]
 #
 # Submit from the repository root (or set IAIS_ROOT); the arguments go to launchers/train.py unchanged.
-# The #SBATCH lines below are defaults; options on the sbatch command line win, e.g.
-#   sbatch --nodes=4 --gpus-per-node=8 --time=12:00:00 --partition=gpu launchers/slurm.sh configs/X.yaml
-#   sbatch --nodes=2 --gpus-per-node=0 launchers/slurm.sh configs/demo.yaml     # CPU-only nodes
-#
-# Environment knobs (all optional, exported on the submitting shell):
-#   IAIS_ROOT                 repository to run in (default: the submit directory)
-#   IAIS_ENV_SETUP            a file sourced first, e.g. a venv's bin/activate or a "module load" script
-#   IAIS_GPUS_PER_NODE        ranks per node when SLURM does not say how many GPUs it gave us
-#   IAIS_CPU_RANKS_PER_NODE   ranks per node without GPUs (DeepSpeed's CPU accelerator, gloo); default 1
-#   IAIS_MASTER_PORT          rendezvous port (default 20000 + job id % 20000)
-#   IAIS_DEEPSPEED            the deepspeed launcher command (default: deepspeed on PATH)
-#
-# How it runs: the batch shell resolves MASTER_ADDR (first node of the job), MASTER_PORT and the
-# ranks per node, then `srun` starts one task per node; each task writes a DeepSpeed hostfile of
-# the job's nodes and runs
-#   deepspeed --hostfile H --no_ssh --node_rank $SLURM_NODEID --num_nodes N --num_gpus G \
-#             --master_addr A --master_port P launchers/train.py --config X ...
-# which spawns that node's G ranks (DeepSpeed's --no_ssh mode needs the hostfile to know the other
-# nodes even though it never contacts them). The job's exit code is the training's exit code.
-#
-# Preemption and the time limit (see docs/clusters.md):
-#   * `--signal=B:USR1@180` makes SLURM send SIGUSR1 to this batch shell ~3 minutes (give or take
-#     60 s) before the time limit; `scancel --signal=USR1 --batch JOBID` does the same by hand.
-#   * The trap below forwards it to the training ranks, exactly once each: it runs a second,
-#     overlapping step (`srun --overlap`, one task per node) that looks up the ranks of its node
-#     (the children of the DeepSpeed per-node launcher started by this job on that node, found from
-#     a pid file) and sends them SIGUSR1. Neither the deepspeed runner nor its launcher forwards
-#     USR1 (the launcher's handler covers only INT/TERM, and SIGUSR1's default action would kill
-#     them), so they are started with USR1 ignored; the ranks install their own handler.
-#   * The ranks finish the current step, save a checkpoint, rank 0 runs `scontrol requeue`, and the
-#     requeued job (same id, SLURM_RESTART_COUNT=1, 2, ...) resumes from the newest checkpoint:
-#     launchers/train.py defaults to `--resume auto` under SLURM.
-#   * On scancel, node failure or the hard time limit SLURM sends SIGTERM to every process of the
-#     job; the node task and the runner ignore it and keep waiting, so the ranks can save a
-#     checkpoint within KillWait (30 s by default). DeepSpeed's launcher re-sends SIGTERM to its
-#     ranks at once, which the trainer may take for a second signal ("exit now"): rely on the USR1
-#     warning and on train.checkpoint_every, not on a SIGTERM checkpoint.
+# Knobs (exported on the submitting shell): IAIS_ROOT, IAIS_ENV_SETUP (a file sourced first),
+# IAIS_GPUS_PER_NODE, IAIS_CPU_RANKS_PER_NODE (CPU nodes; default 1), IAIS_MASTER_PORT, IAIS_DEEPSPEED,
+# IAIS_NODE_TMP, IAIS_REQUEUE_HOLD=1 (requeue parked until `scontrol release`).
+# How it runs, how USR1 becomes a checkpoint and a requeue, and why the node task ignores SIGTERM:
+# docs/clusters.md ("SLURM" and "Preemption, requeue and resuming").
 #
 #SBATCH --job-name=iais
 #SBATCH --nodes=1

@@ -14,7 +14,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 from iais_scale.config import load_config
 from iais_scale.data.pipeline import make_train_stream, train_loader
-from iais_scale.engine import Trainer
+from iais_scale.engine import Trainer, shutdown
 
 
 def gathered(t: Trainer) -> dict:
@@ -53,6 +53,7 @@ def main() -> None:
     if t.rank == 0:
         torch.save(state, dump)
         print("DUMPED", t.world, t.load_from.name if mode == "load" else "step2")
+    shutdown()
 
 
 if __name__ == "__main__":

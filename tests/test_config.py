@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from iais_scale.config import ConfigError, load_config
+from iais_scale.config import MODEL_SIZES, ConfigError, batch_plan, load_config
 from iais_scale.engine import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,6 +17,70 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.train.steps > 0
+    if (cfg.model.init_from or "").startswith("uniter:"):  # spec section 5: UNITER's 2048-d features, <= 100 regions
+        assert (cfg.model.region_feature_dim, cfg.data.max_regions) == (2048, 100), path
+
+
+def _ds(cfg) -> dict:
+    return json.loads((ROOT / cfg.train.deepspeed_config).read_text())
+
+
+def test_itc_mining_recipe_keeps_the_papers_values():
+    """Spec section 5 in the ITC-mining variant (the three paper recipes: tests/test_reproduce.py)."""
+    cfg = load_config(ROOT / "configs/flickr30k_uniter_base_iais_itc_mining.yaml")
+    o, t, opt, i = cfg.objectives, cfg.train, cfg.optim, cfg.objectives.iais
+    assert (opt.lr, opt.betas, opt.eps, opt.weight_decay, opt.warmup_steps, opt.grad_clip) == (
+        5e-5, (0.9, 0.98), 1e-6, 0.01, 500, 2.0)
+    assert (t.steps, t.groups_per_step, t.micro_batch_size, o.anchors_per_batch) == (5000, 128, 64, 8)
+    assert (o.num_candidates, o.num_hard, o.mining, o.group_kinds) == (63, 31, "itc", "both")
+    assert (o.itm_rank_loss, o.margin, o.mlm_weight, o.itc_weight) == ("hinge", 0.2, 0.0, 1.0)
+    assert (i.enabled, i.alignment, i.direction, i.layers, i.schedule, i.weight) == (
+        True, "singular", "alternate", [-1], "exp", 8.0)
+    assert (cfg.model.size, cfg.model.dropout, cfg.model.itc_dim, cfg.model.uniter_itm_init) == ("base", 0.1, 256, "row1")
+    assert (cfg.data.max_text_len, cfg.data.max_train_caption_tokens, cfg.data.max_regions) == (62, 60, 100)
+    assert _ds(cfg)["fp16"]["enabled"] is True
+    # 8 anchors x 2 kinds per micro-step: 128 groups are 1 micro-step on 8 ranks, 8 on 1.
+    assert [batch_plan(cfg, w)[0] for w in (1, 2, 8)] == [8, 4, 1]
+
+
+def test_demo_config_values():
+    cfg = load_config(ROOT / "configs/demo.yaml")
+    o, t, opt, i = cfg.objectives, cfg.train, cfg.optim, cfg.objectives.iais
+    assert (cfg.model.size, cfg.model.dropout, cfg.data.max_text_len, cfg.data.max_regions) == ("tiny", 0.1, 24, 8)
+    assert (o.mlm_weight, o.mlm_only_steps, o.itm_rank_loss, o.num_candidates, o.num_hard) == (1.0, 300, "softmax", 6, 3)
+    assert (i.enabled, i.alignment, i.direction, i.layers, i.weight, i.schedule) == (
+        True, "singular", "alternate", [-1], 1.0, "exp")
+    assert (opt.lr, opt.betas, opt.weight_decay, opt.warmup_steps, opt.grad_clip) == (1e-3, (0.9, 0.98), 0.01, 50, 2.0)
+    assert (t.steps, t.micro_batch_size, t.grad_accum, t.deepspeed_config) == (
+        800, 32, None, "configs/deepspeed/zero2.json")
+    assert _ds(cfg)["zero_optimization"]["stage"] == 2 and "fp16" not in _ds(cfg) and "bf16" not in _ds(cfg)
+
+
+@pytest.mark.parametrize("name, size, middle, ds", [
+    ("pretrain_base", "base", 6, "zero2_bf16"),
+    ("pretrain_xl_zero3", "xl", 12, "zero3_bf16"),
+    ("pretrain_xl_zero3_offload", "xl", 12, "zero3_offload_bf16"),
+])
+def test_pretraining_config_values(name, size, middle, ds):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    o, t, opt, i, d = cfg.objectives, cfg.train, cfg.optim, cfg.objectives.iais, cfg.data
+    assert (cfg.model.size, cfg.model.itc_dim, cfg.model.gradient_checkpointing) == (size, 256, True)
+    assert (d.mode, [(s.path, s.weight) for s in d.sources]) == (
+        "resampled", [("data/coco/train", 2.0), ("data/vg/train", 1.0), ("data/cc/train", 3.0)])
+    assert o.task_mix == {"mlm": 3.0, "itm_rank": 2.0, "mrfr": 2.0, "itc": 1.0}
+    assert (o.itm_rank_loss, o.num_candidates, o.num_hard, o.mrfr_weight, o.itc_weight) == ("bce", 1, 1, 1.0, 1.0)
+    assert (i.enabled, i.alignment, i.direction, i.layers, i.weight, i.schedule) == (
+        True, "singular", "both", [-1, middle], 0.1, "linear")
+    # The middle IAIS layer is the middle of the model (spec section 7).
+    assert middle == MODEL_SIZES[size][1] // 2
+    assert (opt.lr, opt.betas, opt.eps, opt.weight_decay, opt.warmup_steps, opt.grad_clip) == (
+        1e-4, (0.9, 0.98), 1e-8, 0.01, 10000, 2.0)
+    assert (t.steps, t.micro_batch_size * t.grad_accum, t.checkpoint_every, t.eval_every) == (300000, 128, 2000, 10000)
+    assert t.deepspeed_config == f"configs/deepspeed/{ds}.json"
+    z = _ds(cfg)
+    assert z["bf16"]["enabled"] is True and z["zero_optimization"]["stage"] == (3 if size == "xl" else 2)
+    offload = z["zero_optimization"].get("offload_optimizer", {}).get("device")
+    assert offload == ("cpu" if "offload" in name else None)
 
 
 def test_overrides_are_typed():
@@ -41,6 +105,16 @@ def test_every_problem_is_reported_at_once(tmp_path):
                   "optim.betas", "colour"):
         assert field in text, field
     assert len(e.value.problems) == 6
+
+
+def test_type_and_value_errors_are_reported_together():
+    """A field that fails its type check keeps its default; the value checks of the others still run."""
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo.yaml", ["train.steps=ten", "objectives.num_hard=9", "train.grad_accum=0"])
+    fields = sorted(p.split(":", 1)[0] for p in e.value.problems)
+    assert fields == ["objectives.num_hard", "train.grad_accum", "train.steps"], e.value.problems
+    text = str(e.value)
+    assert "'ten'" in text and "(got 0)" in text and "(got 9)" in text
 
 
 def test_value_checks(tmp_path):

@@ -107,7 +107,7 @@ def plain_hf_folder(model, tokenizer, tmp_path_factory):
 def test_fresh_model_report_flags_degenerate_attention(model, collator, test_set, swaps):
     report = ev.evaluate(model, ev.EvalData(collator, test_set, swaps), batch_size=64)
     assert report["images"] == 16 and report["captions"] == 32 and report["pairs_scored"] == 512
-    assert report["protocol"] == "all_pairs" and report["pairs_per_second"] > 0
+    assert report["protocol"] == "all_pairs" and report["pairs_per_second"] == pytest.approx(512 / report["seconds"])
     rel = report["relations"]
     for layer in (0, 1):
         for a in iais.ALIGNMENTS:
@@ -187,7 +187,8 @@ def test_rerank_with_every_candidate_equals_all_pairs(itc_model, collator, test_
                          rerank_k=n_txt)
     rr = report["rerank"]
     assert {k: rr[k] for k in ev.METRIC_KEYS} == {k: report[k] for k in ev.METRIC_KEYS}
-    assert rr["pairs_scored"] == rr["pairs_all"] == 512 and rr["pairs_per_second"] > 0
+    assert rr["pairs_scored"] == rr["pairs_all"] == 512
+    assert rr["pairs_per_second"] == pytest.approx(512 / rr["cross_encoder_seconds"]) and rr["reduction"] == 1.0
     assert set(ev.METRIC_KEYS) <= set(report["itc"]) and report["relation_swap_itc"]["groups"] == 6
     assert "| ITC top-32 + re-rank | 512 |" in ev.markdown_table(report)
 
@@ -328,25 +329,51 @@ def test_launcher_on_deepspeed_checkpoint(plain_hf_folder, tiny_demo, tmp_path):
     assert any(not torch.equal(untrained[k], trained[k]) for k in trained)
 
 
+@pytest.fixture(scope="module")
+def sharp_hf_folder(tokenizer, tmp_path_factory):
+    """A hand-made scorer: the tiny ITC model with weights drawn 25x wider than BERT's, so that its
+    scores spread (std ~1, no near-ties) and every metric depends on which score lands where."""
+    torch.manual_seed(1)
+    model = CrossModalModel(tiny_config(tokenizer, itc_dim=8, initializer_range=0.5)).eval()
+    return save_hf(model, tokenizer, tmp_path_factory.mktemp("hf") / "sharp_hf_model")
+
+
+def test_the_sharp_scorer_makes_every_score_count(sharp_hf_folder, collator, test_set):
+    """Why the rank test below bites: with this scorer, misplacing the scores of the last rank's
+    slice (3 ranks: 171 + 171 + 170 pairs, the last padded) by one pair changes the metrics."""
+    model = load_model(sharp_hf_folder)[0]
+    texts, images = collator.texts(test_set.captions), collator.images(test_set.images)
+    scores = ev.score_pairs(model, texts, images, torch.arange(32).repeat(16), torch.arange(16).repeat_interleave(32), 64)
+    assert scores.std() > 0.5 and scores.unique().numel() == 512
+    shifted = scores.clone()
+    shifted[342:] = scores[341:-1]  # the third slice's scores, one pair late
+    m, bad = (ev.split_metrics(s.view(16, 32), s.view(16, 32), test_set.caption_image) for s in (scores, shifted))
+    assert m != bad and 0 < m["rsum"] < 600
+
+
 @pytest.mark.slow
-def test_two_deepspeed_ranks_give_the_metrics_of_one(hf_folder, tiny_demo, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    args = ["--checkpoint", str(hf_folder), "--data", str(tiny_demo), "--batch-size", "5", "--rerank-k", "3"]
+def test_three_deepspeed_ranks_give_the_metrics_of_one(sharp_hf_folder, tiny_demo, tmp_path):
+    """3 ranks: 512 pairs, 32 captions, 16 images and 32 relation pairs are uneven over the ranks,
+    so the last rank pads every slice; all-pairs, ITC and re-ranking metrics, relation statistics and
+    swap scores must still be those of one process."""
+    one, three = tmp_path / "one", tmp_path / "three"
+    args = ["--checkpoint", str(sharp_hf_folder), "--data", str(tiny_demo), "--batch-size", "5", "--rerank-k", "3"]
     assert launcher().main([*args, "--out", str(one)]) == 0
-    cmd = [shutil.which("deepspeed") or sys.exit("deepspeed launcher not on PATH"), "--num_gpus", "2",
-           "--master_port", str(free_port()), "launchers/evaluate.py", *args, "--out", str(two)]
+    cmd = [shutil.which("deepspeed") or sys.exit("deepspeed launcher not on PATH"), "--num_gpus", "3",
+           "--master_port", str(free_port()), "launchers/evaluate.py", *args, "--out", str(three)]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "| TR R@1 |" in proc.stdout
-    a, b = (json.loads((d / "eval.json").read_text()) for d in (one, two))
-    assert a["ranks"] == 1 and b["ranks"] == 2
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (one, three))
+    assert a["ranks"] == 1 and b["ranks"] == 3
+    assert 0 < a["rsum"] < 600 and a["rsum"] != a["itc"]["rsum"]
     for part in (None, "itc", "rerank"):
         x, y = (a, b) if part is None else (a[part], b[part])
-        assert {k: y[k] for k in ev.METRIC_KEYS} == pytest.approx({k: x[k] for k in ev.METRIC_KEYS}, abs=1e-6), part
+        assert {k: y[k] for k in ev.METRIC_KEYS} == pytest.approx({k: x[k] for k in ev.METRIC_KEYS}, abs=1e-9), part
     assert b["rerank"]["pairs_scored"] == a["rerank"]["pairs_scored"]
     assert b["relation_swap"] == a["relation_swap"] and b["relation_swap_itc"] == a["relation_swap_itc"]
-    assert b["relation_swap"] == a["relation_swap"] and b["degenerate_layers"] == a["degenerate_layers"]
+    assert b["degenerate_layers"] == a["degenerate_layers"]
     assert a["relations"].keys() == b["relations"].keys()
     for key, entry in a["relations"].items():
         for stat in ("mean", "p10", "p50", "p90"):
@@ -396,3 +423,35 @@ def test_viz_curves_command(tmp_path):
     assert (tmp_path / "plots" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(FileNotFoundError):
         viz.draw_curves(tmp_path / "empty", tmp_path)
+
+
+@pytest.mark.slow
+def test_a_pixel_model_evaluates_stand_alone_on_one_and_two_ranks(tiny_demo, tmp_path):
+    """A model trained on pixels (model.image_input=patches) is evaluated by the launcher as the trainer
+    evaluates it, with the same metrics on 1 and on 2 ranks (the odd split pads the last rank)."""
+    run = tmp_path / "run"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py", "--config",
+           "configs/demo.yaml", f"data.root={tiny_demo}", "data.make_demo=false", f"train.output_dir={run}",
+           "train.steps=3", "train.micro_batch_size=8", "objectives.mlm_only_steps=0", "objectives.num_candidates=4",
+           "objectives.num_hard=2", "model.image_input=patches", "model.image_size=64", "model.patch_size=16"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    trained = json.loads((run / "eval.json").read_text())
+    args = ["--checkpoint", str(run), "--data", str(tiny_demo), "--max-images", "15", "--batch-size", "7"]
+    assert launcher().main([*args, "--out", str(tmp_path / "one")]) == 0
+    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launchers/evaluate.py",
+                           *args, "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    one, two = (json.loads((tmp_path / n / "eval.json").read_text()) for n in ("one", "two"))
+    assert one["images"] == two["images"] == 15 and two["ranks"] == 2
+    for k in ev.METRIC_KEYS:
+        assert one[k] == pytest.approx(two[k], abs=1e-9), k
+    assert one["relation_swap"] == two["relation_swap"]
+    # The same weights through the trainer's own evaluation: the full test split there, 15 images here.
+    full = launcher().main(["--checkpoint", str(run), "--data", str(tiny_demo), "--out", str(tmp_path / "full")])
+    assert full == 0
+    report = json.loads((tmp_path / "full" / "eval.json").read_text())
+    for k in ev.METRIC_KEYS:
+        assert report[k] == pytest.approx(trained[k], abs=1e-9), k

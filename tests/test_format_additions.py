@@ -179,7 +179,14 @@ def test_training_draws_skip_long_captions(tmp_path, tokenizer):
     batches = list(islice(iter(stream), 12))
     assert all(b["text_attention"].sum(1).max() <= 6 + 2 for b in batches)
     bad = sum(b["sample_counts"][1].get("caption_too_long", 0) for b in batches)
-    assert bad >= 4  # s3, s9, s15, s21 per pass
+    # Per epoch (6 batches): s3, s9, s15, s21 in the pass over the 24 samples, then the wrap rule
+    # reads on from position 0 for the 4 missing pairs and meets one of them again.
+    per_epoch = [sum(b["sample_counts"][1].get("caption_too_long", 0) for b in batches[e * 6 : (e + 1) * 6])
+                 for e in (0, 1)]
+    assert per_epoch == [5, 5] and bad == 10, per_epoch
+    for e in (0, 1):
+        positions = [p for b in batches[e * 6 : (e + 1) * 6] for p in b["positions"]]
+        assert len(set(positions)) == 20 and len(positions) == 24  # 20 usable samples, 4 of them twice
     assert not {k for b in batches for k in b["keys"]} & {"train-000003", "train-000009"}
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from test_resume import wait_for
+from test_train import ROOT, free_port
 
 from iais_scale import checkpoint as ckpt
 from iais_scale.config import ConfigError, load_config
@@ -28,8 +30,6 @@ from iais_scale.data import format as fmt
 from iais_scale.data.samples import BadSample, decode_sample
 from iais_scale.data.shards import resolve_split
 from iais_scale.engine import check_inputs
-from test_resume import wait_for
-from test_train import ROOT, free_port
 
 MARKER = Path("/tmp/iais_scale_hostile_payload_ran")
 

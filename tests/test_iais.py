@@ -683,3 +683,81 @@ def test_pair_result_does_not_depend_on_other_pairs():
         for a, d in COMBOS:
             got = iais.iais_loss(rel_b, alignment=a, direction=d, reduction="none")
             torch.testing.assert_close(got, full[a, d][sl], rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# values computed by hand (spec sections 4 and 7), not through the reference's reading
+
+
+def hand_relations(s_l, s_v, t2i, i2t, word_pos, region_pos) -> iais.RelationMatrices:
+    """One pair's RelationMatrices from explicit (already cropped, valid) matrices."""
+    t, v = len(word_pos), len(region_pos)
+    f = lambda x: torch.tensor(x, dtype=torch.float32)[None]  # noqa: E731
+    return iais.RelationMatrices(
+        s_l=f(s_l), s_v=f(s_v), t2i=f(t2i), i2t=f(i2t), word_mask=torch.ones(1, t, dtype=torch.bool),
+        region_mask=torch.ones(1, v, dtype=torch.bool), word_pos=torch.tensor([word_pos]),
+        region_pos=torch.tensor([region_pos]),
+    )
+
+
+def test_entropy_is_one_for_uniform_rows_and_zero_for_one_hot_rows():
+    third, half = [1 / 3] * 3, [0.5, 0.5]
+    uniform = hand_relations([third] * 3, [half] * 2, [half] * 3, [third] * 2, [1, 2, 3], [5, 6])
+    one_hot = hand_relations([[0, 1, 0], [0, 0, 1], [1, 0, 0]], [[1, 0], [0, 1]], [[0, 1]] * 3,
+                             [[1, 0, 0], [0, 0, 1]], [1, 2, 3], [5, 6])
+    for name, value in iais.attention_entropy(uniform).items():
+        assert value.item() == pytest.approx(1.0, abs=1e-6), name
+    for name, value in iais.attention_entropy(one_hot).items():
+        assert value.item() == pytest.approx(0.0, abs=1e-6), name
+    # Mixed rows average: S_L rows uniform / one-hot / half-half-zero (log 2 / log 3).
+    mixed = hand_relations([third, [0, 1, 0], [0.5, 0.5, 0]], [half] * 2, [half] * 3, [third] * 2, [1, 2, 3], [5, 6])
+    assert iais.attention_entropy(mixed)["S_L"].item() == pytest.approx((1 + 0 + math.log(2) / math.log(3)) / 3,
+                                                                       rel=1e-6)
+
+
+def test_entropy_leaves_out_matrices_whose_rows_have_one_valid_column():
+    """One region: S_V and A_t2i rows have a single column (no entropy defined); S_L and A_i2t do."""
+    rel = hand_relations([[0.5, 0.5], [1, 0]], [[1.0]], [[1.0], [1.0]], [[0.5, 0.5]], [1, 2], [4])
+    h = iais.attention_entropy(rel)
+    assert torch.isnan(h["S_V"]).all() and torch.isnan(h["A_t2i"]).all()
+    assert h["S_L"].item() == pytest.approx(0.5, abs=1e-6) and h["A_i2t"].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def _softmax(x: list[float]) -> list[float]:
+    e = [math.exp(v) for v in x]
+    return [v / sum(e) for v in e]
+
+
+def _renorm(x: list[float]) -> list[float]:
+    return [v / sum(x) for v in x]
+
+
+def test_isda_by_hand_from_the_spec_text():
+    """Spec section 4: a(i) from the annotations, not from A_t2i; unannotated words leave the rows.
+
+    Words at sequence positions 1, 2, 3; regions at 5, 6. Word 1 is annotated with the region at 6,
+    word 3 with the region at 5, word 2 with nothing. A_t2i points every word at region 5 (it must
+    not matter)."""
+    s_l = [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6], [0.1, 0.3, 0.6]]
+    s_v = [[0.7, 0.3], [0.4, 0.6]]
+    rel = hand_relations(s_l, s_v, [[0.9, 0.1]] * 3, [[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]], [1, 2, 3], [5, 6])
+    w2r = torch.full((1, 8), -1)
+    w2r[0, 1], w2r[0, 3] = 6, 5
+    # L: rows and columns = annotated words {w1, w3}; a(w1) = r(6) = slot 1, a(w3) = r(5) = slot 0.
+    s = [_renorm([s_l[0][0], s_l[0][2]]), _renorm([s_l[2][0], s_l[2][2]])]
+    p = [_softmax([s_v[1][1], s_v[1][0]]), _softmax([s_v[0][1], s_v[0][0]])]
+    want_l = sum(_kl(pi, si) + _kl(si, pi) for pi, si in zip(p, s)) / 2
+    # V: rows = regions an annotated word points to {r(5), r(6)}; b(r5) = w3 (slot 2), b(r6) = w1 (slot 0).
+    s = [s_v[0], s_v[1]]
+    p = [_softmax([s_l[2][2], s_l[2][0]]), _softmax([s_l[0][2], s_l[0][0]])]
+    want_v = sum(_kl(pi, si) + _kl(si, pi) for pi, si in zip(p, s)) / 2
+    assert want_l > 0.01 and want_v > 0.01
+    assert iais.isd_annotated(rel, w2r, direction="L").item() == pytest.approx(want_l, rel=1e-5)
+    assert iais.isd_annotated(rel, w2r, direction="V").item() == pytest.approx(want_v, rel=1e-5)
+    assert iais.isd_annotated(rel, w2r, direction="both").item() == pytest.approx(want_l + want_v, rel=1e-5)
+    # Without any annotation the pair has no ISDa rows: 0, whatever the matrices.
+    assert iais.isd_annotated(rel, torch.full((1, 8), -1), direction="both").item() == 0.0

@@ -190,6 +190,33 @@ def test_uniter_import_maps_names_and_rank_output(tmp_path):
     eq(model.itm(x), want)
 
 
+def test_uniter_import_embeds_as_uniters_formula():
+    """UNITER's embedding formula on the checkpoint's own tensors (UniterTextEmbeddings /
+    UniterImageEmbeddings): text LayerNorm(word + position + token_type[0]); image
+    LayerNorm(LayerNorm_img(img_linear(f)) + LayerNorm_pos(pos_linear(box)) + token_type[1])."""
+    sd = uniter_state()
+    model = CrossModalModel(tiny_config()).eval()
+    import_uniter(model, sd)
+    e, i = "uniter.embeddings.", "uniter.img_embeddings."
+
+    def ln(x, name, w="weight", b="bias"):
+        return torch.nn.functional.layer_norm(x, (H,), sd[name + w], sd[name + b], eps=1e-12)
+
+    batch = pair_batch(V, F)
+    ids = batch["text_ids"]
+    text = ln(sd[e + "word_embeddings.weight"][ids] + sd[e + "position_embeddings.weight"][: ids.shape[1]]
+              + sd[e + "token_type_embeddings.weight"][0], e + "LayerNorm.")
+    feat, box = batch["region_features"], batch["region_geometry"]
+    img = ln(feat @ sd[i + "img_linear.weight"].T + sd[i + "img_linear.bias"], i + "img_layer_norm.")
+    pos = ln(box @ sd[i + "pos_linear.weight"].T + sd[i + "pos_linear.bias"], i + "pos_layer_norm.")
+    image = ln(img + pos + sd[e + "token_type_embeddings.weight"][1], i + "LayerNorm.")
+    with torch.no_grad():
+        torch.testing.assert_close(model.text_embeddings(input_ids=ids), text, rtol=1e-5, atol=1e-5)
+        tokens, valid = model.embed_image(feat, box, batch["region_attention"])
+    torch.testing.assert_close(tokens, image, rtol=1e-5, atol=1e-5)
+    assert torch.equal(valid, batch["region_attention"])
+
+
 def test_uniter_pretraining_itm_head_starts_as_row_1_like_the_authors():
     """The authors' init_output: rank_output.weight = itm_output.weight[1:], bias likewise."""
     sd = uniter_state(rank_output=False)

@@ -23,12 +23,14 @@ from iais_scale import iais
 from iais_scale import objectives as ob
 from iais_scale.config import ConfigError, load_config
 from iais_scale.data import relations as rl
+from iais_scale.data import scenes as sc
 from iais_scale.data.collate import Collator
 from iais_scale.data.retrieval import read_split, swap_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_train_pairs=40, n_val=6, n_test=80, n_swap_groups=40, shard_size=50)
 _CAPTION = re.compile(r"a (\w+ \w+ \w+) (left of|right of|above|below) a (\w+ \w+ \w+)")
+_PLACEMENT = re.compile(r"a (\w+ \w+ \w+) (?:on the|at the) (left|right|top|bottom)")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def data(tmp_path_factory) -> Path:
     return rl.make_relations(tmp_path_factory.mktemp("relations") / "rel", seed=3, **SMALL)
 
 
-def parse(caption: str) -> rl.Triple:
+def parse(caption: str) -> sc.Triple:
     m = _CAPTION.fullmatch(caption)
     assert m, caption
     return m.group(1), m.group(2), m.group(3)
@@ -53,28 +55,35 @@ def objects(sample) -> dict[str, tuple[int, int]]:
         if not all((b > 0.5).sum() == 1 and (b < 0.5).sum() == len(b) - 1 for b in blocks):
             continue
         colour, shape, size = (int(b.argmax()) for b in blocks)
-        side = rl.SIZES[rl.SIZE_NAMES[size]]
+        side = sc.SIZES[sc.SIZE_NAMES[size]]
         if not (box[2] - box[0] == side and box[3] - box[1] == side):
             continue
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        row, col = int(cy // (rl.IMAGE_SIZE / rl.GRID)), int(cx // (rl.IMAGE_SIZE / rl.GRID))
-        phrase = f"{rl.SIZE_NAMES[size]} {rl.COLOUR_NAMES[colour]} {rl.SHAPES[shape]}"
+        row, col = int(cy // (sc.IMAGE_SIZE / sc.GRID)), int(cx // (sc.IMAGE_SIZE / sc.GRID))
+        phrase = f"{sc.SIZE_NAMES[size]} {list(rl.COLOURS)[colour]} {rl.SHAPES[shape]}"
         assert phrase not in out, "two objects with one phrase"
         out[phrase] = (row, col)
     return out
 
 
-def truth(sample) -> set[rl.Triple]:
-    objs = {p: rl.Obj(0, 0, 0, r, c, 0, 0) for p, (r, c) in objects(sample).items()}
+def truth(sample) -> set[sc.Triple]:
+    objs = {p: sc.Obj("", "", "small", r, c, 0, 0) for p, (r, c) in objects(sample).items()}
     return {(a, rel, b) for a, oa in objs.items() for b, ob_ in objs.items() if a != b
-            for rel in rl.relations_between(oa, ob_)}
+            for rel in sc.relations_between(oa, ob_)}
+
+
+def place_of(cell: tuple[int, int], place: str) -> bool:
+    """Whether "on the left" (etc.) is true of an object in grid cell (row, col)."""
+    row, col = cell
+    return {"left": col == 0, "right": col == sc.GRID - 1, "top": row == 0, "bottom": row == sc.GRID - 1}[place]
 
 
 def check_spans(sample) -> None:
     spans = sample.meta["relation_spans"]
     assert len(spans) == len(sample.captions)
     for text, (a, b) in zip(sample.captions, spans, strict=True):
-        assert text[a:b] == parse(text)[1]
+        m = _PLACEMENT.fullmatch(text)
+        assert text[a:b] == (m.group(2) if m else parse(text)[1])
 
 
 # --------------------------------------------------------------------------- generator
@@ -95,24 +104,24 @@ def test_layout_manifest_and_verify(data: Path) -> None:
 
 def test_objects_sit_in_their_cells_so_boxes_give_the_relation() -> None:
     rng = np.random.default_rng(0)
-    cell = rl.IMAGE_SIZE / rl.GRID
+    cell = sc.IMAGE_SIZE / sc.GRID
 
-    def column(o: rl.Obj) -> int:  # from the box alone
+    def column(o: sc.Obj) -> int:  # from the box alone
         return int((o.box[0] + o.box[2]) / 2 // cell)
 
-    def row(o: rl.Obj) -> int:
+    def row(o: sc.Obj) -> int:
         return int((o.box[1] + o.box[3]) / 2 // cell)
 
     for _ in range(300):
-        scene = rl.sample_scene(rng)
+        scene = sc.sample_scene(rng, rl.PALETTE)
         for a in scene:
             x1, y1, x2, y2 = a.box
-            assert rl._EDGES[a.col] < x1 and x2 < rl._EDGES[a.col + 1]
-            assert rl._EDGES[a.row] < y1 and y2 < rl._EDGES[a.row + 1]
+            assert sc.EDGES[a.col] < x1 and x2 < sc.EDGES[a.col + 1]
+            assert sc.EDGES[a.row] < y1 and y2 < sc.EDGES[a.row + 1]
             assert (row(a), column(a)) == (a.row, a.col)
             for b in scene:
                 if a is not b:  # every relation follows from the two boxes
-                    rels = rl.relations_between(a, b)
+                    rels = sc.relations_between(a, b)
                     assert ("left of" in rels) == (column(a) < column(b))
                     assert ("right of" in rels) == (column(a) > column(b))
                     assert ("above" in rels) == (row(a) < row(b))
@@ -131,7 +140,7 @@ def test_swap_groups_differ_only_in_the_relation(data: Path) -> None:
         if kind == "argument":  # same words, the two objects trade places
             assert (s1, r1, o1) == (o0, r0, s0)
         else:  # same objects in the same order, the opposite relation word
-            assert (s1, o1) == (s0, o0) and r1 == rl.OPPOSITE[r0]
+            assert (s1, o1) == (s0, o0) and r1 == sc.OPPOSITE[r0]
         # Same region features (as multisets: the order is shuffled); only the two named objects moved.
         assert np.array_equal(np.sort(im0.features, 0), np.sort(im1.features, 0))
         a, b = objects(im0), objects(im1)
@@ -157,10 +166,16 @@ def test_training_pairs_carry_decisive_captions(data: Path) -> None:
         a, b = objects(im0), objects(im1)
         assert a.keys() == b.keys() and len([p for p in a if a[p] != b[p]]) == 2
         t0, t1 = truth(im0), truth(im1)
-        for im, own, other in ((im0, t0, t1), (im1, t1, t0)):
-            assert len(im.captions) == 2 and len(set(im.captions)) == 2
-            for c in im.captions:  # true of the image, false of its partner
+        for im, own, other, here, there in ((im0, t0, t1, a, b), (im1, t1, t0, b, a)):
+            relational, placement = im.captions[:2], im.captions[2:]
+            assert len(set(relational)) == 2 and len(placement) == 1  # X or Y always has a decisive placement
+            for c in relational:  # true of the image, false of its partner
                 assert parse(c) in own and parse(c) not in other
+            m = _PLACEMENT.fullmatch(placement[0])
+            assert m, placement[0]
+            phrase, place = m.group(1), m.group(2)
+            assert phrase in {p for p in a if a[p] != b[p]}  # about one of the two objects that moved
+            assert place_of(here[phrase], place) and not place_of(there[phrase], place)
             check_spans(im)
 
 
@@ -263,6 +278,31 @@ def test_relation_probe_on_a_hand_made_case(data: Path) -> None:
     assert ev.relation_probe(_ScriptedMLM(answers, len(tok)), collator, captions, [None] * n, images, 2) is None
 
 
+def test_evaluate_reports_the_probe_and_the_degenerate_flag(data: Path) -> None:
+    from iais_scale.data.retrieval import RetrievalSet
+    from iais_scale.model import CrossModalConfig, CrossModalModel
+
+    tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+    collator = Collator(tok, 24, 8)
+    torch.manual_seed(0)
+    model = CrossModalModel(CrossModalConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        region_feature_dim=16, iais_layers=[-1], cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id))
+    rset = RetrievalSet.from_samples(read_split(data / "test", limit=10))
+    swaps = swap_groups(read_split(data / "swap"))[:5]
+    report = ev.evaluate(model, ev.EvalData(collator, rset, swaps), batch_size=64, isd_alignments=["singular"])
+    assert report["relation_mlm"]["captions"] == 10 and report["relation_mlm_swap"]["captions"] == 10
+    for probe in (report["relation_mlm"], report["relation_mlm_swap"]):  # hits out of 10 captions
+        assert probe["accuracy"] / 10 == pytest.approx(round(probe["accuracy"] / 10), abs=1e-9), probe
+    assert report["degenerate"] is True and report["degenerate_layers"] == [1]  # a fresh model: uniform attention
+    md = ev.markdown_table(report)
+    assert "Relation-word MLM probe (10 relation-swap captions" in md and "WARNING" in md
+    off = ev.evaluate(model, ev.EvalData(collator, rset, swaps), batch_size=64, isd_alignments=["singular"],
+                      relation_probe_enabled=False)
+    assert "relation_mlm" not in off and "relation_mlm_swap" not in off
+
+
 # --------------------------------------------------------------------------- entropy guard
 
 
@@ -285,8 +325,8 @@ def test_entropy_guard_math() -> None:
     torch.manual_seed(0)
     q, k = 10 * torch.randn(2, 2, 9, 4), 10 * torch.randn(2, 2, 9, 4)
     sharp = _relations(q, k, 4, 3)
-    assert max(v.max() for v in iais.attention_entropy(sharp).values()) < 0.6
-    assert ob.entropy_excess(sharp, 0.6).tolist() == [0.0, 0.0]
+    assert max(v.max() for v in iais.attention_entropy(sharp).values()) < 0.7
+    assert ob.entropy_excess(sharp, 0.7).tolist() == [0.0, 0.0]
     # Against iais.attention_entropy: the guard is the mean over the four of relu(H - c).
     q, k = torch.randn(3, 2, 9, 4), torch.randn(3, 2, 9, 4)
     rel = _relations(q, k, 4, 3)
@@ -310,7 +350,7 @@ def test_entropy_guard_gradient_sharpens_attention() -> None:
     assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
     with torch.no_grad():
         after = ob.entropy_excess(_relations(q - 10.0 * q.grad, k, 4, 3), 0.5).mean()
-    assert after < guard - 0.005
+    assert after < guard - 0.002
     # Exactly uniform attention is a stationary point of the entropy: no gradient there (the guard is a
     # barrier against drifting to the degenerate minimum, not a way out of an exactly uniform start).
     z = torch.zeros(1, 1, 9, 4, requires_grad=True)
@@ -367,18 +407,18 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     spec.loader.exec_module(bench)
     out = tmp_path / "out"
     results = bench.main([
-        "--data", str(tmp_path / "data"), "--out", str(out), "--seeds", "2", "--configs", "baseline,paper,guard",
-        "--pretrain-steps", "3", "--steps", "2", "--batch", "8", "--train-pairs", "24", "--test-images", "12",
+        "--data", str(tmp_path / "data"), "--out", str(out), "--seeds", "2", "--configs", "baseline,paper,paper+guard",
+        "--pretrain-steps", "3", "--pretrain-mlm-steps", "1", "--ground-steps", "2", "--steps", "2", "--batch", "8", "--train-pairs", "24", "--test-images", "12",
         "--swap-groups", "10", "--retrieval-images", "12", "--workers", "1",
     ])
     data = json.loads((out / "relations.json").read_text())
-    assert [c["name"] for c in data["configs"]] == ["baseline", "paper", "guard"]
+    assert [c["name"] for c in data["configs"]] == ["baseline", "paper", "paper+guard"]
     for c in data["configs"]:
         assert len(c["runs"]) == 2
         for key in ("group", "text", "image", "tr_r1", "ir_r1"):
             s = c["summary"][key]
             assert math.isfinite(s["mean"]) and s["n"] == 2 and s["low"] <= s["mean"] <= s["high"]
         assert all("degenerate" in r for r in c["runs"])
-    assert (out / "relations.md").read_text().count("| baseline |") == 1
+    assert (out / "relations.md").read_text().count("| baseline |") == 2  # the main table and the last-layer one
     assert (out / "relations.png").stat().st_size > 1000
     assert results["configs"][0]["name"] == "baseline"

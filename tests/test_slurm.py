@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,28 +51,42 @@ def describe(cluster: SlurmCluster, job: str, out: Path) -> str:
     return f"job {job}: {cluster.job(job)}\n--- job output ---\n{text[-6000:]}\n--- daemons ---\n{cluster.logs(1500)}"
 
 
-def test_sbatch_demo_on_two_nodes(slurm_cluster, tiny_demo, tmp_path):  # noqa: F811
-    run = tmp_path / "run"
+STEPS = 150  # the demo job and the preempted one (the same run, so their weights must agree); long enough
+# that USR1, sent at the first record (step 5), reaches the ranks mid-run on a fast machine too
+
+
+@pytest.fixture(scope="module")
+def demo_job(slurm_cluster, tiny_demo, tmp_path_factory):  # noqa: F811
+    """The uninterrupted job: (job id, its output file, its run folder)."""
+    tmp = tmp_path_factory.mktemp("slurm_demo")
+    run = tmp / "run"
     t0 = time.monotonic()
-    job, out = submit(slurm_cluster, tmp_path, *tiny_overrides(tiny_demo, run, steps=20))
+    job, out = submit(slurm_cluster, tmp, *tiny_overrides(tiny_demo, run, steps=STEPS))
     info = slurm_cluster.wait(job, timeout=600)
     print(f"demo job {job}: {info['JobState']} in {time.monotonic() - t0:.0f} s")
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), describe(slurm_cluster, job, out)
+    return job, out, run
 
+
+def test_sbatch_demo_on_two_nodes(demo_job):
+    job, out, run = demo_job
     log = out.read_text()
     assert "nodes (2): n1 n2" in log and "rendezvous n1:" in log and "world size 2" in log, log[:3000]
     assert "slurm.sh[node 0" in log and "slurm.sh[node 1" in log, log[-3000:]
     records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert [r["step"] for r in records] == list(range(5, STEPS + 1, 5))
     report = json.loads((run / "eval.json").read_text())
     assert report["images"] == 16 and report["captions"] == 32
-    assert (run / "checkpoints" / "step20").is_dir()
+    assert (run / "checkpoints" / f"step{STEPS}").is_dir()
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"iais-slurm-{job}.node*")), "per-node files left"
 
 
-def test_sbatch_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tiny_demo, tmp_path):  # noqa: F811
+def test_sbatch_usr1_checkpoints_requeues_and_resumes(slurm_cluster, demo_job, tiny_demo, tmp_path):  # noqa: F811
+    """USR1 to the batch shell mid-run: the ranks save, the job requeues itself, resumes from that
+    checkpoint and ends with the weights (and, after the resume, the logged values) of the same job
+    run without interruption."""
     run = tmp_path / "run"
-    steps = 120
+    steps = STEPS
     t0 = time.monotonic()
     job, out = submit(slurm_cluster, tmp_path, *tiny_overrides(tiny_demo, run, steps=steps))
     train_log = run / "train_log.jsonl"
@@ -104,9 +120,21 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tiny_demo, 
     assert f"job {job} (iais) restart 0" in first
     assert f"resumed from step {step} " in second and "starting at step 0" not in second, second[:4000]
     # one record per 5 steps, none repeated: the second run went on from the checkpoint, not from 0
-    records = [json.loads(line)["step"] for line in train_log.read_text().splitlines()]
-    assert records == list(range(5, steps + 1, 5)), records
+    records = [json.loads(line) for line in train_log.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, steps + 1, 5)), records
     assert json.loads((run / "eval.json").read_text())["images"] == 16
+    # The same weights and, for every logging window wholly after the resume, the same values.
+    reference = demo_job[2]
+    a, b = (load_file(r / "hf_model" / "model.safetensors") for r in (reference, run))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+    want = {r["step"]: r for r in (json.loads(line) for line in (reference / "train_log.jsonl").read_text().splitlines())}
+    after = [r for r in records if r["step"] - 5 >= step]
+    assert after and after[-1]["step"] == steps
+    for r in after:
+        for k in ("loss", "itm_rank", "mlm", "iais", "grad_norm", "lr"):
+            assert r[k] == pytest.approx(want[r["step"]][k], rel=1e-6), (r["step"], k)
 
 
 def test_two_nodes_start_from_missing_demo_data(slurm_cluster, tmp_path):  # noqa: F811

@@ -3,7 +3,7 @@
 1. ITM + IAIS gradients with activation checkpointing on and off agree (full gradients gathered
    with DeepSpeed's ``safe_get_full_grad``).
 2. (argument ``xl``) the >1B model is built inside zero.Init: each rank holds half the weights and
-   its memory stays well below the full model's size.
+   its memory, at its peak during the build (VmHWM) too, stays well below the full model's size.
 """
 
 import gc
@@ -17,6 +17,7 @@ from deepspeed.utils import safe_get_full_grad
 from transformers.integrations import HfDeepSpeedConfig
 
 from iais_scale.config import MODEL_SIZES
+from iais_scale.engine import shutdown
 from iais_scale.model import CrossModalConfig, CrossModalModel, IaisRequest
 
 DS = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
@@ -56,6 +57,14 @@ def gradients(every: int) -> list[torch.Tensor]:
     return grads
 
 
+def peak_rss() -> int:
+    """This process's peak resident size in bytes (VmHWM: the most it ever held, not what it holds now)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend=None)
     torch.set_num_threads(1)
@@ -71,12 +80,15 @@ def main() -> None:
         local = sum(p.ds_tensor.numel() for p in model.parameters())
         gc.collect()
         rss = psutil.Process().memory_info().rss
+        peak = peak_rss()  # the high-water mark: a full copy that existed for a moment shows here
         full_bytes = total * 4
         assert total > 1e9, total
         assert abs(local - total / 2) < 0.01 * total, (local, total)
         assert rss < 0.75 * full_bytes, (rss, full_bytes)
+        assert peak < 0.8 * full_bytes, (peak, full_bytes)
         print(f"rank {dist.get_rank()}: XL {total / 1e9:.3f}B parameters, {local / 1e9:.3f}B here, "
-              f"RSS {rss / 2**30:.2f} GiB < full {full_bytes / 2**30:.2f} GiB", flush=True)
+              f"RSS {rss / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB < full {full_bytes / 2**30:.2f} GiB", flush=True)
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -392,27 +392,12 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool
 
 
 class ShardWriter:
-    """Write the samples of one split into ``out_dir/shard-{i:06d}.tar`` plus ``sizes.json``.
+    """Write one split's samples into ``shard-{i:06d}.tar`` files plus ``sizes.json``, atomically.
 
-    Each shard is written as ``shard-{i:06d}.tar.tmp`` and renamed when complete,
-    so a killed run leaves no truncated ``.tar``; ``sizes.json`` is written last,
-    on :meth:`close`, so its presence marks a complete split. A new shard starts
-    after ``shard_size`` samples, or before a sample that would push the shard
-    past ``max_shard_bytes`` (counting member headers and data; the tar's end
-    padding adds up to 10 KiB; a single larger sample gets a shard of its own).
-    The folder name is the split name and every sample's ``split`` must equal it.
-
-    Use as a context manager: on an exception the unfinished shard is deleted
-    and no ``sizes.json`` is written.
-
-    Resuming: ``resume`` maps the first shards of the folder, ``shard-000000.tar``
-    onwards, to their sample counts, as recorded by the caller while a previous
-    run wrote them. Those shards are kept as they are; every other shard, any
-    ``.tmp`` leftover and ``sizes.json`` are deleted, and writing continues with
-    the next shard index and sample count (so ``n_samples`` keeps counting keys
-    where the previous run stopped). ``on_shard_done(name, n_samples_in_shard)``
-    is called after each shard has been renamed into place, which is the moment
-    to record it as complete.
+    Shards are written as ``.tmp`` and renamed when complete; ``sizes.json`` last (on ``close``).
+    ``resume`` keeps the first shards a previous run completed (docs/data-format.md, "Resuming");
+    ``on_shard_done(name, n)`` runs after each rename. As a context manager an exception drops the
+    unfinished shard and writes no ``sizes.json``.
     """
 
     def __init__(

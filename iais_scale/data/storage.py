@@ -309,17 +309,12 @@ class _PipeStream(_ForwardOnly):
         super().close()
 
 
-class _Prefilled(io.RawIOBase):
+class _Prefilled(_ForwardOnly):
     """``head`` (bytes already read ahead) followed by the rest of ``inner``."""
 
     def __init__(self, head: bytes, inner: IO[bytes]) -> None:
-        self.head, self.inner, self.pos = head, inner, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
+        super().__init__(inner)
+        self.head, self.pos = head, 0
 
     def read(self, n: int = -1) -> bytes:
         if self.pos < len(self.head):
@@ -332,18 +327,6 @@ class _Prefilled(io.RawIOBase):
                 return out
             return out + self.inner.read(n - take)
         return self.inner.read(n)
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                self.inner.close()
-            finally:
-                super().close()
 
 
 class Prefetcher:

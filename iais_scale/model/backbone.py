@@ -143,6 +143,10 @@ def unique_rows(x: Tensor) -> tuple[Tensor, Tensor] | None:
         return None
     first = torch.full((keys.numel(),), n, dtype=torch.long, device=flat.device)
     first.scatter_reduce_(0, inverse, torch.arange(n, device=flat.device), reduce="amin")
+    order = first.argsort()  # unique rows in order of first appearance
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=flat.device)
+    first, inverse = first[order], rank[inverse]
     if not torch.equal(flat, flat.index_select(0, first.index_select(0, inverse))):
         return None  # a hash collision of different images: no deduplication
     return first, inverse
@@ -235,9 +239,11 @@ class VisionBackbone(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the backbone's block activations in backward (transformers' or timm's own)."""
-        if hasattr(self.model, "gradient_checkpointing_enable") and getattr(
-                self.model, "supports_gradient_checkpointing", False):
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(self.model, "supports_gradient_checkpointing", False):
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         elif hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
 
@@ -255,7 +261,7 @@ class VisionBackbone(nn.Module):
     def grid(self, hidden: Tensor, height: int, width: int) -> Tensor:
         """The backbone's output as a grid ``[P, gh, gw, D]``."""
         if hidden.dim() == 4:
-            if hidden.shape[1] == self.dim and hidden.shape[-1] != self.dim:
+            if self.library == "transformers" or (hidden.shape[1] == self.dim and hidden.shape[-1] != self.dim):
                 return hidden.permute(0, 2, 3, 1)  # NCHW (CNNs)
             return hidden  # NHWC (timm's Swin, ...)
         if hidden.dim() != 3:
@@ -299,6 +305,7 @@ class VisionBackbone(nn.Module):
         if (ph, pw) != (gh, gw):
             grid = nn.functional.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), (ph, pw)).permute(0, 2, 3, 1)
         feats = grid.reshape(p, ph * pw, d)
+        self.tokens_per_image = ph * pw  # for throughput figures (the trainer's tokens/s)
         if dedup is not None:
             feats = feats.index_select(0, dedup[1])
         return feats, grid_geometry(gh, gw, ph, pw).to(feats.device)

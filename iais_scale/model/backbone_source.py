@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..data.transforms import RESAMPLE_NAMES
 from .backbone import DEFAULT_MEAN, DEFAULT_STD, UNUSED_MODULES, build_timm_model, import_timm
 
 log = logging.getLogger("iais_scale")
 
 WEIGHT_CHOICES = ("pretrained", "random")
+# PIL's resampling codes, as Hugging Face image processors store them ("resample": 3), by name.
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 def parse_backbone(spec: str) -> tuple[str, str]:
@@ -74,66 +75,77 @@ def backbone_problems(spec: str | None, weights: str) -> list[str]:
 # --------------------------------------------------------------------------- architecture + data config
 
 
-def _hf_image_processor(source: str, model_type: str):
-    """The folder's image processor, else the default one of its model type (the PIL backend when
-    torchvision is missing), else None."""
-    import transformers
-    from transformers import AutoImageProcessor
+PROCESSOR_KEYS = ("image_mean", "image_std", "do_normalize", "resample", "size", "crop_size", "do_center_crop",
+                  "crop_pct")
 
+
+def _processor_settings(source: str, model_type: str) -> dict:
+    """The image processor's settings: the folder's ``preprocessor_config.json`` read as JSON (no
+    processor class needed: a broken torchvision cannot get in the way), else the defaults of that
+    model type's processor class (the PIL backend preferred), else {}."""
+    local = Path(source).expanduser()
+    path = local / "preprocessor_config.json" if local.is_dir() else None
+    if path is None:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(source, "preprocessor_config.json"))  # the local cache when offline
+        except Exception:
+            path = None
+    if path is not None and path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {k: data[k] for k in PROCESSOR_KEYS if k in data}
     try:
-        return AutoImageProcessor.from_pretrained(source)
-    except Exception:  # no preprocessor_config.json (a folder saved from the model alone)
-        pass
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
-
+        import transformers
+        from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    except Exception:
+        return {}
     for mt in (model_type, model_type.removesuffix("_vision_model")):
         names = IMAGE_PROCESSOR_MAPPING_NAMES.get(mt)
         if not names:
             continue
         candidates = list(names.values()) if isinstance(names, dict) else [n for n in names if n]
         for name in sorted(candidates, key=lambda n: not n.endswith("Pil")):
-            cls = getattr(transformers, name, None)
-            if cls is not None:
-                try:
-                    return cls()
-                except Exception:
-                    continue
-    return None
+            try:
+                proc = getattr(transformers, name)()
+            except Exception:
+                continue
+            return {k: getattr(proc, k) for k in PROCESSOR_KEYS if getattr(proc, k, None) is not None}
+    return {}
 
 
 def _size_value(size, key: str):
     if size is None:
         return None
+    if isinstance(size, int):
+        return size
     if isinstance(size, dict):
         return size.get(key)
-    return getattr(size, key, None) if not isinstance(size, int) else size
+    return getattr(size, key, None)
 
 
 def hf_data_config(source: str, vision_config) -> dict:
     """``image_size``/``mean``/``std``/``resample``/``crop_pct`` from the image processor (model
     config's ``image_size`` wins for ViT-like models, whose position embeddings fix it)."""
-    proc = _hf_image_processor(source, vision_config.model_type)
+    proc = _processor_settings(source, vision_config.model_type)
     mean, std, resample, crop_pct, size = DEFAULT_MEAN, DEFAULT_STD, "bicubic", 1.0, None
-    if proc is not None:
-        if getattr(proc, "do_normalize", True) is not False:
-            mean = tuple(float(v) for v in (getattr(proc, "image_mean", None) or mean))
-            std = tuple(float(v) for v in (getattr(proc, "image_std", None) or std))
-        else:
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        r = getattr(proc, "resample", None)
-        if r is not None:
-            resample = RESAMPLE_NAMES.get(int(r), "bicubic")
-        crop = _size_value(getattr(proc, "crop_size", None), "height") if getattr(proc, "do_center_crop", False) else None
-        psize = getattr(proc, "size", None)
-        short = _size_value(psize, "shortest_edge")
-        height = _size_value(psize, "height")
-        if crop and (short or height):
-            size, crop_pct = crop, crop / (short or height)
-        elif short:
-            size = short
-            crop_pct = float(getattr(proc, "crop_pct", None) or 1.0)
-        elif height:
-            size = height
+    if proc.get("do_normalize", True) is not False:
+        mean = tuple(float(v) for v in (proc.get("image_mean") or mean))
+        std = tuple(float(v) for v in (proc.get("image_std") or std))
+    else:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if proc.get("resample") is not None:
+        resample = RESAMPLE_NAMES.get(int(proc["resample"]), "bicubic")
+    crop = _size_value(proc.get("crop_size"), "height") if proc.get("do_center_crop") else None
+    short = _size_value(proc.get("size"), "shortest_edge")
+    height = _size_value(proc.get("size"), "height")
+    if crop and (short or height):
+        size, crop_pct = crop, crop / (short or height)
+    elif short:
+        size = short
+        crop_pct = float(proc.get("crop_pct") or 1.0)
+    elif height:
+        size = height
     model_size = getattr(vision_config, "image_size", None)
     if isinstance(model_size, (tuple, list)):
         model_size = model_size[0]
@@ -233,12 +245,17 @@ def _source_state(target: nn.Module, library: str, source: str, weights: str) ->
     if weights not in WEIGHT_CHOICES:
         return read_state_dict(weights)
     if library == "transformers":
-        kwargs = {"add_pooling_layer": False} if "pooler" not in dict(target.named_children()) else {}
+        from transformers.utils import logging as hf_logging
+
+        verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()  # the unused pooler's "unexpected keys" table: checked below instead
+        hf_logging.disable_progress_bar()
         try:
-            src = type(target).from_pretrained(source, **kwargs)
-        except TypeError:
-            src = type(target).from_pretrained(source)
-        return src.state_dict()
+            return type(target).from_pretrained(source).state_dict()
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bar:
+                hf_logging.enable_progress_bar()
     timm = import_timm()
     return timm.create_model(source, pretrained=True, num_classes=0).state_dict()
 
@@ -257,7 +274,8 @@ def _fit_keys(target: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_backbone_weights(model: nn.Module, spec: str, weights: str = "pretrained") -> BackboneLoad:
-    """Copy the backbone's pretrained weights into ``model.image_backbone`` (a ``CrossModalModel``).
+    """Copy the backbone's pretrained weights into ``model.image_backbone`` (a ``CrossModalModel``;
+    or into ``model`` itself, a ``VisionBackbone``).
 
     Every shape must match and every tensor the token output uses must be filled (``ValueError``
     otherwise). Under ZeRO-3 (partitioned parameters) the backbone's parameters are gathered with
@@ -267,7 +285,7 @@ def load_backbone_weights(model: nn.Module, spec: str, weights: str = "pretraine
     report = BackboneLoad(f"{spec} ({weights})")
     if weights == "random":
         return report
-    target = model.image_backbone.model
+    target = getattr(model, "image_backbone", model).model  # a CrossModalModel or a VisionBackbone
     state = _fit_keys(target, _source_state(target, library, source, weights))
     own = target.state_dict(keep_vars=True)
     shapes = {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in own.items()}

@@ -19,16 +19,29 @@ class RegionEmbeddings(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.feature_linear = nn.Linear(config.region_feature_dim, d)
-        self.feature_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.feature_norm = Float32LayerNorm(d, eps=config.layer_norm_eps)
         self.box_linear = nn.Linear(config.region_geometry_dim, d)
-        self.box_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.box_norm = Float32LayerNorm(d, eps=config.layer_norm_eps)
+        self.norm = Float32LayerNorm(d, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, features: Tensor, boxes: Tensor, type_embedding: Tensor) -> Tensor:
         x = self.feature_norm(self.feature_linear(features))
         x = x + self.box_norm(self.box_linear(boxes)) + type_embedding
         return self.dropout(self.norm(x))
+
+
+class Float32LayerNorm(nn.LayerNorm):
+    """LayerNorm, computed in float32 for float16 inputs. A padded region's features (zeros, as is the
+    bias of a fresh linear layer) give a constant row, whose backward through a float16 LayerNorm on
+    the CPU is NaN (eps=1e-12 underflows there): fp16 training would skip every step. (A module of its
+    own, not a function: ZeRO-3 gathers its parameters when it is called.)"""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float16:
+            return super().forward(x)
+        w, b = (None if t is None else t.float() for t in (self.weight, self.bias))
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 

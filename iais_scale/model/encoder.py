@@ -148,6 +148,15 @@ class CrossModalModel(BertPreTrainedModel):
         tokens = self.patch_embeddings(pixel_values, image_type)
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
+    def image_tokens_per_image(self) -> int:
+        """Image tokens of one pixel input (patches: the grid; a backbone: its pooled grid, known once
+        it has run); 0 for region models, whose count is in their attention mask."""
+        if self.config.image_input == "patches":
+            return (self.config.image_size // self.config.patch_size) ** 2
+        if self.config.image_input == "backbone":
+            return getattr(self.image_backbone, "tokens_per_image", 0)
+        return 0
+
     def word_mask(self, text_ids: Tensor, text_attention: Tensor) -> Tensor:
         """Valid word positions: attended text tokens other than [CLS] and [SEP]."""
         cfg = self.config
@@ -232,7 +241,7 @@ class CrossModalModel(BertPreTrainedModel):
                 for r in relations
             ]
             out.iais_loss = torch.stack(losses).mean(0)
-            out.relation_stats = iais.attention_entropy(relations[-1])
+            out.relation_stats = {k: v.detach() for k, v in iais.attention_entropy(relations[-1]).items()}  # logged
         return out
 
     # ------------------------------------------------------------------ heads

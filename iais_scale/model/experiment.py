@@ -54,23 +54,3 @@ def config_from_experiment(
         itc_dim=model.itc_dim,
         **kw,
     )
-
-
-def image_transform(cfg):
-    """The pixel transform of an experiment (``ExperimentConfig``): a backbone model's from its
-    backbone's data config (size, interpolation, crop, mean/std), a patches model's the explicit
-    default (``model.image_size``, ImageNet mean/std, bicubic, whole shorter side); training
-    augmentation from ``data.augment``, seeded by ``train.seed``."""
-    from ..data.transforms import Augment, ImageTransform
-
-    a = cfg.data.augment
-    augment = Augment(random_resized_crop=a.random_resized_crop, scale=tuple(a.scale), ratio=tuple(a.ratio),
-                      color_jitter=a.color_jitter, hflip=a.hflip)
-    if cfg.model.image_input == "backbone":
-        from types import SimpleNamespace
-
-        from .backbone_source import backbone_fields
-
-        return ImageTransform.from_backbone(SimpleNamespace(**backbone_fields(cfg.model.backbone)), augment,
-                                            seed=cfg.train.seed)
-    return ImageTransform(size=cfg.model.image_size, augment=augment, seed=cfg.train.seed)
