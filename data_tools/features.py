@@ -268,7 +268,8 @@ def extract_backbone_features(
     from iais_scale.model.backbone import VisionBackbone
     from iais_scale.model.backbone_source import backbone_fields, load_backbone_weights
 
-    from .convert import PROGRESS_FILE, _counts
+    from .convert import PROGRESS_FILE
+    from .convert import counts as issue_counts
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError("--batch-size and --shard-size must be at least 1")
@@ -315,7 +316,7 @@ def extract_backbone_features(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for name, folder in sources.items():
             n, items, images = job.split(name, folder, out_path / name, pool)
-            counts[name], skipped[name] = n, _counts(items)
+            counts[name], skipped[name] = n, issue_counts(items)
             total_images += images
             out(f"{name}: {n} samples ({len(items)} skipped)")
     src_root = Path(images_from)
@@ -350,7 +351,7 @@ class _Extraction:
         from iais_scale.data.format import ShardWriter
         from iais_scale.data.shards import resolve_split
 
-        from .convert import SKIPPED_FILE, Progress, _counts, _public
+        from .convert import SKIPPED_FILE, Progress, counts, public
 
         split_dir.mkdir(parents=True, exist_ok=True)
         shards = resolve_split(folder)
@@ -385,7 +386,7 @@ class _Extraction:
             images += self._flush(batch)
         progress.append({"complete": True, "feature_dim": self.dim, "issues": self.open_issues})
         items = [i for s in progress.shards for i in s["issues"]] + self.open_issues
-        (split_dir / SKIPPED_FILE).write_text(json.dumps({"counts": _counts(items), "items": _public(items)},
+        (split_dir / SKIPPED_FILE).write_text(json.dumps({"counts": counts(items), "items": public(items)},
                                                          indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return self.writer.n_samples, items, images
 
