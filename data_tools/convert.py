@@ -218,7 +218,8 @@ class Loaded:
     feat: np.ndarray | None
     boxes: np.ndarray | None
     notes: list[dict[str, Any]] = field(default_factory=list)
-    geometry: np.ndarray | None = None  # precomputed 7-d box geometry (UNITER's img_db), instead of boxes
+    geometry: np.ndarray | None = None  # 7-d box geometry (UNITER's img_db), with or instead of boxes
+    key: str | None = None  # the sample's key in the output; default: {split}-{n:06d}
     source: str = ""  # where the image came from, and the features: named by issues found when writing
     features_source: str = ""
 
@@ -470,7 +471,7 @@ def write_split(
                                         "record": index})
                     continue
             try:
-                writer.write(sample_key(split, writer.n_samples), result.meta, image=result.image,
+                writer.write(result.key or sample_key(split, writer.n_samples), result.meta, image=result.image,
                              image_ext=result.image_ext, feat=result.feat, boxes=result.boxes, geometry=result.geometry)
             except ValueError as e:  # the loaders check what the writer checks; this is a safety net
                 regions = str(e).startswith(("feat", "boxes", "geometry"))

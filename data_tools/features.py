@@ -338,7 +338,8 @@ def extract_backbone_features(
 
 
 class _Extraction:
-    """One ``extract_backbone_features`` run: the backbone, its transform, the output parameters."""
+    """One ``extract_backbone_features`` run: the backbone, its transform, the output parameters. Each
+    split is written by ``convert.write_split`` (resumable, issues logged per shard) from ``_load``."""
 
     def __init__(self, model, transform, device, params: dict, dim: int, feature_dtype: str, batch_size: int,
                  shard_size: int, keep_images: bool, overwrite: bool) -> None:
@@ -348,72 +349,54 @@ class _Extraction:
 
     def split(self, name: str, folder: str, split_dir: Path, pool) -> tuple[int, list[dict[str, Any]], int]:
         """Extract one split (resuming after its last logged shard); returns (samples, issues, images run)."""
-        from iais_scale.data.format import ShardWriter
         from iais_scale.data.shards import resolve_split
 
-        from .convert import SKIPPED_FILE, Progress, counts, public
+        from .convert import SKIPPED_FILE, counts, public, write_split
 
-        split_dir.mkdir(parents=True, exist_ok=True)
         shards = resolve_split(folder)
         header = {"generator": BACKBONE_GENERATOR, "params": self.params, "records": shards.total,
                   "digest": json.dumps(shards.sizes, sort_keys=True)}
-        progress = Progress(split_dir, header)
-        stale = progress.path.exists()
-        resumed = not self.overwrite and progress.load()
-        if resumed and progress.complete is not None:
-            items = [i for s in progress.shards for i in s["issues"]] + progress.complete["issues"]
-            return sum(s["samples"] for s in progress.shards), items, 0
-        start = progress.shards[-1]["records_end"] if progress.shards else 0
-        progress.start()
-        self.pending: list[int] = []  # record index of each sample in the open shard
-        self.open_issues: list[dict[str, Any]] = []  # problems of records not yet covered by a logged shard
-        self.progress, self.split_dir, self.folder, self.name = progress, split_dir, folder, name
-        resume = {s["shard"]: s["samples"] for s in progress.shards} if resumed else None
-        self.writer = ShardWriter(split_dir, shard_size=self.shard_size, overwrite=self.overwrite or stale,
-                                  resume=resume, on_shard_done=self._shard_done)
-        images, batch = 0, []
-        with self.writer:
-            records = self._records(shards, start)
-            while chunk := list(itertools.islice(records, self.batch_size)):
-                for index, sample, pixels, problem in pool.map(self._decode, chunk):
-                    if problem is not None:
-                        self.open_issues.append({**problem, "record": index})
-                    else:
-                        batch.append((index, sample, pixels))
-                if len(batch) >= self.batch_size:
-                    images += self._flush(batch)
-                    batch = []
-            images += self._flush(batch)
-        progress.append({"complete": True, "feature_dim": self.dim, "issues": self.open_issues})
-        items = [i for s in progress.shards for i in s["issues"]] + self.open_issues
-        (split_dir / SKIPPED_FILE).write_text(json.dumps({"counts": counts(items), "items": public(items)},
-                                                         indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return self.writer.n_samples, items, images
+        self.folder, self.name, self.images = folder, name, 0
+        result = write_split(split_dir, range(shards.total), [], header, self.dim,
+                             lambda todo: self._load(shards, todo, pool), shard_size=self.shard_size,
+                             max_shard_bytes=None, overwrite=self.overwrite)
+        (split_dir / SKIPPED_FILE).write_text(
+            json.dumps({"counts": counts(result.issues), "items": public(result.issues)}, indent=2, sort_keys=True)
+            + "\n", encoding="utf-8")
+        return result.samples, result.issues, self.images
 
-    def _shard_done(self, shard: str, n: int) -> None:
-        from . import convert
+    def _load(self, shards, todo: range, pool):
+        """A sample (``Loaded``) or an issue for every record of ``todo``, in order: images decoded on the
+        pool, the backbone run over ``batch_size`` of them at a time."""
+        entries: list[tuple] = []  # (index, sample, pixels, problem) decoded, awaiting the backbone
+        records = self._records(shards, todo.start)
+        while chunk := list(itertools.islice(records, self.batch_size)):
+            entries += pool.map(self._decode, chunk)
+            if sum(e[3] is None for e in entries) >= self.batch_size:
+                yield from self._run(entries)
+                entries = []
+        yield from self._run(entries)
 
-        end = self.pending[-1] + 1
-        logged = [i for i in self.open_issues if i["record"] < end]
-        self.open_issues[:] = [i for i in self.open_issues if i["record"] >= end]
-        self.progress.append({"shard": shard, "samples": n, "bytes": (self.split_dir / shard).stat().st_size,
-                              "records_end": end, "feature_dim": self.dim, "issues": logged})
-        self.pending.clear()
-        convert._after_shard(self.name, shard)  # tests interrupt here, as in the converters
-
-    @staticmethod
-    def _records(shards, start: int):
-        """(record index, raw sample) of a split from record ``start`` on, shard by shard."""
+    def _records(self, shards, start: int):
+        """(record index, raw sample or None) of a split from record ``start`` on, shard by shard; None
+        for each record a damaged shard did not deliver, so every record is accounted for."""
         from iais_scale.data.shards import read_shard
 
         index = 0
         for url, size in shards.sizes.items():
-            if index + (size or 0) <= start:
-                index += size or 0
+            size = size or 0
+            if index + size <= start:
+                index += size
                 continue
-            for raw in read_shard(url, start=max(0, start - index)):
+            expected = max(0, start - index)
+            for raw in read_shard(url, start=expected):
+                for missing in range(expected, raw["__index__"]):
+                    yield index + missing, None
                 yield raw["__index__"] + index, raw
-            index += size or 0
+                expected = raw["__index__"] + 1
+            for missing in range(expected, size):
+                yield index + missing, None
+            index += size
 
     def _decode(self, item):
         from iais_scale.data.samples import decode_sample
@@ -421,27 +404,36 @@ class _Extraction:
         from .convert import issue
 
         index, raw = item
+        where = f"{self.folder}#{index}"
+        if raw is None:
+            return index, None, None, issue("unreadable_image", None, where, "the shard ended or broke before it")
         try:
             sample = decode_sample(raw, image_input="patches")
             return index, sample, self.transform.pixels(sample.image, key=sample.key), None
         except Exception as e:  # BadSample, BadImage
             kind = "missing_image" if getattr(e, "reason", "") == "missing_image" else "unreadable_image"
-            return index, None, None, issue(kind, raw.get("__key__"), f"{self.folder}#{index}", str(e)[:300])
+            return index, None, None, issue(kind, raw.get("__key__"), where, str(e)[:300])
 
-    def _flush(self, batch: list) -> int:
-        """Run the backbone over a batch of decoded images and write their samples."""
+    def _run(self, entries: list[tuple]):
+        """The backbone over the decoded images of ``entries``; yields each entry's sample or issue, in order."""
         import torch
 
-        from .convert import issue
+        from .convert import Loaded
 
-        if not batch:
-            return 0
-        px = torch.from_numpy(np.stack([b[2] for b in batch])).permute(0, 3, 1, 2).contiguous().to(self.device)
-        with torch.no_grad():
-            feats, cells = self.model(px)
-        feats = feats.float().cpu().numpy()
-        cells = cells.cpu().numpy().astype(np.float64)
-        for (index, sample, _), feat in zip(batch, feats, strict=True):
+        decoded = [e for e in entries if e[3] is None]
+        feats = cells = None
+        if decoded:
+            px = torch.from_numpy(np.stack([e[2] for e in decoded])).permute(0, 3, 1, 2).contiguous().to(self.device)
+            with torch.no_grad():
+                feats, cells = self.model(px)
+            feats = iter(feats.float().cpu().numpy())
+            cells = cells.cpu().numpy().astype(np.float64)
+            self.images += len(decoded)
+        for index, sample, _, problem in entries:
+            if problem is not None:
+                yield problem
+                continue
+            feat = next(feats)
             box = self.transform.eval_box(sample.width, sample.height)
             pixel_boxes = _crop_geometry(cells, box, sample.width, sample.height)
             f = feat.astype(self.feature_dtype)
@@ -450,13 +442,7 @@ class _Extraction:
             meta = {**sample.meta, "split": self.name, "width": sample.width, "height": sample.height,
                     "image_id": sample.meta.get("image_id") or sample.image_id}
             meta.pop("img2dataset", None)
-            try:
-                self.writer.write(sample.key, meta, image=sample.image if self.keep_images else None,
-                                  image_ext=_image_ext(sample.image), feat=f, boxes=pixel_boxes,
-                                  geometry=normalised_geometry(pixel_boxes, sample.width, sample.height))
-            except ValueError as e:
-                self.open_issues.append({**issue("bad_features", sample.key, f"{self.folder}#{index}", str(e)),
-                                         "record": index})
-                continue
-            self.pending.append(index)
-        return len(batch)
+            where = f"{self.folder}#{index}"
+            yield Loaded(meta, sample.image if self.keep_images else None, _image_ext(sample.image), f, pixel_boxes,
+                         geometry=normalised_geometry(pixel_boxes, sample.width, sample.height), key=sample.key,
+                         source=where, features_source=where)

@@ -488,6 +488,28 @@ def test_feature_extraction_resumes_after_an_interruption(tiny_demo, tmp_path, b
         assert (cut / "train" / shard.name).read_bytes() == shard.read_bytes(), shard.name
 
 
+def test_feature_extraction_counts_the_samples_a_damaged_shard_lost(tiny_demo, tmp_path, backbones):
+    """A source shard cut short: every record it no longer holds is a counted skip, never silently gone."""
+    import shutil
+
+    from data_tools.features import extract_backbone_features
+
+    src_root = tmp_path / "src"
+    shutil.copytree(tiny_demo, src_root)
+    shard = src_root / "train" / "shard-000001.tar"  # samples 32..63
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # about half its samples, then a torn member
+    out = tmp_path / "out"
+    extract_backbone_features(str(src_root), str(out), f"hf:{backbones['clip']}", split="train", shard_size=20,
+                              batch_size=8, out=lambda *_: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    lost = manifest["skipped"]["train"]["unreadable_image"]
+    assert 0 < lost < 32 and manifest["splits"]["train"] + lost == 96
+    skipped = json.loads((out / "train" / "skipped.json").read_text())
+    assert skipped["counts"] == {"unreadable_image": lost}
+    assert {i["input"] for i in skipped["items"]} == {f"{src_root / 'train'}#{n}" for n in range(64 - lost, 64)}
+
+
 # --------------------------------------------------------------------------- the real trainer
 
 
