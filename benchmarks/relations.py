@@ -358,10 +358,10 @@ def shared_start(args) -> tuple[dict, dict]:
 def reinitialise(model, std: float) -> None:
     """BERT's initialisation with weights drawn at ``std`` (BERT: 0.02), the tied MLM decoder included.
 
-    At 0.02 the tiny model's attention starts almost uniform, and a relation needs two learned factors
-    at once (which region is the subject, and where it is): the gradient of each vanishes while the
-    other is zero, a saddle the model did not leave in 6,000 steps of direct relation-word supervision.
-    At 0.1 the random attention is sharp enough to break the symmetry (docs/results.md)."""
+    A relation needs two learned factors at once (which region a phrase names, and where it is): the
+    gradient of each vanishes while the other is zero. Trained on relation and placement words directly,
+    the benchmark's model at std 0.1 without dropout was right on 98% of relation words after 1,000 steps;
+    at 0.02 with dropout 0.1, 54% after 1,250 (chance 50%). Hence the defaults: 0.1, no dropout."""
     if std == model.config.initializer_range:
         return
     model.config.initializer_range = std
@@ -572,7 +572,7 @@ def parse_args(argv=None):
                     help="weight of the relation-word MLM in the shared start (0: off)")
     ap.add_argument("--pretrain-seed", type=int, default=0)
     ap.add_argument("--init-range", type=float, default=0.1,
-                    help="std of the initial weights (BERT: 0.02, at which relations are not learned; see reinitialise)")
+                    help="std of the initial weights (BERT: 0.02, at which relations are learned slowly; see reinitialise)")
     ap.add_argument("--model", default=SMALL_MODEL, help="model overrides ('' : the demo's tiny model, hidden 128)")
     ap.add_argument("--train-pairs", type=int, default=2000, help="training swap pairs when the data is made")
     ap.add_argument("--test-images", type=int, default=1000, help="retrieval test images when the data is made")
