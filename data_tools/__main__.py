@@ -13,46 +13,24 @@ import time
 from collections.abc import Sequence
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from iais_scale.data.demo import make_demo
-    from iais_scale.data.format import MANIFEST_FILE
+def _generate(args: argparse.Namespace) -> int:
+    """``demo`` and ``relations``: make the synthetic data set, say what it holds."""
+    from iais_scale.data.format import Manifest
 
+    if args.command == "demo":
+        from iais_scale.data.demo import make_demo as make
+
+        sizes = dict(n_train=args.n_train)
+    else:
+        from iais_scale.data.relations import make_relations as make
+
+        sizes = dict(n_train_pairs=args.n_train_pairs, captions_per_image=args.captions_per_image)
     start = time.perf_counter()
-    out = make_demo(
-        args.out,
-        seed=args.seed,
-        n_train=args.n_train,
-        n_val=args.n_val,
-        n_test=args.n_test,
-        n_swap_groups=args.n_swap_groups,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-    )
-    splits = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))["splits"]
-    counts = ", ".join(f"{name} {n}" for name, n in splits.items())
-    print(f"demo data set in {out} ({counts}) ready in {time.perf_counter() - start:.1f} s")
-    return 0
-
-
-def _relations(args: argparse.Namespace) -> int:
-    from iais_scale.data.format import MANIFEST_FILE
-    from iais_scale.data.relations import make_relations
-
-    start = time.perf_counter()
-    out = make_relations(
-        args.out,
-        seed=args.seed,
-        n_train_pairs=args.n_train_pairs,
-        n_val=args.n_val,
-        n_test=args.n_test,
-        n_swap_groups=args.n_swap_groups,
-        captions_per_image=args.captions_per_image,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-    )
-    splits = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))["splits"]
-    counts = ", ".join(f"{name} {n}" for name, n in splits.items())
-    print(f"relation benchmark in {out} ({counts}) ready in {time.perf_counter() - start:.1f} s")
+    out = make(args.out, seed=args.seed, n_val=args.n_val, n_test=args.n_test, n_swap_groups=args.n_swap_groups,
+               shard_size=args.shard_size, overwrite=args.overwrite, **sizes)
+    counts = ", ".join(f"{name} {n}" for name, n in Manifest.read(out).splits.items())
+    what = "demo data set" if args.command == "demo" else "relation benchmark"
+    print(f"{what} in {out} ({counts}) ready in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -85,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-swap-groups", type=int, default=100)
     demo.add_argument("--shard-size", type=int, default=500)
     demo.add_argument("--overwrite", action="store_true", help="replace demo data made with other parameters")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_generate)
 
     rel = sub.add_parser("relations", help="generate the relation benchmark (swap pairs, relation-swap groups)",
                          description="Synthetic scenes whose captions need their spatial relation: training images in"
@@ -100,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--captions-per-image", type=int, default=1, help="captions of each val/test image")
     rel.add_argument("--shard-size", type=int, default=1000)
     rel.add_argument("--overwrite", action="store_true", help="replace relation data made with other parameters")
-    rel.set_defaults(func=_relations)
+    rel.set_defaults(func=_generate)
 
     for name, func, help_text in (
         ("verify", _verify, "decode and check every sample; exit 1 on any problem"),

@@ -12,35 +12,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_objectives import B, make_batch, make_model  # the same tiny model and uneven micro-batches
 from transformers import AutoTokenizer
 
 from iais_scale import objectives as ob
 from iais_scale.config import ExperimentConfig, ObjectiveConfig
 from iais_scale.data.collate import Collator
-from iais_scale.data.retrieval import read_split
-from iais_scale.model import CrossModalConfig, CrossModalModel
-
-B = 8  # pairs per rank
-
-
-def make_model(tokenizer, feature_dim: int) -> CrossModalModel:
-    torch.manual_seed(0)
-    return CrossModalModel(CrossModalConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        region_feature_dim=feature_dim, iais_layers=[-1], itc_dim=16, cls_token_id=tokenizer.cls_token_id,
-        sep_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    ))
-
-
-def make_batch(tiny_demo, rows: slice) -> dict:
-    """Pairs ``rows`` of the demo's training split, collated together. Pair 2 gets a longer caption
-    and region counts differ between pairs, so ranks' micro-batches pad to different lengths."""
-    tok = AutoTokenizer.from_pretrained(str(tiny_demo / "tokenizer"))
-    samples = read_split(tiny_demo / "train", max_regions=8)[rows]
-    items = [(s, s.captions[0] + " and more words here" if i == 2 else s.captions[0])
-             for i, s in enumerate(samples, rows.start)]
-    return Collator(tok, 24, 8).pairs(items)
 
 
 def cases(world: int) -> dict[str, ObjectiveConfig]:

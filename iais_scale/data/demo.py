@@ -14,27 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from . import scenes as sc
 from .format import sample_key
-from .scenes import (
-    IMAGE_SIZE,
-    MAX_REJECTIONS,
-    SIZES,
-    Obj,
-    Palette,
-    Sample,
-    Triple,
-    caption,
-    generate,
-    layout,
-    relations_between,
-    render,
-    sample_regions,
-    sample_scene,
-    split_rngs,
-    swap_cells,
-    true_relations,
-    write_splits,
-)
 
 # Bump when the generated data changes, so cached demo sets are regenerated.
 DEMO_VERSION = 1
@@ -44,14 +25,14 @@ SPLITS: tuple[str, ...] = ("train", "val", "test", "swap")
 # image only; otherwise a "wrong" retrieval could be correct.
 _UNIQUE_SPLITS = frozenset({"val", "test"})
 
-PALETTE = Palette(n_colours=6, n_shapes=4, feature_dim=16)
-COLOURS, SHAPES, FEATURE_DIM = PALETTE.colours, PALETTE.shapes, PALETTE.feature_dim
+PALETTE = sc.Palette(n_colours=6, n_shapes=4, feature_dim=16)
+COLOURS, SHAPES, FEATURE_DIM, SIZES = PALETTE.colours, PALETTE.shapes, PALETTE.feature_dim, sc.SIZES
 __all__ = ["COLOURS", "FEATURE_DIM", "SHAPES", "SIZES", "SPLITS", "make_demo"]
 
 
-def _pick_captions(rng: np.random.Generator, scene: list[Obj]) -> list[tuple[int, int, str]]:
+def _pick_captions(rng: np.random.Generator, scene: list[sc.Obj]) -> list[tuple[int, int, str]]:
     """Two different true captions, preferring a different object pair, then a different axis."""
-    cands = true_relations(scene)
+    cands = sc.true_relations(scene)
     first = cands[int(rng.integers(len(cands)))]
     pair = {first[0], first[1]}
     horizontal = first[2] in ("left of", "right of")
@@ -65,28 +46,28 @@ def _pick_captions(rng: np.random.Generator, scene: list[Obj]) -> list[tuple[int
 
 
 def _meta(split: str, index: int, captions: list[str], **extra: Any) -> dict[str, Any]:
-    return {"image_id": f"demo-{sample_key(split, index)}", "split": split, "width": IMAGE_SIZE, "height": IMAGE_SIZE,
-            "captions": captions, **extra}
+    return {"image_id": f"demo-{sample_key(split, index)}", "split": split, "width": sc.IMAGE_SIZE,
+            "height": sc.IMAGE_SIZE, "captions": captions, **extra}
 
 
-def _text(scene: list[Obj], i: int, rel: str, j: int) -> str:
-    return caption((scene[i].phrase, rel, scene[j].phrase))[0]
+def _text(scene: list[sc.Obj], i: int, rel: str, j: int) -> str:
+    return sc.caption((scene[i].phrase, rel, scene[j].phrase))[0]
 
 
-def _scene_samples(rng: np.random.Generator, split: str, n: int) -> Iterator[Sample]:
+def _scene_samples(rng: np.random.Generator, split: str, n: int) -> Iterator[sc.Sample]:
     # For evaluation splits a new scene is rejected if one of its captions is
     # true of an earlier scene or an earlier caption is true of it.
     unique = split in _UNIQUE_SPLITS
-    seen_true: set[Triple] = set()
-    used: set[Triple] = set()
+    seen_true: set[sc.Triple] = set()
+    used: set[sc.Triple] = set()
     for index in range(n):
-        for _ in range(MAX_REJECTIONS):
-            scene = sample_scene(rng, PALETTE)
+        for _ in range(sc.MAX_REJECTIONS):
+            scene = sc.sample_scene(rng, PALETTE)
             picks = _pick_captions(rng, scene)
             triples = [(scene[i].phrase, rel, scene[j].phrase) for i, j, rel in picks]
             if not unique:
                 break
-            true_here = {(scene[i].phrase, rel, scene[j].phrase) for i, j, rel in true_relations(scene)}
+            true_here = {(scene[i].phrase, rel, scene[j].phrase) for i, j, rel in sc.true_relations(scene)}
             if not (set(triples) & seen_true) and not (true_here & used):
                 seen_true |= true_here
                 used |= set(triples)
@@ -95,27 +76,27 @@ def _scene_samples(rng: np.random.Generator, split: str, n: int) -> Iterator[Sam
             raise RuntimeError(f"could not draw {n} unambiguous {split} scenes; use a smaller split")
         captions = [_text(scene, i, rel, j) for i, j, rel in picks]
         background = int(rng.integers(225, 251))
-        feat, boxes = layout(rng, scene, sample_regions(rng, PALETTE, scene))
-        yield sample_key(split, index), _meta(split, index, captions), render(scene, background), feat, boxes
+        feat, boxes = sc.layout(rng, scene, sc.sample_regions(rng, PALETTE, scene))
+        yield sample_key(split, index), _meta(split, index, captions), sc.render(scene, background), feat, boxes
 
 
-def _swap_samples(rng: np.random.Generator, split: str, n_groups: int) -> Iterator[Sample]:
+def _swap_samples(rng: np.random.Generator, split: str, n_groups: int) -> Iterator[sc.Sample]:
     """Winoground-style pairs: image 1 is image 0 with X and Y trading cells, so "Y rel X" holds there
     and "X rel Y" does not."""
     for group in range(n_groups):
-        scene = sample_scene(rng, PALETTE)
+        scene = sc.sample_scene(rng, PALETTE)
         x, y = (int(i) for i in rng.choice(len(scene), size=2, replace=False))
-        rels = relations_between(scene[x], scene[y])
+        rels = sc.relations_between(scene[x], scene[y])
         rel = rels[int(rng.integers(len(rels)))]
-        swapped = swap_cells(scene, x, y)
+        swapped = sc.swap_cells(scene, x, y)
         captions = [_text(scene, x, rel, y), _text(scene, y, rel, x)]
         background = int(rng.integers(225, 251))
-        regions = sample_regions(rng, PALETTE, scene)  # the same features in both images: only geometry differs
+        regions = sc.sample_regions(rng, PALETTE, scene)  # the same features in both images: only geometry differs
         for i, objs in enumerate((scene, swapped)):
             index = 2 * group + i
-            feat, boxes = layout(rng, objs, regions)
+            feat, boxes = sc.layout(rng, objs, regions)
             meta = _meta(split, index, [captions[i]], swap={"group": group, "index": i})
-            yield sample_key(split, index), meta, render(objs, background), feat, boxes
+            yield sample_key(split, index), meta, sc.render(objs, background), feat, boxes
 
 
 def make_demo(
@@ -139,14 +120,14 @@ def make_demo(
               "n_swap_groups": n_swap_groups, "shard_size": shard_size}
 
     def write(folder: Path) -> None:
-        rngs = split_rngs(seed, SPLITS)
+        rngs = sc.split_rngs(seed, SPLITS)
         sources = {
             "train": _scene_samples(rngs["train"], "train", n_train),
             "val": _scene_samples(rngs["val"], "val", n_val),
             "test": _scene_samples(rngs["test"], "test", n_test),
             "swap": _swap_samples(rngs["swap"], "swap", n_swap_groups),
         }
-        write_splits(folder, sources, shard_size=shard_size, feature_dim=FEATURE_DIM, generator=GENERATOR,
+        sc.write_splits(folder, sources, shard_size=shard_size, feature_dim=FEATURE_DIM, generator=GENERATOR,
                      params=params)
 
-    return generate(out_dir, GENERATOR, params, write, overwrite=overwrite)
+    return sc.generate(out_dir, GENERATOR, params, write, overwrite=overwrite)
