@@ -417,9 +417,11 @@ def write_split(
     max_shard_bytes: int | None,
     overwrite: bool,
     log: Callable[[str], None] = print,
+    reasons: Iterable[str] = REASONS,
 ) -> SplitResult:
     """Write one split from ``load(records)`` (a Loaded sample or an issue per record, in order), resuming
-    from its progress log when it matches; see the module docstring. Every converter writes through here."""
+    from its progress log when it matches, then its skipped.json (issues counted in the order of
+    ``reasons``); see the module docstring. Every converter writes through here."""
     split = split_dir.name
     split_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(split_dir, header)
@@ -430,7 +432,8 @@ def write_split(
     if resumed and progress.complete is not None:
         done = progress.complete
         items = [*issues, *(i for s in progress.shards for i in s["issues"]), *done["issues"]]
-        return SplitResult(sum(s["samples"] for s in progress.shards), len(progress.shards), done["feature_dim"], items)
+        return _skipped(split_dir, SplitResult(sum(s["samples"] for s in progress.shards), len(progress.shards),
+                                               done["feature_dim"], items), reasons)
     if resumed and progress.shards:
         feature_dim = progress.shards[-1]["feature_dim"]
     start = progress.shards[-1]["records_end"] if progress.shards else 0
@@ -483,7 +486,14 @@ def write_split(
             open_issues.extend({**n, "record": index} for n in result.notes)
     progress.append({"complete": True, "feature_dim": feature_dim, "issues": open_issues})
     items = [*issues, *(i for s in progress.shards for i in s["issues"]), *open_issues]
-    return SplitResult(writer.n_samples, len(writer.sizes), feature_dim, items)
+    return _skipped(split_dir, SplitResult(writer.n_samples, len(writer.sizes), feature_dim, items), reasons)
+
+
+def _skipped(split_dir: Path, result: SplitResult, reasons: Iterable[str]) -> SplitResult:
+    """Write the split's skipped.json (counts per reason, then every issue) and pass ``result`` on."""
+    listing = {"counts": counts(result.issues, reasons), "items": public(result.issues)}
+    write_json_atomic(split_dir / SKIPPED_FILE, listing)
+    return result
 
 
 @contextlib.contextmanager
@@ -612,9 +622,6 @@ def run_conversion(
                                  shard_size=shard_size, max_shard_bytes=max_shard_bytes, overwrite=overwrite, log=out)
         if result.feature_dim is not None:
             feature_dim = result.feature_dim
-        write_json_atomic(
-            out_path / split / SKIPPED_FILE, {"counts": counts(result.issues), "items": public(result.issues)}
-        )
         results[split] = result
     unsplit = inputs.issues.get(None, [])
     if unsplit:

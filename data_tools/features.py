@@ -351,7 +351,7 @@ class _Extraction:
         """Extract one split (resuming after its last logged shard); returns (samples, issues, images run)."""
         from iais_scale.data.shards import resolve_split
 
-        from .convert import SKIPPED_FILE, counts, public, write_split
+        from .convert import write_split
 
         shards = resolve_split(folder)
         header = {"generator": BACKBONE_GENERATOR, "params": self.params, "records": shards.total,
@@ -360,9 +360,6 @@ class _Extraction:
         result = write_split(split_dir, range(shards.total), [], header, self.dim,
                              lambda todo: self._load(shards, todo, pool), shard_size=self.shard_size,
                              max_shard_bytes=None, overwrite=self.overwrite)
-        (split_dir / SKIPPED_FILE).write_text(
-            json.dumps({"counts": counts(result.issues), "items": public(result.issues)}, indent=2, sort_keys=True)
-            + "\n", encoding="utf-8")
         return result.samples, result.issues, self.images
 
     def _load(self, shards, todo: range, pool):

@@ -38,7 +38,6 @@ from iais_scale.data.format import (
     TOKENIZER_DIR,
     Manifest,
     validate_regions,
-    write_json_atomic,
 )
 
 from .convert import (
@@ -51,7 +50,6 @@ from .convert import (
     counts,
     order_records,
     parse_bytes,
-    public,
     sort_splits,
     valid_split_name,
     write_split,
@@ -604,10 +602,9 @@ def convert(
                                          want_size=images is not None)
                 result = write_split(out_path / name, ordered, text_issues.get(name, []), header, feature_dim,
                                      functools.partial(map, read), shard_size=opts.shard_size,
-                                     max_shard_bytes=opts.max_shard_bytes, overwrite=overwrite, log=out)
+                                     max_shard_bytes=opts.max_shard_bytes, overwrite=overwrite, log=out,
+                                     reasons=REASONS)
                 feature_dim = result.feature_dim if result.feature_dim is not None else feature_dim
-                write_json_atomic(out_path / name / SKIPPED_FILE,
-                                  {"counts": counts(result.issues, REASONS), "items": public(result.issues)})
                 results[name] = result
     finally:
         env.close()

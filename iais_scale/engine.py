@@ -768,15 +768,14 @@ def shutdown() -> None:
 def _release_shm_name(rank: int) -> None:
     """Unlink this rank's name of DeepSpeed's CPU all-reduce buffer in /dev/shm once every rank has
     mapped it (a barrier): the mappings stay, and the 70 MB file no longer outlives the process
-    (DeepSpeed never unlinks it; on a CPU machine every run, and every kill, would leak one per rank)."""
+    (DeepSpeed never unlinks it; on a CPU machine every run, and every kill, would leak one per rank).
+    Every rank enters the barrier, whether or not it has such a file (GPU runs have none)."""
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    if not os.path.exists(name):
-        return
     dist.barrier()
     try:
         os.unlink(name)
-    except OSError:
+    except OSError:  # none here (GPU, or another launcher's naming), or not ours to remove
         pass
 
 
