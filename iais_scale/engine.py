@@ -37,7 +37,7 @@ from .data.shards import resolve_split
 from .metrics import MetricsLogger, Window, all_reduce_record
 from .model import CrossModalModel, config_from_experiment
 from .objectives import training_loss
-from .preemption import EXIT_INTERRUPTED, Preemption, StopTraining, Watchdog, requeue
+from .preemption import EXIT_INTERRUPTED, Preemption, StopTraining, Watchdog, ignore_while_exiting, requeue
 
 log = logging.getLogger("iais_scale")
 
@@ -751,8 +751,10 @@ def run(cfg: ExperimentConfig, resume: str = "none") -> dict:
         report = Trainer(cfg, resume).fit()
     except StopTraining:
         shutdown()  # every rank stops here together (a barrier precedes StopTraining)
+        ignore_while_exiting()
         raise
     shutdown()
+    ignore_while_exiting()
     return report
 
 

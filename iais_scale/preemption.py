@@ -107,6 +107,15 @@ class Preemption:
         return int(flag.item())
 
 
+def ignore_while_exiting() -> None:
+    """Called once the run is over on every rank and only the process exit is left. Python's exit
+    restores the default handlers before its slowest part (destructors: data workers joined, process
+    group freed), so a repeat of the stop request arriving then, which SLURM's and DeepSpeed's
+    launchers send, would kill the rank by that signal and lose its exit code (143 became 254)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def _cmdline(p) -> list[str]:
     try:
         return p.cmdline()

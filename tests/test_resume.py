@@ -401,6 +401,32 @@ def test_repeats_within_five_seconds_count_once_and_a_later_signal_exits_at_once
             proc.kill()
 
 
+EXITING_SCRIPT = """
+import os, signal, subprocess, sys, time
+from iais_scale.preemption import EXIT_INTERRUPTED, Preemption, ignore_while_exiting
+p = Preemption(0)
+p.install()
+os.kill(os.getpid(), signal.SIGUSR1)  # the request; the run saves and stops
+class SlowDestructor:  # what a rank's exit does after Python has restored the default handlers
+    def __del__(self):
+        time.sleep(1.0)
+kept = SlowDestructor()
+subprocess.Popen(["sh", "-c", f"sleep 0.4; kill -INT {os.getpid()}"])  # the launcher's repeat
+if sys.argv[1] == "ignore":
+    ignore_while_exiting()
+sys.exit(EXIT_INTERRUPTED)
+"""
+
+
+@pytest.mark.parametrize("exiting", ["ignore", "plain"])
+def test_a_repeat_arriving_while_the_rank_exits_keeps_its_exit_code(exiting):
+    """The repeat of a stop request can reach a rank after it has saved, while Python tears down
+    (where it has put the default handlers back): without ``ignore_while_exiting`` the rank dies by
+    SIGINT (the run of the test with "plain" shows that this window is real)."""
+    code = subprocess.run([sys.executable, "-c", EXITING_SCRIPT, exiting], cwd=ROOT, timeout=60).returncode
+    assert code == (143 if exiting == "ignore" else -signal.SIGINT)
+
+
 @pytest.mark.slow
 def test_too_many_bad_samples_on_one_rank_end_the_whole_job(tiny_demo, tmp_path):
     """A shard whose 32 samples are all damaged: the rank whose ranges hold it most passes
