@@ -785,14 +785,11 @@ class Suite:
     # ------------------------------------------------------------------ main
 
     def device_summary(self) -> None:
-        code = ("import json, torch\nd = {'torch': torch.__version__, 'cuda_available': torch.cuda.is_available()}\n"
-                "d['device_name'] = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'\n"
-                "print(json.dumps(d))")
-        try:
-            r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=self.env, timeout=180)
-            self.data.update(json.loads(r.stdout.strip().splitlines()[-1]))
-        except Exception as e:  # noqa: BLE001
-            self.data["device_name"] = f"unknown ({type(e).__name__})"
+        t = self.probe_torch()
+        if "error" in t:
+            self.data["device_name"] = f"unknown ({t['error'].split(':')[0]})"
+        else:
+            self.data.update(torch=t["version"], cuda_available=t["available"], device_name=t.get("device", "cpu"))
         if self.dry:
             self.data["device_name"] = f"cpu ({os.cpu_count()} cores), dry run"
             self.data["peak_note"] = "none: MFU is not computed on the CPU"

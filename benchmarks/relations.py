@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import hashlib
 import itertools
 import json
@@ -150,30 +151,27 @@ class Data:
     swap_kinds: list[str]
 
 
-_DATA: dict[str, Data] = {}
-
-
 def load_data(args) -> Data:
-    key = f"{args.data}:{args.retrieval_images}"
-    if key in _DATA:
-        return _DATA[key]
+    return _load_data(args.data, args.retrieval_images)
+
+
+@functools.lru_cache(maxsize=1)  # once per process: the grid's runs (and each pool worker's) share it
+def _load_data(root: str, retrieval_images: int) -> Data:
     from transformers import AutoTokenizer
 
     from iais_scale.data.collate import Collator
     from iais_scale.data.retrieval import RetrievalSet, read_split, swap_groups
 
-    tok = AutoTokenizer.from_pretrained(str(Path(args.data) / "tokenizer"))
+    tok = AutoTokenizer.from_pretrained(str(Path(root) / "tokenizer"))
     collator = Collator(tok, 24, 8)
-    train = read_split(Path(args.data) / "train")
+    train = read_split(Path(root) / "train")
     by_group: dict[int, list] = {}
     for s in train:
         by_group.setdefault(s.meta["pair"]["group"], []).append(s)
-    swaps = swap_groups(read_split(Path(args.data) / "swap"))
-    rset = RetrievalSet.from_samples(read_split(Path(args.data) / "test", limit=args.retrieval_images))
-    data = Data(tok, collator, train, [by_group[g] for g in sorted(by_group)], rset, swaps,
+    swaps = swap_groups(read_split(Path(root) / "swap"))
+    rset = RetrievalSet.from_samples(read_split(Path(root) / "test", limit=retrieval_images))
+    return Data(tok, collator, train, [by_group[g] for g in sorted(by_group)], rset, swaps,
                 [g.images[0].meta.get("swap_kind", "?") for g in swaps])
-    _DATA[key] = data
-    return data
 
 
 def batches(data: Data, size: int, seed: int, *, keep_pairs: bool, relations: tuple[str, ...] = ()):

@@ -62,9 +62,9 @@ def pair_matrices(rel: iais.RelationMatrices, b: int = 0, alignments: Sequence[s
         for d, n in (("L", t), ("V", v)):
             _, p_x, _ = iais._mapped(rel, a, d)
             out[f"P_{d}/{a}"] = p_x[b, :n, :n]
-            out[f"ISD_{d}/{a}"] = float(iais.isd(rel, alignment=a, direction=d)[b])
+            out[f"ISD_{d}/{a}"] = float(iais.isd(rel, alignment=a, direction=d)[b].detach())
     for name, value in iais.attention_entropy(rel).items():
-        out[f"entropy/{name}"] = float(value[b])
+        out[f"entropy/{name}"] = float(value[b].detach())
     return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
