@@ -751,20 +751,20 @@ def run(cfg: ExperimentConfig, resume: str = "none") -> dict:
         report = Trainer(cfg, resume).fit()
     except StopTraining:
         shutdown()  # every rank stops here together (a barrier precedes StopTraining)
-        ignore_while_exiting()
         raise
     shutdown()
-    ignore_while_exiting()
     return report
 
 
 def shutdown() -> None:
-    """Destroy the process group at the end of a run that every rank finished. Left to interpreter exit,
-    gloo's worker threads abort the process (``terminate called without an active exception``, exit
-    code 250 through the launcher; pytorch#190489). A rank failing alone skips this, as torchtitan
-    does, so that it never waits on peers."""
+    """The end of a run that every rank finished: destroy the process group, and from here to the exit
+    ignore stop signals (``ignore_while_exiting``). Left to interpreter exit, gloo's worker threads
+    abort the process (``terminate called without an active exception``, exit code 250 through the
+    launcher; pytorch#190489). A rank failing alone skips this, as torchtitan does, so that it never
+    waits on peers."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    ignore_while_exiting()
 
 
 def _release_shm_name(rank: int) -> None:
