@@ -525,6 +525,38 @@ def counts(items: list[dict[str, Any]], reasons: Iterable[str] = REASONS) -> dic
     return {r: n[r] for r in [*order, *sorted(set(n) - set(order))] if n[r]}
 
 
+def previous_run(out_path: Path, generator: str, params: dict, overwrite: bool, out: Callable[[str], None]) -> dict | None:
+    """The manifest of a complete earlier run into ``out_path`` with the same generator and params (the
+    caller returns it: nothing to do), else None. A data set made otherwise is replaced only with
+    ``overwrite``, and its manifest goes first: a crash while writing must not leave it vouching for
+    half-written data. An unreadable manifest counts as another data set's."""
+    manifest_path = out_path / MANIFEST_FILE
+    if not manifest_path.exists():
+        return None
+    try:
+        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except ValueError:
+        old = None
+    if not overwrite and isinstance(old, dict) and old.get("generator") == generator and old.get("params") == params:
+        for split_dir in out_path.iterdir():
+            if split_dir.is_dir():
+                (split_dir / PROGRESS_FILE).unlink(missing_ok=True)
+        out(f"{out_path}: already converted with these parameters; nothing to do (--overwrite to redo)")
+        return old
+    if not overwrite:
+        raise FileExistsError(f"{out_path} holds a data set made with other parameters; pass --overwrite to replace it")
+    manifest_path.unlink()
+    return None
+
+
+def clear_other_splits(out_path: Path, splits, overwrite: bool) -> None:
+    """Remove the splits of an earlier, different conversion into ``out_path`` that this one does not
+    write (with ``overwrite``, also bare shard folders), so the data set holds only its own splits."""
+    for split_dir in sorted(p for p in out_path.iterdir() if p.is_dir() and p.name not in splits):
+        if _is_ours(split_dir) or (overwrite and any(SHARD_RE.match(p.name) for p in split_dir.iterdir())):
+            _clear_split_dir(split_dir)
+
+
 def _is_ours(split_dir: Path) -> bool:
     return (split_dir / PROGRESS_FILE).is_file() or (split_dir / SKIPPED_FILE).is_file()
 
@@ -575,29 +607,9 @@ def run_conversion(
         "feature_dtype": feature_dtype,
         "version": CONVERTER_VERSION,
     }
-    manifest_path = out_path / MANIFEST_FILE
-    if manifest_path.exists():
-        try:
-            old = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except ValueError:
-            old = None
-        if (
-            not overwrite
-            and isinstance(old, dict)
-            and old.get("generator") == generator
-            and old.get("params") == params
-        ):
-            for split_dir in out_path.iterdir():
-                if split_dir.is_dir():
-                    (split_dir / PROGRESS_FILE).unlink(missing_ok=True)
-            out(f"{out_path}: already converted with these parameters; nothing to do (--overwrite to redo)")
-            return old
-        if not overwrite:
-            raise FileExistsError(
-                f"{out_path} holds a data set made with other parameters; pass --overwrite to replace it"
-            )
-        # Drop the manifest first: a crash while converting must not leave it vouching for half-written data.
-        manifest_path.unlink()
+    old = previous_run(out_path, generator, params, overwrite, out)
+    if old is not None:
+        return old
     out_path.mkdir(parents=True, exist_ok=True)
 
     # Splits whose every input failed are converted too: they end empty and are reported as such.
@@ -605,9 +617,7 @@ def run_conversion(
     bad = [s for s in splits if not valid_split_name(s)]
     if bad:
         raise ValueError(f"invalid split name(s) {bad}: use letters, digits, '-' and '_' (at most 80)")
-    for split_dir in sorted(p for p in out_path.iterdir() if p.is_dir() and p.name not in splits):
-        if _is_ours(split_dir) or (overwrite and any(SHARD_RE.match(p.name) for p in split_dir.iterdir())):
-            _clear_split_dir(split_dir)  # a split of an earlier, different conversion into this folder
+    clear_other_splits(out_path, splits, overwrite)
 
     opts = LoadOptions(want_features=inputs.want_features, check_decode=check_decode, feature_dtype=feature_dtype,
                        max_array_bytes=max_array_mb << 20)
@@ -646,7 +656,7 @@ def run_conversion(
         "splits": {s: r.samples for s, r in results.items()},
         "skipped": {s: counts(r.issues) for s, r in results.items()},
     }
-    write_json_atomic(manifest_path, manifest, sort_keys=False)
+    write_json_atomic(out_path / MANIFEST_FILE, manifest, sort_keys=False)
     for split in splits:
         (out_path / split / PROGRESS_FILE).unlink(missing_ok=True)
     _summary(out_path, results, unsplit, out)

@@ -263,12 +263,12 @@ def extract_backbone_features(
     import torch
 
     from iais_scale.config import relation_data_reason
-    from iais_scale.data.format import MANIFEST_FILE, TOKENIZER_DIR, Manifest
+    from iais_scale.data.format import TOKENIZER_DIR, Manifest
     from iais_scale.data.transforms import ImageTransform
     from iais_scale.model.backbone import VisionBackbone
     from iais_scale.model.backbone_source import backbone_fields, load_backbone_weights
 
-    from .convert import PROGRESS_FILE
+    from .convert import PROGRESS_FILE, clear_other_splits, previous_run
     from .convert import counts as issue_counts
 
     if batch_size < 1 or shard_size < 1:
@@ -284,16 +284,11 @@ def extract_backbone_features(
         "transform": {k: fields[k] for k in ("image_size", "image_mean", "image_std", "image_resample", "image_crop_pct")},
     }
     out_path = Path(out_dir)
-    manifest_path = out_path / MANIFEST_FILE
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if not overwrite and old.get("generator") == BACKBONE_GENERATOR and old.get("params") == params:
-            out(f"{out_path}: already extracted with these parameters; nothing to do (--overwrite to redo)")
-            return old
-        if not overwrite:
-            raise FileExistsError(f"{out_path} holds a data set made with other parameters; pass --overwrite to replace it")
-        manifest_path.unlink()
+    old = previous_run(out_path, BACKBONE_GENERATOR, params, overwrite, out)
+    if old is not None:
+        return old
     out_path.mkdir(parents=True, exist_ok=True)
+    clear_other_splits(out_path, sources, overwrite)
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
@@ -319,9 +314,11 @@ def extract_backbone_features(
             counts[name], skipped[name] = n, issue_counts(items)
             total_images += images
             out(f"{name}: {n} samples ({len(items)} skipped)")
-    src_root = Path(images_from)
-    if (src_root / TOKENIZER_DIR).is_dir() and not (out_path / TOKENIZER_DIR).exists():
-        shutil.copytree(src_root / TOKENIZER_DIR, out_path / TOKENIZER_DIR)
+    # The source's tokenizer, fresh on every run: one left by an overwritten data set (or cut short by a
+    # crash; the manifest is written after it) must not stay.
+    shutil.rmtree(out_path / TOKENIZER_DIR, ignore_errors=True)
+    if (Path(images_from) / TOKENIZER_DIR).is_dir():
+        shutil.copytree(Path(images_from) / TOKENIZER_DIR, out_path / TOKENIZER_DIR)
     # The source's relational captions stay relational (no flips: see iais_scale.config); unknown stays unknown.
     extra: dict[str, Any] = {"source_generator": (src_manifest or {}).get("generator")}
     if relation_data_reason(None, src_manifest) is not None:
@@ -386,7 +383,7 @@ class _Extraction:
                 index += size
                 continue
             expected = max(0, start - index)
-            for raw in read_shard(url, start=expected):
+            for raw in read_shard(url, start=expected, stop=size):  # records past its size are not its
                 for missing in range(expected, raw["__index__"]):
                     yield index + missing, None
                 yield raw["__index__"] + index, raw
@@ -418,14 +415,16 @@ class _Extraction:
         from .convert import Loaded
 
         decoded = [e for e in entries if e[3] is None]
-        feats = cells = None
-        if decoded:
-            px = torch.from_numpy(np.stack([e[2] for e in decoded])).permute(0, 3, 1, 2).contiguous().to(self.device)
+        outputs, cells = [], None
+        for i in range(0, len(decoded), self.batch_size):  # at most batch_size images per forward
+            part = decoded[i : i + self.batch_size]
+            px = torch.from_numpy(np.stack([e[2] for e in part])).permute(0, 3, 1, 2).contiguous().to(self.device)
             with torch.no_grad():
-                feats, cells = self.model(px)
-            feats = iter(feats.float().cpu().numpy())
-            cells = cells.cpu().numpy().astype(np.float64)
-            self.images += len(decoded)
+                out, cells = self.model(px)
+            outputs += list(out.float().cpu().numpy())
+            cells = cells.cpu().numpy().astype(np.float64)  # the grid's cells: the same for every image
+            self.images += len(part)
+        feats = iter(outputs)
         for index, sample, _, problem in entries:
             if problem is not None:
                 yield problem

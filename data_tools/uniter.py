@@ -34,7 +34,6 @@ import numpy as np
 
 from iais_scale.data.format import (
     FORMAT_NAME,
-    MANIFEST_FILE,
     TOKENIZER_DIR,
     Manifest,
     validate_regions,
@@ -45,11 +44,11 @@ from .convert import (
     SKIPPED_FILE,
     Loaded,
     SplitResult,
-    _clear_split_dir,
-    _is_ours,
+    clear_other_splits,
     counts,
     order_records,
     parse_bytes,
+    previous_run,
     sort_splits,
     valid_split_name,
     write_split,
@@ -552,18 +551,9 @@ def convert(
         "feature_dtype": feature_dtype, "seed": seed, "shard_size": shard_size, "max_shard_bytes": max_shard_bytes,
         "version": UNITER_CONVERTER_VERSION,
     }
-    manifest_path = out_path / MANIFEST_FILE
-    if manifest_path.exists():
-        try:
-            old = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except ValueError:
-            old = None
-        if not overwrite and isinstance(old, dict) and old.get("generator") == GENERATOR and old.get("params") == params:
-            out(f"{out_path}: already converted with these parameters; nothing to do (--overwrite to redo)")
-            return old
-        if not overwrite:
-            raise FileExistsError(f"{out_path} holds a data set made with other parameters; pass --overwrite to replace it")
-        manifest_path.unlink()  # a crash while converting must not leave it vouching for half-written data
+    old = previous_run(out_path, GENERATOR, params, overwrite, out)
+    if old is not None:
+        return old
 
     cap = max_array_mb << 20
     db_path, nbb = locate_img_db(img_db, rule)
@@ -586,9 +576,7 @@ def convert(
 
     out_path.mkdir(parents=True, exist_ok=True)
     splits = sort_splits(entries)
-    for split_dir in sorted(p for p in out_path.iterdir() if p.is_dir() and p.name not in splits):
-        if _is_ours(split_dir):
-            _clear_split_dir(split_dir)  # a split of an earlier, different conversion into this folder
+    clear_other_splits(out_path, splits, overwrite)
     opts = Options(rule, cap, feature_dtype, shard_size, max_shard_bytes)
     results: dict[str, SplitResult] = {}
     feature_dim: int | None = None

@@ -488,11 +488,22 @@ def test_feature_extraction_resumes_after_an_interruption(tiny_demo, tmp_path, b
         assert (cut / "train" / shard.name).read_bytes() == shard.read_bytes(), shard.name
 
 
-def test_feature_extraction_counts_the_samples_a_damaged_shard_lost(tiny_demo, tmp_path, backbones):
-    """A source shard cut short: every record it no longer holds is a counted skip, never silently gone."""
+def test_feature_extraction_counts_the_samples_a_damaged_shard_lost(tiny_demo, tmp_path, backbones, monkeypatch):
+    """A source shard cut short: every record it no longer holds is a counted skip, never silently gone;
+    the skips never make a backbone forward larger than --batch-size."""
     import shutil
 
     from data_tools.features import extract_backbone_features
+    from iais_scale.model.backbone import VisionBackbone
+
+    sizes = []
+    forward = VisionBackbone.forward
+
+    def counted(self, pixels, *args, **kwargs):
+        sizes.append(pixels.shape[0])
+        return forward(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(VisionBackbone, "forward", counted)
 
     src_root = tmp_path / "src"
     shutil.copytree(tiny_demo, src_root)
@@ -501,13 +512,38 @@ def test_feature_extraction_counts_the_samples_a_damaged_shard_lost(tiny_demo, t
     shard.write_bytes(data[: len(data) // 2])  # about half its samples, then a torn member
     out = tmp_path / "out"
     extract_backbone_features(str(src_root), str(out), f"hf:{backbones['clip']}", split="train", shard_size=20,
-                              batch_size=8, out=lambda *_: None)
+                              batch_size=5, out=lambda *_: None)  # 5: the skips do not fill whole batches
     manifest = json.loads((out / "manifest.json").read_text())
     lost = manifest["skipped"]["train"]["unreadable_image"]
     assert 0 < lost < 32 and manifest["splits"]["train"] + lost == 96
     skipped = json.loads((out / "train" / "skipped.json").read_text())
     assert skipped["counts"] == {"unreadable_image": lost}
     assert {i["input"] for i in skipped["items"]} == {f"{src_root / 'train'}#{n}" for n in range(64 - lost, 64)}
+    assert max(sizes) == 5 and sum(sizes) == manifest["splits"]["train"], sizes
+
+
+def test_feature_extraction_overwrite_replaces_the_whole_data_set(tiny_demo, tmp_path, backbones):
+    """--overwrite leaves nothing of the data set it replaces: not its tokenizer (the new source has
+    none), not a split the new run does not write; a damaged manifest is another data set's."""
+    import shutil
+
+    from data_tools.features import extract_backbone_features
+
+    src = f"hf:{backbones['clip']}"
+    out = tmp_path / "out"
+    extract_backbone_features(str(tiny_demo), str(out), src, split="train", shard_size=50, batch_size=16,
+                              out=lambda *_: None)
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_demo / "train", bare)  # a folder of shards: no manifest, no tokenizer
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        extract_backbone_features(str(bare), str(out), src, split="other", shard_size=50, batch_size=16,
+                                  out=lambda *_: None)
+    manifest = extract_backbone_features(str(bare), str(out), src, split="other", shard_size=50, batch_size=16,
+                                         overwrite=True, out=lambda *_: None)
+    assert manifest["splits"] == {"other": 96}
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "other"]
 
 
 # --------------------------------------------------------------------------- the real trainer
