@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -148,7 +149,6 @@ class Data:
     pairs: list[list]  # the two samples of each training pair
     rset: object  # retrieval set: the first --retrieval-images test images
     swaps: list  # every swap group
-    swap_kinds: list[str]
 
 
 def load_data(args) -> Data:
@@ -170,8 +170,7 @@ def _load_data(root: str, retrieval_images: int) -> Data:
         by_group.setdefault(s.meta["pair"]["group"], []).append(s)
     swaps = swap_groups(read_split(Path(root) / "swap"))
     rset = RetrievalSet.from_samples(read_split(Path(root) / "test", limit=retrieval_images))
-    return Data(tok, collator, train, [by_group[g] for g in sorted(by_group)], rset, swaps,
-                [g.images[0].meta.get("swap_kind", "?") for g in swaps])
+    return Data(tok, collator, train, [by_group[g] for g in sorted(by_group)], rset, swaps)
 
 
 def batches(data: Data, size: int, seed: int, *, keep_pairs: bool, relations: tuple[str, ...] = ()):
@@ -254,43 +253,28 @@ def train(model, data: Data, cfg, *, seed: int, keep_pairs: bool, tag: str = "",
 # --------------------------------------------------------------------------- evaluation
 
 
+@contextlib.contextmanager
 def evaluation_layers(model, layers: list[int]):
     """Context: the relation matrices (ISD, entropies) of ``layers`` for evaluation, then restored."""
-
-    class _Swap:
-        def __enter__(self):
-            self.saved = (list(model.config.iais_layers), set(model._iais_layers))
-            model.config.iais_layers = list(layers)
-            model._iais_layers = set(model.config.resolved_iais_layers())
-
-        def __exit__(self, *exc):
-            model.config.iais_layers, model._iais_layers = self.saved
-
-    return _Swap()
+    saved = (list(model.config.iais_layers), set(model._iais_layers))
+    model.config.iais_layers = list(layers)
+    model._iais_layers = set(model.config.resolved_iais_layers())
+    try:
+        yield
+    finally:
+        model.config.iais_layers, model._iais_layers = saved
 
 
 @torch.no_grad()
 def evaluate_run(model, data: Data, iais_layers: list[int], batch_size: int) -> dict:
     n_layers = model.config.num_hidden_layers
     with evaluation_layers(model, list(range(n_layers))):
-        report = ev.evaluate(model, ev.EvalData(data.collator, data.rset), batch_size=batch_size,
+        report = ev.evaluate(model, ev.EvalData(data.collator, data.rset, data.swaps), batch_size=batch_size,
                              isd_alignments=["singular"])
-    swaps = data.swaps
-    texts = data.collator.texts([c for g in swaps for c in g.captions])
-    images = data.collator.images([im for g in swaps for im in g.images])
-    g = torch.arange(len(swaps))
-    ci = torch.tensor([0, 0, 1, 1]).repeat(len(swaps)) + 2 * g.repeat_interleave(4)
-    ij = torch.tensor([0, 1, 0, 1]).repeat(len(swaps)) + 2 * g.repeat_interleave(4)
-    model.eval()
-    s = ev.score_pairs(model, texts, images, ci, ij, batch_size).view(-1, 2, 2)
-    out = {**ev.winoground_scores(s)}
-    for kind in ("argument", "relation"):
-        rows = torch.tensor([k == kind for k in data.swap_kinds])
-        if rows.any():
-            out[f"group_{kind}"] = ev.winoground_scores(s[rows])["group"]
-    spans = [im.meta.get("relation_spans", [None])[0] for g in swaps for im in g.images]
-    probe = ev.relation_probe(model, data.collator, [c for g in swaps for c in g.captions], spans, images, batch_size)
-    out["probe_swap"] = probe["accuracy"] if probe else math.nan
+    swap = report["relation_swap"]
+    out = {k: swap[k] for k in ("text", "image", "group")}
+    out.update({f"group_{kind}": s["group"] for kind, s in swap.get("by_kind", {}).items()})
+    out["probe_swap"] = report.get("relation_mlm_swap", {}).get("accuracy", math.nan)
     out["probe_retrieval"] = report.get("relation_mlm", {}).get("accuracy", math.nan)
     out["tr_r1"], out["ir_r1"] = report["tr_r1"], report["ir_r1"]
     rel = report["relations"]
@@ -321,19 +305,24 @@ def _settings_key(args) -> str:
     return hashlib.sha256(json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def start_path(args) -> Path:
+    """The cache file of the shared start of these settings."""
+    return Path(args.out) / "cache" / f"start_{_settings_key(args)}.pt"
+
+
 def shared_start(args) -> tuple[dict, dict]:
     """(state dict, info) of the shared pre-trained start, cached under ``--out``."""
     from iais_scale.engine import build_model
 
+    cache = start_path(args)
+    if cache.is_file() and not args.no_cache:
+        blob = torch.load(cache, weights_only=True)
+        return blob["state"], {**blob["info"], "cached": True}
     data = load_data(args)
-    cache = Path(args.out) / "cache" / f"start_{_settings_key(args)}.pt"
     cfg = experiment(args, pretrain_overrides(args), args.pretrain_steps, args.pretrain_batch)
     torch.manual_seed(args.pretrain_seed)
     model = build_model(cfg, data.tokenizer, data.train[0].features.shape[1])
     reinitialise(model, args.init_range)
-    if cache.is_file() and not args.no_cache:
-        blob = torch.load(cache, weights_only=True)
-        return blob["state"], {**blob["info"], "cached": True}
     t0 = time.perf_counter()
     log = []
     if args.ground_steps:
@@ -349,7 +338,9 @@ def shared_start(args) -> tuple[dict, dict]:
     metrics = evaluate_run(model, data, [-1], args.eval_batch)
     info = {"seconds": seconds, "log": log, "metrics": metrics, "cached": False}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": model.state_dict(), "info": info}, cache)
+    partial = cache.with_suffix(".partial")
+    torch.save({"state": model.state_dict(), "info": info}, partial)
+    os.replace(partial, cache)  # an interrupted save never leaves a cache entry to trust
     return model.state_dict(), info
 
 
@@ -388,8 +379,8 @@ def _worker_init(threads: int) -> None:
 
 
 def _fine_tune_task(payload) -> dict:
-    args, name, seed, start_path = payload
-    return fine_tune(args, name, seed, torch.load(start_path, weights_only=True))
+    args, name, seed = payload
+    return fine_tune(args, name, seed, torch.load(start_path(args), weights_only=True)["state"])
 
 
 def run_grid(args) -> dict:
@@ -402,16 +393,10 @@ def run_grid(args) -> dict:
         for name, seed in tasks:
             runs.append(fine_tune(args, name, seed, start))
             _progress(runs[-1], len(runs), len(tasks), t0)
-    else:
-        start_path = Path(args.out) / "cache" / f"start_{_settings_key(args)}.pt"
-        if not start_path.is_file():
-            start_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"state": start, "info": start_info}, start_path)
-        state_path = start_path.with_suffix(".state.pt")
-        torch.save(start, state_path)
+    else:  # the workers read the start from its cache file (shared_start always writes it)
         with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                     initargs=(args.threads,)) as pool:
-            futures = [pool.submit(_fine_tune_task, (args, n, s, state_path)) for n, s in tasks]
+            futures = [pool.submit(_fine_tune_task, (args, n, s)) for n, s in tasks]
             for f in cf.as_completed(futures):
                 runs.append(f.result())
                 _progress(runs[-1], len(runs), len(tasks), t0)

@@ -616,6 +616,10 @@ def evaluate(
             ij = torch.tensor([0, 1, 0, 1]).repeat(len(swaps)) + 2 * g.repeat_interleave(4)
             s = score_pairs(model, swap_texts, swap_images, ci, ij, batch_size).view(-1, 2, 2)
             report["relation_swap"] = {"groups": len(swaps), **winoground_scores(s)}
+            kinds = [g.images[0].meta.get("swap_kind") for g in swaps]
+            if any(kinds):  # relation data: swapped arguments and swapped relations apart
+                report["relation_swap"]["by_kind"] = {
+                    k: winoground_scores(s[torch.tensor([x == k for x in kinds])]) for k in sorted(set(kinds) - {None})}
             if relation_probe_enabled:
                 swap_captions = [c for g in swaps for c in g.captions]
                 probe = relation_probe(model, collator, swap_captions, _spans_of(im for g in swaps for im in g.images),
@@ -689,6 +693,7 @@ def markdown_table(report: dict) -> str:
     if "relation_swap" in r:
         s = r["relation_swap"]
         lines += ["", f"Relation swap ({s['groups']} groups): text {s['text']:.1f}  image {s['image']:.1f}  group {s['group']:.1f}"]
+        lines += [f"  {kind} swaps: group {k['group']:.1f}" for kind, k in s.get("by_kind", {}).items()]
         if "relation_swap_itc" in r:
             s = r["relation_swap_itc"]
             lines.append(f"Relation swap, ITC only: text {s['text']:.1f}  image {s['image']:.1f}  group {s['group']:.1f}")

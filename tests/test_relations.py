@@ -292,6 +292,13 @@ def test_evaluate_reports_the_probe_and_the_degenerate_flag(data: Path) -> None:
     rset = RetrievalSet.from_samples(read_split(data / "test", limit=10))
     swaps = swap_groups(read_split(data / "swap"))[:5]
     report = ev.evaluate(model, ev.EvalData(collator, rset, swaps), batch_size=64, isd_alignments=["singular"])
+    # Swapped arguments and swapped relations scored apart; together they are the overall score.
+    kinds = [g.images[0].meta["swap_kind"] for g in swaps]
+    by_kind = report["relation_swap"]["by_kind"]
+    assert set(by_kind) == set(kinds) and set(kinds) <= {"argument", "relation"}
+    for key in ("text", "image", "group"):
+        assert sum(by_kind[k][key] * kinds.count(k) for k in by_kind) / len(kinds) == pytest.approx(
+            report["relation_swap"][key])
     assert report["relation_mlm"]["captions"] == 10 and report["relation_mlm_swap"]["captions"] == 10
     for probe in (report["relation_mlm"], report["relation_mlm_swap"]):  # hits out of 10 captions
         assert probe["accuracy"] / 10 == pytest.approx(round(probe["accuracy"] / 10), abs=1e-9), probe
