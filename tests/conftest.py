@@ -1,10 +1,11 @@
-"""Shared fixtures: a tiny demo data set, made once per test session."""
+"""Shared fixtures, made once per test session: a tiny demo data set, tiny vision backbones."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from iais_scale.data.demo import make_demo
 
@@ -32,6 +33,50 @@ def damage_json(shard: Path, keys: list[str]) -> None:
     with tarfile.open(shard, "w") as tar:
         for info, data in members:
             tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{vit, clip, clip_full, convnext}: folders of tiny transformers vision models (random weights)."""
+    return make_backbones(tmp_path_factory.mktemp("backbones"))
+
+
+def make_backbones(folder: Path) -> dict[str, Path]:
+    """Tiny transformers vision models with random weights, saved like downloaded checkpoints."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        ConvNextConfig,
+        ConvNextImageProcessorPil,
+        ConvNextModel,
+        ViTConfig,
+        ViTImageProcessorPil,
+        ViTModel,
+    )
+
+    torch.manual_seed(0)
+    out = {name: folder / name for name in ("vit", "clip", "clip_full", "convnext")}
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
+                    patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ViTModel(vit).save_pretrained(out["vit"])  # with its pooler: the import drops it
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(out["vit"])
+    clip_v = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32,
+                  patch_size=8)
+    CLIPVisionModel(CLIPVisionConfig(**clip_v)).save_pretrained(out["clip"])
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(out["clip"])
+    full = CLIPConfig(text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                       vocab_size=50, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                      vision_config=clip_v, projection_dim=8)
+    CLIPModel(full).save_pretrained(out["clip_full"])
+    processor.save_pretrained(out["clip_full"])
+    ConvNextModel(ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=32)).save_pretrained(
+        out["convnext"])
+    ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(out["convnext"])
+    return out
 
 
 @pytest.fixture(scope="session")

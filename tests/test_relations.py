@@ -332,8 +332,8 @@ def test_entropy_guard_math() -> None:
     torch.manual_seed(0)
     q, k = 10 * torch.randn(2, 2, 9, 4), 10 * torch.randn(2, 2, 9, 4)
     sharp = _relations(q, k, 4, 3)
-    assert max(v.max() for v in iais.attention_entropy(sharp).values()) < 0.7
-    assert ob.entropy_excess(sharp, 0.7).tolist() == [0.0, 0.0]
+    assert max(v.max() for v in iais.attention_entropy(sharp).values()) < 0.65  # 0.631 (A_t2i)
+    assert ob.entropy_excess(sharp, 0.65).tolist() == [0.0, 0.0]
     # Against iais.attention_entropy: the guard is the mean over the four of relu(H - c).
     q, k = torch.randn(3, 2, 9, 4), torch.randn(3, 2, 9, 4)
     rel = _relations(q, k, 4, 3)
@@ -357,7 +357,7 @@ def test_entropy_guard_gradient_sharpens_attention() -> None:
     assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
     with torch.no_grad():
         after = ob.entropy_excess(_relations(q - 10.0 * q.grad, k, 4, 3), 0.5).mean()
-    assert after < guard - 0.002
+    assert after < guard - 0.003  # 0.0037
     # Exactly uniform attention is a stationary point of the entropy: no gradient there (the guard is a
     # barrier against drifting to the degenerate minimum, not a way out of an exactly uniform start).
     z = torch.zeros(1, 1, 9, 4, requires_grad=True)

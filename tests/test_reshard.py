@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import wait_for
+from test_resume import complete_steps, wait_for
 from test_train import ROOT, free_port
 
 from iais_scale.data.demo import make_demo
@@ -41,11 +41,6 @@ def launch(ranks: int, demo: Path, out: Path, steps: int, *extra: str) -> subpro
            "--config", "configs/demo.yaml", "--resume", "auto", *overrides(demo, out, steps, *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def complete_steps(out: Path) -> list[int]:
-    return sorted(int(p.parent.name[4:]) for p in (out / "checkpoints").glob("step*/COMPLETE")
-                  if p.parent.name[4:].isdigit())
 
 
 def kill_after(proc: subprocess.Popen, out: Path, step: int) -> int:

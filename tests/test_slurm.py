@@ -11,16 +11,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+from test_resume import assert_same_weights, log_records
+from test_train import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "launchers/slurm.sh"
@@ -73,7 +72,7 @@ def test_sbatch_demo_on_two_nodes(demo_job):
     log = out.read_text()
     assert "nodes (2): n1 n2" in log and "rendezvous n1:" in log and "world size 2" in log, log[:3000]
     assert "slurm.sh[node 0" in log and "slurm.sh[node 1" in log, log[-3000:]
-    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    records = log_records(run)
     assert [r["step"] for r in records] == list(range(5, STEPS + 1, 5))
     report = json.loads((run / "eval.json").read_text())
     assert report["images"] == 16 and report["captions"] == 32
@@ -120,16 +119,13 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes(slurm_cluster, demo_job, t
     assert f"job {job} (iais) restart 0" in first
     assert f"resumed from step {step} " in second and "starting at step 0" not in second, second[:4000]
     # one record per 5 steps, none repeated: the second run went on from the checkpoint, not from 0
-    records = [json.loads(line) for line in train_log.read_text().splitlines()]
+    records = log_records(run)
     assert [r["step"] for r in records] == list(range(5, steps + 1, 5)), records
     assert json.loads((run / "eval.json").read_text())["images"] == 16
     # The same weights and, for every logging window wholly after the resume, the same values.
     reference = demo_job[2]
-    a, b = (load_file(r / "hf_model" / "model.safetensors") for r in (reference, run))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
-    want = {r["step"]: r for r in (json.loads(line) for line in (reference / "train_log.jsonl").read_text().splitlines())}
+    assert_same_weights(run, reference)
+    want = {r["step"]: r for r in log_records(reference)}
     after = [r for r in records if r["step"] - 5 >= step]
     assert after and after[-1]["step"] == steps
     for r in after:
@@ -182,7 +178,7 @@ def test_requeued_job_resumes_on_fewer_nodes(slurm_cluster, tiny_demo, tmp_path)
     second = log.split(f"job {job} (iais) restart 1", 1)[1]
     assert "world size 1" in second and f"resumed from step {step} " in second, second[-4000:]
     assert f"step{step}_universal" in second, second[-4000:]
-    records = [json.loads(line)["step"] for line in train_log.read_text().splitlines()]
+    records = [r["step"] for r in log_records(run)]
     assert records == list(range(5, steps + 1, 5)), records
     assert json.loads((run / "eval.json").read_text())["images"] == 16
 
@@ -195,12 +191,6 @@ def test_sbatch_failing_training_fails_the_job(slurm_cluster, tiny_demo, tmp_pat
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), describe(slurm_cluster, job, out)
     log = out.read_text()
     assert "train.steps: must be at least 1" in log and "training exited with 2" in log, log[-3000:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_no_ssh_two_nodes_rendezvous_on_loopback(tiny_demo, tmp_path):
@@ -231,5 +221,5 @@ def test_no_ssh_two_nodes_rendezvous_on_loopback(tiny_demo, tmp_path):
     assert codes == [0, 0], "\n\n".join(log[-4000:] for log in logs)
     assert "node_rank=1" in logs[1] and "dist_world_size=2" in logs[1]
     assert "2 ranks" in logs[0], logs[0][-4000:]
-    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [5, 10]
+    assert [r["step"] for r in log_records(run)] == [5, 10]
     assert json.loads((run / "eval.json").read_text())["images"] == 16

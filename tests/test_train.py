@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -25,7 +24,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(tiny_demo: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def train(tiny_demo: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The trainer on the tiny demo, 2 CPU ranks; ``extra`` overrides (later ones win) and options."""
     cmd = [
         shutil.which("deepspeed") or sys.exit("deepspeed launcher not on PATH"),
         "--num_gpus", "2", "--master_port", str(free_port()),
@@ -35,17 +35,10 @@ def train(tiny_demo: Path, out: Path, *extra: str) -> subprocess.CompletedProces
         "objectives.mlm_only_steps=0", "objectives.num_candidates=4", "objectives.num_hard=2",
         "model.dropout=0.0", *extra,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
-
-
-def evaluate_launcher():
-    spec = importlib.util.spec_from_file_location("evaluate_launcher", ROOT / "launchers" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def losses_fall(out: Path) -> list[dict]:
@@ -89,6 +82,8 @@ def test_deepspeed_two_ranks_train_checkpoint_and_report(tiny_demo, tmp_path):
 def test_zero3_fine_tuning_with_hard_negative_groups(tiny_demo, tmp_path):
     """ZeRO-3: 2 groups per micro-batch, each the positive and the 2 hardest of 6 scored candidates,
     IAIS on the positives; the final weights are consolidated into a Hugging Face folder."""
+    from test_evaluate import launcher  # (test_evaluate imports this module)
+
     out = tmp_path / "run"
     train(tiny_demo, out, "train.deepspeed_config=configs/deepspeed/zero3.json", "objectives.anchors_per_batch=2",
           "objectives.num_candidates=6", "objectives.itm_rank_loss=hinge", "objectives.iais.schedule=constant")
@@ -109,7 +104,7 @@ def test_zero3_fine_tuning_with_hard_negative_groups(tiny_demo, tmp_path):
     # ... and it scores as the trainer's own evaluation did, through launchers/evaluate.py.
     trained = json.loads((out / "eval.json").read_text())
     assert trained["images"] == 16
-    assert evaluate_launcher().main(["--checkpoint", str(out / "hf_model"), "--data", str(tiny_demo), "--out",
+    assert launcher().main(["--checkpoint", str(out / "hf_model"), "--data", str(tiny_demo), "--out",
                                      str(tmp_path / "eval"), "--batch-size", "1024"]) == 0
     again = json.loads((tmp_path / "eval" / "eval.json").read_text())
     for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum"):
@@ -224,7 +219,7 @@ def norm(loss):
     return torch.sqrt(sum((p.grad.double() ** 2).sum() for p in copy.parameters() if p.grad is not None)).item()
 
 authors = step_loss(1.0)
-iais_part = (step_loss(1.0) - step_loss(0.0)).item()
+iais_part = (authors - step_loss(0.0)).item()
 want, wrong = norm(authors), norm(step_loss(1.0 / 8))  # wrong: IAIS divided like the rank loss
 print("STEP", parts["loss"], authors.item(), parts["grad_norm"], want, wrong, iais_part, flush=True)
 assert abs(parts["loss"] - authors.item()) < 1e-5 * abs(authors.item()), (parts["loss"], authors.item())
