@@ -215,7 +215,8 @@ def _image_ext(data: bytes) -> str:
 
 
 def _crop_geometry(cells: np.ndarray, box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
-    """Cell geometry [n, 7] relative to the crop ``box`` (pixels) -> relative to the whole image."""
+    """Pixel boxes [n, 4] in the whole image of the grid cells ``cells`` (their geometry [n, 7],
+    normalised to the crop ``box``: the evaluation crop, in pixels)."""
     x1, y1, x2, y2 = box
     cw, ch = (x2 - x1) / width, (y2 - y1) / height
     ox, oy = x1 / width, y1 / height

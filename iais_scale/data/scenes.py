@@ -40,7 +40,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {  # a generator's palette takes the 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star")
 SIZES: dict[str, int] = {"small": 7, "large": 15}  # side of the bounding square, px
 SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
-RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 OPPOSITE: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 OBJECT_NOISE = 0.1
 DISTRACTOR_NOISE = 0.3
