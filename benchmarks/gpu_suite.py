@@ -546,7 +546,7 @@ class Suite:
             ok = run["rc"] == 0 and run["report"] is not None
             if not ok:
                 reason = run["not_started"] or ("hit its cap" if run["timed_out"] else error_line(run["out"]))
-                if self.dry and re.search(r"(fp16|bf16|half|bfloat16).{0,80}(not supported|unsupported)", run["out"], re.I):
+                if self.dry and re.search(r"(fp16|bf16|half|bfloat16).{0,80}(not supported|unsupported|does not support)", run["out"], re.I):
                     fig["skipped"] = f"skipped on CPU: {reason}"
                 else:
                     fig["error"] = reason

@@ -48,6 +48,7 @@ from iais_scale.data.collate import Collator  # noqa: E402
 from iais_scale.data.demo import make_demo  # noqa: E402
 from iais_scale.data.format import ShardWriter  # noqa: E402
 from iais_scale.data.pipeline import DEFAULT_IO, PairStream  # noqa: E402
+from iais_scale.data.tokenizer import load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,12 +189,10 @@ def main() -> None:
     ap.add_argument("--prefetch-samples", type=int, default=4000, help="samples of the prefetch comparison (250/shard)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from transformers import AutoTokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         root = make_demo(Path(tmp) / "demo", n_train=args.region_samples, n_val=1, n_test=1, n_swap_groups=0,
                          shard_size=1000)
-        tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+        tokenizer = load_tokenizer(root / "tokenizer")
         regions = Collator(tokenizer, max_text_len=40, max_regions=36)
         stream = PairStream(root / "train", regions, args.batch_size, shuffle_buffer=1000)
         n = min(stream.batches_per_epoch - 1, 2000 // args.batch_size)

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from iais_scale import evaluate as ev
 from iais_scale import objectives as ob
@@ -39,6 +38,7 @@ from iais_scale.data.collate import Collator
 from iais_scale.data.demo import make_demo
 from iais_scale.data.pipeline import PairStream
 from iais_scale.data.retrieval import RetrievalSet, read_split
+from iais_scale.data.tokenizer import load_tokenizer
 from iais_scale.engine import build_model, lr_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     make_demo(args.data, n_train=args.train_images, n_test=args.test_images)  # 100 test images leave R@1 noise of about 5 points
-    tok = AutoTokenizer.from_pretrained(str(Path(args.data) / "tokenizer"))
+    tok = load_tokenizer(Path(args.data) / "tokenizer")
     collator = Collator(tok, 24, 8)
     rset = RetrievalSet.from_samples(read_split(Path(args.data) / "test"))
     start = pretrain(args, tok, collator)

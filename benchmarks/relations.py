@@ -157,12 +157,11 @@ def load_data(args) -> Data:
 
 @functools.lru_cache(maxsize=1)  # once per process: the grid's runs (and each pool worker's) share it
 def _load_data(root: str, retrieval_images: int) -> Data:
-    from transformers import AutoTokenizer
-
     from iais_scale.data.collate import Collator
     from iais_scale.data.retrieval import RetrievalSet, read_split, swap_groups
+    from iais_scale.data.tokenizer import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(Path(root) / "tokenizer"))
+    tok = load_tokenizer(Path(root) / "tokenizer")
     collator = Collator(tok, 24, 8)
     train = read_split(Path(root) / "train")
     by_group: dict[int, list] = {}

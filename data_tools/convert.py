@@ -424,6 +424,7 @@ def write_split(
     ``reasons``); see the module docstring. Every converter writes through here."""
     split = split_dir.name
     split_dir.mkdir(parents=True, exist_ok=True)
+    refuse_foreign_files(split_dir, overwrite)
     progress = Progress(split_dir, header)
     stale = progress.path.exists()  # a log of ours: the folder may be cleared
     resumed = not overwrite and progress.load()
@@ -487,6 +488,19 @@ def write_split(
     progress.append({"complete": True, "feature_dim": feature_dim, "issues": open_issues})
     items = [*issues, *(i for s in progress.shards for i in s["issues"]), *open_issues]
     return _skipped(split_dir, SplitResult(writer.n_samples, len(writer.sizes), feature_dim, items), reasons)
+
+
+def refuse_foreign_files(split_dir: Path, overwrite: bool) -> None:
+    """A split folder holding files but no progress log of ours is someone else's: refused before
+    anything is written into it (a progress log left by a refusal would make the next run take the
+    folder for its own), unless ``overwrite``."""
+    if overwrite or not split_dir.is_dir() or (split_dir / PROGRESS_FILE).exists():
+        return
+    foreign = sorted(p.name for p in split_dir.iterdir())
+    if foreign:
+        raise FileExistsError(f"{split_dir} holds files this converter did not write ({', '.join(foreign[:4])}"
+                              f"{', ...' if len(foreign) > 4 else ''}); pass --overwrite to replace them, or choose"
+                              " another output folder")
 
 
 def _skipped(split_dir: Path, result: SplitResult, reasons: Iterable[str]) -> SplitResult:
@@ -618,6 +632,8 @@ def run_conversion(
     if bad:
         raise ValueError(f"invalid split name(s) {bad}: use letters, digits, '-' and '_' (at most 80)")
     clear_other_splits(out_path, splits, overwrite)
+    for split in splits:  # all of them before the first is written
+        refuse_foreign_files(out_path / split, overwrite)
 
     opts = LoadOptions(want_features=inputs.want_features, check_decode=check_decode, feature_dtype=feature_dtype,
                        max_array_bytes=max_array_mb << 20)

@@ -38,6 +38,7 @@ from iais_scale.data.format import (
     Manifest,
     validate_regions,
 )
+from iais_scale.data.tokenizer import load_tokenizer
 
 from .convert import (
     PROGRESS_FILE,
@@ -515,9 +516,7 @@ def _load_tokenizer(path: str | Path | None, info: dict[str, Any]):
     """A local tokenizer folder, checked against the txt_db's ``meta.json`` ([CLS]/[SEP] ids, vocab)."""
     if path is None:
         return None
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = load_tokenizer(path)
     problems = []
     if info.get("vocab_size") is not None and len(tok) != info["vocab_size"]:
         problems.append(f"{len(tok)} tokens, the txt_db's tokenizer has {info['vocab_size']}")

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .data import storage
+from .data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def verify(folder: Path, *, checksums: bool = True) -> list[str]:
         elif checksums and _crc32(p) != rec.get("crc32"):
             problems.append(f"{p}: checksum differs from the one saved")
     world = marker.get("world_size")
-    if isinstance(world, int):
+    if isinstance(world, int) and "universal_of" not in marker:  # a universal folder has no rank states
         states = [f"rank{r:05d}_state.safetensors" for r in range(world)]
         problems += [f"{folder / n}: missing" for n in states if n not in files and not (folder / n).is_file()]
     return problems
@@ -352,31 +353,79 @@ class Checkpointer:
             shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(folder.with_name(folder.name + UNIVERSAL_SUFFIX), ignore_errors=True)
 
-    def choose(self, candidates: list[Path]) -> Path | None:
+    def choose(self, candidates: list[Path], *, explicit: bool = False) -> Path | None:
         """The first candidate that verifies (sizes, checksums, no pickled code), decided by rank 0
-        and broadcast; a damaged one is named in a warning and the next one is tried."""
+        and broadcast. Automatic: a damaged one is named in a warning and the next one is tried.
+        ``explicit`` (a checkpoint the user named): a damaged one is refused on every rank, naming
+        the newest intact checkpoint beside it."""
         import torch.distributed as dist
 
-        choice = [None]
+        decision: list[str | None] = [None, None]  # (choice, refusal)
         if self.rank == 0:
             for folder in candidates:
-                problems = verify(folder)
+                problems = intact_problems(folder)
                 if not problems:
-                    try:
-                        check_pickles(folder)
-                    except CheckpointError as e:
-                        if len(candidates) == 1:
-                            raise
-                        problems = [str(e)]
-                if not problems:
-                    choice = [str(folder)]
+                    decision[0] = str(folder)
                     break
-                log.warning("checkpoint %s is damaged, not resuming from it: %s", folder, "; ".join(problems[:5]))
-            if candidates and choice[0] is None:
+                if explicit:
+                    intact = newest_intact(folder.parent, exclude=folder)
+                    decision[1] = (f"--resume {folder}: refused, the checkpoint is damaged: {'; '.join(problems[:5])}. "
+                                   + (f"The newest intact checkpoint beside it is {intact}: --resume {intact}, or"
+                                      " --resume auto" if intact else "No intact checkpoint lies beside it"))
+                    break
+                log.warning("checkpoint %s is damaged, not using it: %s", folder, "; ".join(problems[:5]))
+            if candidates and decision == [None, None]:
                 log.warning("no intact checkpoint among %s: starting from scratch", [str(c) for c in candidates])
         if dist.is_initialized() and self.world > 1:
-            dist.broadcast_object_list(choice, src=0)
-        return Path(choice[0]) if choice[0] else None
+            dist.broadcast_object_list(decision, src=0)
+        if decision[1]:
+            raise CheckpointError(decision[1])
+        return Path(decision[0]) if decision[0] else None
+
+
+def intact_problems(folder: Path) -> list[str]:
+    """Why a checkpoint folder cannot be loaded (empty when it can): its files against ``COMPLETE``,
+    then every pickle against the allow-list."""
+    problems = verify(folder)
+    if not problems:
+        try:
+            check_pickles(folder)
+        except CheckpointError as e:
+            problems = [str(e)]
+    return problems
+
+
+def newest_intact(ckpt_dir: Path, exclude: Path | None = None) -> Path | None:
+    """The newest complete step checkpoint of ``ckpt_dir`` that is intact, other than ``exclude``."""
+    for _, folder in reversed(complete_checkpoints(ckpt_dir)):
+        if folder != exclude and not intact_problems(folder):
+            return folder
+    return None
+
+
+# --------------------------------------------------------------------------- the run folder
+
+# What a run writes at the top of train.output_dir; any of them marks the folder as a run's.
+RUN_FILES = ("train_log.jsonl", "config.json", CHECKPOINTS, MODEL_DIR, "eval.json", "hf_model")
+
+
+def run_folder_problem(out_dir: Path, resume: str) -> str | None:
+    """Why a run may not write into ``out_dir`` (None when it may). A folder the user named is the
+    user's: a new run (``--resume none``) starts only in an empty or missing folder, never on top
+    of an earlier run (their logs, checkpoints and exports would mix) or of files of the user's."""
+    if not out_dir.is_dir():
+        return None if not out_dir.exists() else f"train.output_dir: {out_dir} is a file, not a folder"
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return None
+    ours = [n for n in entries if n in RUN_FILES]
+    if ours and resume != "none":
+        return None  # continuing this run
+    if ours:
+        return (f"train.output_dir: {out_dir} holds another run ({', '.join(ours[:4])}): continue it with"
+                " --resume auto, or start this one in a new train.output_dir")
+    return (f"train.output_dir: {out_dir} holds files that are not a run's ({', '.join(entries[:4])}"
+            f"{', ...' if len(entries) > 4 else ''}): choose an empty or new folder")
 
 
 # --------------------------------------------------------------------------- another world size
@@ -396,6 +445,7 @@ def to_universal(folder: Path, *, workers: int = 2) -> Path:
 
     out = folder.with_name(folder.name + UNIVERSAL_SUFFIX)
     if (out / COMPLETE).is_file() and not verify(out):
+        check_pickles(out)  # DeepSpeed's universal loader unpickles every file in it
         return out
     check_pickles(folder)  # the converter unpickles every file
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
@@ -442,8 +492,6 @@ UNUSED_BY_EVALUATION = ("mlm.", "mrfr.")
 def load_model(spec: str | Path, model_dir: str | Path | None = None, device: str | torch.device = "cpu", *,
                trust_pickles: bool = False):
     """(model in eval mode, tokenizer, Resolved) from an HF folder or a complete DeepSpeed checkpoint."""
-    from transformers import AutoTokenizer
-
     from .model import CrossModalConfig, CrossModalModel
 
     info = resolve(spec, model_dir)
@@ -455,7 +503,7 @@ def load_model(spec: str | Path, model_dir: str | Path | None = None, device: st
         _load_into(model, consolidated_state_dict(info.folder, trust_pickles=trust_pickles), str(info.folder),
                    allow_missing=UNUSED_BY_EVALUATION)
     # Passing the config keeps AutoTokenizer from re-reading config.json as an unknown model type.
-    tokenizer = AutoTokenizer.from_pretrained(str(info.model_dir), config=model.config)
+    tokenizer = load_tokenizer(info.model_dir, config=model.config)
     return model.to(device).eval(), tokenizer, info
 
 
@@ -475,6 +523,30 @@ def _load_into(model, state: dict[str, Tensor], where: str, allow_missing: tuple
 
 
 _WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt)$|.*\.index\.json$|^config\.json$")
+EXPORT_LIST = ".iais_export.json"  # the files an export wrote: the only folder it may replace
+
+
+def export_target_problem(out: Path, spec: str | Path) -> str | None:
+    """Why ``export_hf`` may not write ``out`` (None when it may): only a missing or empty folder,
+    or an earlier export of ours holding nothing else, is replaced; never a run or a user's folder."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"{out} is a file"
+    source = Path(spec).resolve()
+    if out.resolve() == source or out.resolve() in source.parents:
+        return f"{out} holds the checkpoint being exported"
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return None
+    try:
+        written = set(json.loads((out / EXPORT_LIST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{out} is not empty and holds no earlier export ({', '.join(entries[:4])})"
+    foreign = [n for n in entries if n not in written and n != EXPORT_LIST]
+    if foreign:
+        return f"{out} holds files an export did not write ({', '.join(foreign[:4])})"
+    return None
 
 
 def export_hf(spec: str | Path, out_dir: str | Path, *, model_dir: str | Path | None = None,
@@ -492,17 +564,25 @@ def export_hf(spec: str | Path, out_dir: str | Path, *, model_dir: str | Path | 
     info = resolve(spec, model_dir)
     if info.kind != "deepspeed":
         raise ValueError(f"{spec}: already a Hugging Face folder")
+    out = Path(out_dir)
+    problem = export_target_problem(out, info.folder)
+    if problem:
+        raise ValueError(f"export: refusing to write {out}: {problem}; name a new or empty folder")
     model = CrossModalModel(CrossModalConfig.from_pretrained(str(info.model_dir)))
     _load_into(model, consolidated_state_dict(info.folder, trust_pickles=trust_pickles), str(info.folder))
-    out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # (this process's own temporary folder)
     model.save_pretrained(str(tmp))
     for f in sorted(info.model_dir.iterdir()):
         if f.is_file() and not _WEIGHT_FILES.match(f.name):  # the tokenizer's files, whatever its kind
             shutil.copy2(f, tmp / f.name)
     write_remote_code(tmp)  # (save_pretrained wrote it too; the copies above must not replace it)
-    if out.exists():
+    (tmp / EXPORT_LIST).write_text(json.dumps({"files": sorted(p.name for p in tmp.iterdir())}))
+    if out.exists():  # empty, or an earlier export and nothing else: checked again, just before
+        problem = export_target_problem(out, info.folder)
+        if problem:
+            shutil.rmtree(tmp)
+            raise ValueError(f"export: refusing to write {out}: {problem}; name a new or empty folder")
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out

@@ -77,6 +77,7 @@ class DataConfig:
     bucket_by_length: bool = False  # batches of similar caption + region length
     io_retries: int = 3  # reopen a remote shard that fails mid-way this often (then: bad_shard)
     io_backoff_s: float = 1.0  # first retry delay, doubled each time
+    io_timeout_s: float = 60.0  # a remote read (HTTP, S3) that receives nothing this long fails, then is retried
     prefetch_shards: bool = True  # open the next remote shard while the current one is read
     max_member_mb: int = 256  # a tar member (image, features) larger than this is a bad sample
     # Training draws skip captions of more word pieces (UNITER: 60); evaluation never drops or cuts.
@@ -268,9 +269,13 @@ class ExperimentConfig:
             if not value >= 0:  # also catches NaN
                 p.append(f"{name}: must be >= 0 (got {value})")
         for name, value in (("optim.lr", self.optim.lr), ("optim.eps", self.optim.eps),
-                            ("train.dist_timeout_s", t.dist_timeout_s)):
+                            ("train.dist_timeout_s", t.dist_timeout_s), ("data.io_timeout_s", d.io_timeout_s)):
             if not (value > 0 and math.isfinite(value)):
                 p.append(f"{name}: must be a positive finite number (got {value})")
+        for name, value in (("train.dist_timeout_s", t.dist_timeout_s), ("train.watchdog_s", t.watchdog_s),
+                            ("data.io_timeout_s", d.io_timeout_s)):
+            if value > MAX_TIMEOUT_S:  # (timedelta and the transports overflow far below 1e300)
+                p.append(f"{name}: at most {MAX_TIMEOUT_S:.0f} s, 30 days (got {value})")
         if not (self.optim.grad_clip >= 0 and math.isfinite(self.optim.grad_clip)):
             p.append(f"optim.grad_clip: must be >= 0 (0: off) and finite (got {self.optim.grad_clip})")
         if not (self.optim.weight_decay >= 0 and math.isfinite(self.optim.weight_decay)):
@@ -457,6 +462,7 @@ def deepspeed_file_problems(path: str) -> list[str]:
     return p
 
 
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
 TASKS = ("mlm", "itm_rank", "mrfr", "itc")
 REPORT_TARGETS = ("tensorboard", "wandb")
 RELATION_GENERATORS = ("demo", "relations")  # data sets of ours whose captions are relational
@@ -585,7 +591,10 @@ def _set_override(data: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError([f"{dotted}: {k} is not a section"])
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{dotted}: {raw!r} is not a YAML value ({' '.join(str(e).split())})"]) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -595,7 +604,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError([f"config file not found: {path}"])
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:  # a syntax error, or a tag such as !!python/object (never constructed)
+            raise ConfigError([f"{path}: not a valid experiment YAML: {' '.join(str(e).split())}"]) from None
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: the top level must be a mapping"])
     for item in overrides:

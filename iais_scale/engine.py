@@ -34,10 +34,19 @@ from .data.format import TOKENIZER_DIR, Manifest
 from .data.pipeline import Consumed, StreamStart, make_train_stream, train_loader
 from .data.samples import BadSampleCounter
 from .data.shards import resolve_split
+from .data.tokenizer import load_tokenizer
 from .metrics import MetricsLogger, Window, all_reduce_record
 from .model import CrossModalModel, config_from_experiment
 from .objectives import training_loss
-from .preemption import EXIT_INTERRUPTED, Preemption, StopTraining, Watchdog, ignore_while_exiting, requeue
+from .preemption import (
+    EXIT_INTERRUPTED,
+    Preemption,
+    StopTraining,
+    Watchdog,
+    ignore_while_exiting,
+    requeue,
+    shield_data_worker,
+)
 
 log = logging.getLogger("iais_scale")
 
@@ -84,10 +93,13 @@ def tokenizer_dir(cfg: ExperimentConfig) -> str:
     return cfg.data.tokenizer or storage.join(cfg.data.root, TOKENIZER_DIR)
 
 
-def check_inputs(cfg: ExperimentConfig, world: int) -> list[str]:
-    """Problems with the data, tokenizer and initial weights a run needs, all at once, before any
-    process group exists (every rank runs it, reading only)."""
+def check_inputs(cfg: ExperimentConfig, world: int, resume: str = "auto") -> list[str]:
+    """Problems with the data, tokenizer, initial weights and output folder a run needs, all at once,
+    before any process group exists (every rank runs it, reading only)."""
     p: list[str] = []
+    folder = ckpt.run_folder_problem(Path(cfg.train.output_dir), resume)
+    if folder:
+        p.append(folder)
     d = cfg.data
     manifest = None
     try:
@@ -125,6 +137,28 @@ def check_inputs(cfg: ExperimentConfig, world: int) -> list[str]:
         batch_plan(cfg, world)
     except ConfigError as e:
         p += e.problems
+    p += precision_problems(cfg.train.deepspeed_config)
+    return p
+
+
+def precision_problems(ds_path: str) -> list[str]:
+    """A training dtype that this machine's accelerator lacks. DeepSpeed asks the same question,
+    but only inside ``initialize``, on every rank ("Type fp16 is not supported on your device")."""
+    from deepspeed.accelerator import get_accelerator
+
+    try:
+        ds = json.loads(Path(ds_path).read_text())
+    except (OSError, ValueError):
+        return []  # the config check reports an unreadable file
+    acc = get_accelerator()
+    p = []
+    for dtype, supported in (("fp16", acc.is_fp16_supported), ("bf16", acc.is_bf16_supported)):
+        if isinstance(ds.get(dtype), dict) and ds[dtype].get("enabled") and not supported():
+            # PyTorch's oneDNN runs fp16 on x86 CPUs with AVX512-FP16 or AMX-FP16 only.
+            why = " (a CPU needs AVX512-FP16 or AMX-FP16 for it)" if acc.device_name() == "cpu" else ""
+            p.append(f"train.deepspeed_config: {ds_path} trains in {dtype}, which this machine's"
+                     f" {acc.device_name()} accelerator does not support{why}; use a bf16 or fp32 DeepSpeed file"
+                     " such as configs/deepspeed/zero2_bf16.json or zero2.json")
     return p
 
 
@@ -148,21 +182,9 @@ def _vocab_problems(cfg: ExperimentConfig, tok: str) -> list[str]:
 
 def _tokenizer_size(tok: str) -> int | None:
     try:
-        from transformers import AutoTokenizer
-
-        return len(AutoTokenizer.from_pretrained(_local_tokenizer(tok)))
+        return len(load_tokenizer(tok))
     except Exception:  # reported by the caller's other checks
         return None
-
-
-def _local_tokenizer(tok: str) -> str:
-    """A local folder for ``AutoTokenizer``: the folder itself, or a private copy of a remote one
-    (every rank copies its own: nothing shared is written)."""
-    if storage.is_local(tok):
-        return tok
-    local = tempfile.mkdtemp(prefix="iais-tokenizer-")
-    storage.copy_tree(tok, local)
-    return local
 
 
 def deepspeed_config(cfg: ExperimentConfig, world_size: int, grad_accum: int) -> dict:
@@ -335,25 +357,30 @@ class DataProgress:
 class Trainer:
     """One training run on this rank: builds the parts, resumes, steps, checkpoints, evaluates."""
 
-    def __init__(self, cfg: ExperimentConfig, resume: str = "none"):
+    def __init__(self, cfg: ExperimentConfig, resume: str = "none", preemption: Preemption | None = None):
         import deepspeed
-        from transformers import AutoTokenizer
 
         self.cfg = cfg
         env_rank, env_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        # Stop requests and hangs are handled from the start: launchers/train.py installed the
+        # signal handlers before its imports; a hang in start-up (data, rendezvous) is reported too.
+        self.preemption = preemption or Preemption(env_rank)
+        self.watchdog = Watchdog(env_rank, cfg.train.watchdog_s)
+        self.watchdog.start()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(env_world)))
-        torch.set_num_threads(cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(cfg.train.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // local_world))
         setup_logging(env_rank)
+        self.watchdog.beat("start-up: preparing the data")
         prepare_data(cfg)
-        problems = check_inputs(cfg, env_world)
+        problems = check_inputs(cfg, env_world, resume)
         if problems:
             raise ConfigError(problems)
 
+        self.watchdog.beat("start-up: joining the process group")
         deepspeed.init_distributed(dist_backend=None, timeout=datetime.timedelta(seconds=cfg.train.dist_timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         _release_shm_name(self.rank)
-        self.watchdog = Watchdog(self.rank, cfg.train.watchdog_s)
-        self.watchdog.start()
+        self.watchdog.beat("start-up: building the model")
         self.grad_accum, plan_line = batch_plan(cfg, self.world)
         ds_cfg = deepspeed_config(cfg, self.world, self.grad_accum)
         self.out_dir = Path(cfg.train.output_dir)
@@ -364,7 +391,10 @@ class Trainer:
             fetched = [str(ckpt.fetch_remote(resume, self.out_dir)) if self.rank == 0 else None]
             dist.broadcast_object_list(fetched, src=0)
             resume = fetched[0]
-        self.resume_from = self.checkpoints.choose(ckpt.resume_candidates(resume, self.out_dir))
+        candidates = ckpt.resume_candidates(resume, self.out_dir)
+        # A checkpoint the user named is refused when damaged; "auto" falls back to an older one.
+        explicit = resume not in ("none", "auto") and len(candidates) == 1
+        self.resume_from = self.checkpoints.choose(candidates, explicit=explicit)
         if self.resume_from is None and resume != "none" and self.rank == 0:
             log.info("--resume %s: no complete checkpoint in %s, starting at step 0", resume,
                      self.out_dir / ckpt.CHECKPOINTS)
@@ -375,7 +405,10 @@ class Trainer:
             self.load_from = self._universal(self.resume_from)
             ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
         self.manifest = _manifest(cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(_local_tokenizer(tokenizer_dir(cfg)))
+        try:
+            self.tokenizer = load_tokenizer(tokenizer_dir(cfg))
+        except ValueError as e:
+            raise ConfigError([f"data.tokenizer: {e}"]) from None
         fdim = feature_dim(cfg, self.manifest)
         transform = None
         if cfg.model.image_input != "regions":
@@ -423,7 +456,6 @@ class Trainer:
         self.nonfinite_total = 0
         self.overflow_total = 0
         self.tokens_seen = 0  # text + image tokens of the matched pairs, for throughput
-        self.preemption = Preemption(self.rank)
         self._eval_data: dict[str, ev.EvalData] = {}
         self._stream = None
         self._rng_to_restore = None
@@ -521,16 +553,24 @@ class Trainer:
             log.info("resumed from step %d (%s); %s", self.step, self.load_from, how)
 
     def _universal(self, folder: Path) -> Path:
-        """Rank 0 converts (once; kept beside the original), the others wait for it."""
+        """Rank 0 converts (once; kept beside the original), the others wait for it. A refused
+        folder (a planted pickle) is refused on every rank."""
         out = folder.with_name(folder.name + ckpt.UNIVERSAL_SUFFIX)
+        refused: list[str | None] = [None]
         if self.rank == 0:
             marker = ckpt.read_marker(folder) or {}
             log.warning("checkpoint %s was saved by %s ranks with ZeRO stage %s; this run has %d ranks: converting"
                         " it to DeepSpeed's universal format in %s (kept for later resumes)", folder,
                         marker.get("world_size"), marker.get("zero_stage"), self.world, out)
             self.watchdog.beat(f"converting {folder} to a universal checkpoint")
-            ckpt.to_universal(folder, workers=max(1, min(4, os.cpu_count() or 1)))
-        dist.barrier()
+            try:
+                ckpt.to_universal(folder, workers=max(1, min(4, os.cpu_count() or 1)))
+            except ckpt.CheckpointError as e:
+                refused = [str(e)]
+        if self.world > 1:
+            dist.broadcast_object_list(refused, src=0)
+        if refused[0]:
+            raise ckpt.CheckpointError(refused[0])
         return out
 
     # ------------------------------------------------------------------ one step
@@ -636,10 +676,14 @@ class Trainer:
         cfg = self.cfg
         if self.resume_from is not None:
             self.load(self.resume_from)
-        self.preemption.install()
+        self.preemption.install()  # (a no-op where launchers/train.py installed it first)
+        self.watchdog.beat("start-up: agreeing on stop requests")
+        signum = self.preemption.agreed()
+        if signum:  # asked to stop during start-up: nothing new to save
+            self._stop_on_signal(signum, save=False)
         self._stream = make_train_stream(cfg.data, self.collator, cfg.train.micro_batch_size, self.rank, self.world,
                                          cfg.train.seed, self.progress.start())
-        batches = iter(train_loader(self._stream, cfg.data.num_workers))
+        batches = iter(train_loader(self._stream, cfg.data.num_workers, worker_init_fn=shield_data_worker))
         if self._rng_to_restore is not None:  # after the loader exists: creating it draws from the torch RNG
             _set_rng_state(*self._rng_to_restore)
         logger = MetricsLogger(self.out_dir, self.rank, cfg.train.steps, initial=self.step, wandb_run=self._wandb())
@@ -677,7 +721,9 @@ class Trainer:
             self.save(f"step{self.step}")
         final, extra = self.out_dir / ckpt.CHECKPOINTS / f"step{self.step}", {}
         best = self.out_dir / ckpt.CHECKPOINTS / "best"
-        if cfg.data.val_split and (best / ckpt.COMPLETE).is_file():
+        if cfg.data.val_split and (best / ckpt.COMPLETE).is_file() and self.checkpoints.choose([best]) is None:
+            log.warning("reporting the final step %d instead of the damaged best checkpoint", self.step)
+        elif cfg.data.val_split and (best / ckpt.COMPLETE).is_file():
             # Model selection: the weights with the best RSUM on the validation split are reported.
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                 rsum = self.evaluate(cfg.data.val_split, final=False)["rsum"]  # the last step competes too
@@ -733,22 +779,26 @@ class Trainer:
         run.finish()
         self._wandb_run = None
 
-    def _stop_on_signal(self, signum: int) -> None:
-        folder = self.save(f"step{self.step}")
+    def _stop_on_signal(self, signum: int, save: bool = True) -> None:
+        """Save ``step{N}`` (with ``save``; a stop during start-up has nothing new) and stop."""
+        folder = self.save(f"step{self.step}") if save else self.resume_from
         code = EXIT_INTERRUPTED
         if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID"):
-            code = 0 if requeue(self.rank, str(folder)) else EXIT_INTERRUPTED
-        elif self.rank == 0:
+            code = 0 if requeue(self.rank, str(folder or "(none new)")) else EXIT_INTERRUPTED
+        elif self.rank == 0 and save:
             log.warning("checkpoint %s saved; stopping (exit code %d)", folder, code)
+        elif self.rank == 0:
+            log.warning("stop requested during start-up; stopping before step %d, nothing to save (exit code %d)",
+                        self.step + 1, code)
         dist.barrier()
         self.watchdog.stop()
         raise StopTraining(code)
 
 
-def run(cfg: ExperimentConfig, resume: str = "none") -> dict:
+def run(cfg: ExperimentConfig, resume: str = "none", preemption: Preemption | None = None) -> dict:
     """Train, checkpoint, evaluate; returns the final evaluation report."""
     try:
-        report = Trainer(cfg, resume).fit()
+        report = Trainer(cfg, resume, preemption).fit()
     except StopTraining:
         shutdown()  # every rank stops here together (a barrier precedes StopTraining)
         raise

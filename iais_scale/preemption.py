@@ -16,9 +16,6 @@ import sys
 import threading
 import time
 
-import torch
-import torch.distributed as dist
-
 log = logging.getLogger("iais_scale")
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped by a signal (any of them), checkpoint saved
@@ -43,10 +40,16 @@ class Preemption:
         self.signum: int | None = None
         self._first_at = 0.0
         self._watch: threading.Thread | None = None
+        self._installed = False
 
     def install(self) -> None:
         """SIGUSR1/SIGTERM/SIGINT: finish the step, save, stop. Repeats within seconds are the same
-        request (SLURM and DeepSpeed's launchers forward one); a later one exits at once."""
+        request (SLURM and DeepSpeed's launchers forward one); a later one exits at once. Installed
+        by ``launchers/train.py`` before anything else, so a request during start-up is kept and
+        the run stops at its first agreement point."""
+        if self._installed:
+            return
+        self._installed = True
         for s in STOP_SIGNALS:
             signal.signal(s, self._handler)
         self._watch_launcher()
@@ -76,6 +79,10 @@ class Preemption:
             return
         if not chain or "deepspeed.launcher.launch" not in " ".join(_cmdline(chain[0])):
             return
+        if len(chain) > 1 and chain[1].pid == 1:
+            # The ``deepspeed`` runner died before this rank started: its launcher was handed to init.
+            self.request(signal.SIGTERM, f"the launcher process {chain[0].pid} has lost its deepspeed runner")
+            return
         if len(chain) > 1 and "deepspeed" not in " ".join(_cmdline(chain[1])):
             chain = chain[:1]  # the launcher was started by something else (srun, a shell): watch it only
         watched = [(p.pid, p.create_time()) for p in chain]
@@ -99,6 +106,9 @@ class Preemption:
 
     def agreed(self) -> int:
         """The stop request any rank has (0 if none): every rank stops at the same step."""
+        import torch  # here, not at the top: ``install`` runs before torch is imported
+        import torch.distributed as dist
+
         flag = torch.tensor([self.signum or 0], dtype=torch.int64)
         if dist.is_initialized():
             if dist.get_backend() == "nccl":
@@ -116,6 +126,28 @@ def ignore_while_exiting() -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def shield_data_worker(_worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the training loader: a data worker outlives every stop request until
+    its rank has saved. On Ctrl-C DeepSpeed's launcher SIGTERMs each rank's whole process tree, and
+    SLURM signals every process of a step; a worker dying then makes PyTorch raise in the rank
+    (``DataLoader worker ... is killed by signal``) mid-step or mid-save, and the checkpoint is lost.
+    The rank itself still ends its workers: a SIGTERM sent by the parent exits, as PyTorch's own
+    worker handler does; one from anyone else is dropped. A worker of a rank that dies exits by
+    PyTorch's parent watch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+    parent = os.getppid()
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="stop-shield", daemon=True).start()
+
+
 def _cmdline(p) -> list[str]:
     try:
         return p.cmdline()
@@ -127,6 +159,9 @@ def requeue(rank: int, saved: str) -> bool:
     """Ask SLURM to requeue this job (rank 0 asks, every rank learns the answer). With
     ``IAIS_REQUEUE_HOLD=1`` the job is parked (``requeuehold``) until ``scontrol release``, so that
     its allocation can be changed first (``scontrol update JobId=... NumNodes=...``)."""
+    import torch
+    import torch.distributed as dist
+
     job = os.environ.get("SLURM_JOB_ID")
     ok = torch.zeros(1)
     if rank == 0 and job:

@@ -90,18 +90,43 @@ def damaged_demo(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return root
 
 
+def shm_in_use(path: str) -> bool:
+    """Whether a live process has ``path`` mapped or open (a running job's buffer, maybe not ours)."""
+    import os
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if path in f.read():
+                    return True
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == path for fd in os.listdir(f"/proc/{pid}/fd")):
+                return True
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return False
+
+
+def remove_orphaned_shm(paths: set[str]) -> None:
+    """Unlink DeepSpeed all-reduce buffers that no live process uses; a live run's buffer stays."""
+    import os
+
+    for path in paths:
+        if not shm_in_use(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_shm():
     """DeepSpeed's CPU all-reduce buffers that a killed or in-process run of a test left in /dev/shm
-    (the trainer unlinks its own): removed after the test, or a long suite fills the RAM disk."""
+    (the trainer unlinks its own): removed after the test, or a long suite fills the RAM disk. Only
+    orphans: a training run of the user's on the same machine keeps its buffer."""
     import glob
     import os
 
     pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"
     before = set(glob.glob(pattern))
     yield
-    for path in set(glob.glob(pattern)) - before:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    remove_orphaned_shm(set(glob.glob(pattern)) - before)

@@ -7,7 +7,9 @@ port). Two faults can be switched on:
   with the full ``Content-Length``, send ``fraction`` of the body, wait ``pause_s`` (so that the
   client reads that part first) and close the connection: a transfer cut mid-file, as a flaky
   object store or proxy does;
-- ``latency_s``: every request waits this long before its first byte (a distant store).
+- ``latency_s``: every request waits this long before its first byte (a distant store);
+- ``stall(path)``: GETs of ``path`` are accepted and never answered (for at most ``STALL_S``);
+- ``listings=False``: folders are not listed (404), as on most web servers and CDNs.
 
 ``requests`` counts the GET requests per path, ``heads`` the HEAD requests.
 """
@@ -25,8 +27,17 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
+STALL_S = 60.0
+
+
 class _Handler(SimpleHTTPRequestHandler):
     server: _Server
+
+    def list_directory(self, path):
+        if self.server.listings:
+            return super().list_directory(path)
+        self.send_error(404, "no listings here")
+        return None
 
     def log_message(self, format: str, *args) -> None:  # quiet
         pass
@@ -45,10 +56,15 @@ class _Handler(SimpleHTTPRequestHandler):
         with self.server.lock:
             self.server.requests[path] += 1
             fraction = pause = None
+            stalled = path in self.server.stalled
             if self.server.drops.get(path, (0, 0.0, 0.0))[0] > 0:
                 times, fraction, pause = self.server.drops[path]
                 self.server.drops[path] = (times - 1, fraction, pause)
         time.sleep(self.server.latency_s)
+        if stalled:  # a store that accepted the request and sends nothing
+            self.server.stop_stalling.wait(STALL_S)
+            self.close_connection = True
+            return
         if fraction is None:
             super().do_GET()
             return
@@ -72,8 +88,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address, handler, latency_s: float):
+    def __init__(self, address, handler, latency_s: float, listings: bool):
         super().__init__(address, handler)
+        self.listings = listings
+        self.stalled: set[str] = set()
+        self.stop_stalling = threading.Event()
         self.lock = threading.Lock()
         self.requests: Counter[str] = Counter()
         self.heads: Counter[str] = Counter()
@@ -84,10 +103,10 @@ class _Server(ThreadingHTTPServer):
 class ShardServer:
     """``with ShardServer(folder) as srv: srv.url`` -- ``http://127.0.0.1:PORT`` serving ``folder``."""
 
-    def __init__(self, root: str | os.PathLike, *, latency_s: float = 0.0) -> None:
+    def __init__(self, root: str | os.PathLike, *, latency_s: float = 0.0, listings: bool = True) -> None:
         self.root = Path(root)
         handler = functools.partial(_Handler, directory=str(self.root))
-        self._server = _Server(("127.0.0.1", 0), handler, latency_s)
+        self._server = _Server(("127.0.0.1", 0), handler, latency_s, listings)
         self._thread: threading.Thread | None = None
 
     @property
@@ -115,6 +134,10 @@ class ShardServer:
         with self._server.lock:
             self._server.drops[rel] = (times, fraction, pause_s)
 
+    def stall(self, path: str | os.PathLike) -> None:
+        """Never answer GETs of ``path`` (a served file)."""
+        self._server.stalled.add("/" + Path(path).resolve().relative_to(self.root.resolve()).as_posix())
+
     def set_latency(self, seconds: float) -> None:
         self._server.latency_s = seconds
 
@@ -125,6 +148,7 @@ class ShardServer:
         return self
 
     def stop(self) -> None:
+        self._server.stop_stalling.set()
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:

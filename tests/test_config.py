@@ -152,3 +152,19 @@ def test_deepspeed_configs_parse(path, tmp_path):
     ds = DeepSpeedConfig(deepspeed_config(cfg, world_size=1, grad_accum=1), mpu=None)  # (it assumes 1 process here)
     assert ds.zero_optimization_stage in (1, 2, 3)
     assert ds.train_batch_size == cfg.train.micro_batch_size
+
+
+def test_yaml_python_tags_and_overflowing_timeouts_are_config_errors(tmp_path):
+    """A config is data: a Python tag in the file or an override is reported (never constructed), and
+    a timeout no transport can hold is refused before any rank would overflow on it."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: !!python/object/apply:os.system ['touch /tmp/iais_yaml_ran']\n")
+    with pytest.raises(ConfigError, match="not a valid experiment YAML: could not determine a constructor"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="train.steps: .* is not a YAML value"):
+        load_config(ROOT / "configs/demo.yaml", ["train.steps=!!python/object/apply:os.system ['true']"])
+    with pytest.raises(ConfigError, match=r"train.dist_timeout_s: at most 2592000 s, 30 days \(got 1e\+300\)"):
+        load_config(ROOT / "configs/demo.yaml", ["train.dist_timeout_s=1e300"])
+    with pytest.raises(ConfigError, match="data.io_timeout_s: must be a positive finite number"):
+        load_config(ROOT / "configs/demo.yaml", ["data.io_timeout_s=0"])
+    assert load_config(ROOT / "configs/demo.yaml", ["train.watchdog_s=86400"]).train.watchdog_s == 86400

@@ -186,6 +186,24 @@ def test_karpathy_passes_jpegs_through_and_lists_bad_inputs(
     assert not (out / "restval").exists()  # the split of the replaced conversion is gone
 
 
+def test_a_folder_holding_shards_of_another_tool_is_refused_every_time(
+    flickr: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Shards the converter did not write: refused without --overwrite, on the second try as on the
+    first, with nothing written or deleted (the first refusal once left a progress log behind, and the
+    second run took the folder for its own)."""
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    for i in range(8):
+        (out / "train" / f"shard-{i:06d}.tar").write_bytes(b"not ours %d" % i)
+    before = _tree(out)
+    for _ in range(2):
+        assert _karpathy(flickr, out) == 2
+        assert "holds files this converter did not write (shard-000000.tar" in capsys.readouterr().err
+        assert _tree(out) == before
+        assert sorted(p.name for p in (out / "train").iterdir()) == [f"shard-{i:06d}.tar" for i in range(8)]
+
+
 def test_karpathy_with_features(flickr: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert _karpathy(flickr, out, "--features", str(flickr / "features"), "--feature-dtype", "float16") == 0

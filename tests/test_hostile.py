@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import zipfile
 from collections import Counter
@@ -104,6 +105,147 @@ def test_planted_pickles_never_run_on_resume_evaluate_or_export(trained_run, tin
     assert not MARKER.exists(), "a planted pickle ran"
 
 
+def plant_in_folder(folder: Path) -> Path:
+    """A code-running pickle as one more recorded file of ``folder`` (``COMPLETE`` rewritten to match)."""
+    target = next(folder.rglob("*.pt"))
+    plant_at = target.with_name("planted.pt")
+    torch.save({"x": _Payload()}, plant_at)
+    marker = json.loads((folder / "COMPLETE").read_text())
+    marker["files"].update(ckpt.file_records(folder, [str(plant_at.relative_to(folder))]))
+    (folder / "COMPLETE").write_text(json.dumps(marker))
+    return plant_at
+
+
+@pytest.mark.slow
+def test_a_planted_pickle_in_the_universal_folder_never_runs(trained_run, tiny_demo, tmp_path):
+    """Resuming on another ZeRO stage converts step4 once into step4_universal (reused later, not
+    reconverted); a pickle planted there afterwards is refused before DeepSpeed loads the folder."""
+    MARKER.unlink(missing_ok=True)
+    run = copy_run(trained_run, tmp_path)
+    zero1 = "train.deepspeed_config=configs/deepspeed/zero1.json"
+    code, log = single_rank(*tiny(tiny_demo, run, 5), "--resume", "auto", zero1, "train.checkpoint_every=0")
+    assert code == 0 and "resumed from step 4 " in log, log[-3000:]
+    universal = run / "checkpoints" / "step4_universal"
+    assert not ckpt.verify(universal), ckpt.verify(universal)  # a genuine one passes its integrity check
+    made = (universal / "COMPLETE").stat().st_ino
+    code, log = single_rank(*tiny(tiny_demo, run, 5), "--resume", str(run / "checkpoints" / "step4"), zero1,
+                            "train.checkpoint_every=0", "train.output_dir=" + str(run))
+    assert code == 0, log[-3000:]
+    assert (universal / "COMPLETE").stat().st_ino == made  # reused, not converted again
+    plant_in_folder(universal)
+    code, log = single_rank(*tiny(tiny_demo, run, 5), "--resume", str(run / "checkpoints" / "step4"), zero1)
+    assert code == 2 and "refused" in log and "planted.pt" in log, log[-3000:]
+    assert not MARKER.exists(), "a planted pickle ran"
+
+
+@pytest.mark.slow
+def test_a_planted_pickle_in_best_never_runs(tiny_demo, tmp_path):
+    """The best checkpoint is loaded at the end of a run: a pickle planted there is refused, and the
+    run reports its final step instead."""
+    MARKER.unlink(missing_ok=True)
+    run = tmp_path / "run"
+    selecting = ("data.val_split=val", "train.eval_every=2")
+    code, log = single_rank(*tiny(tiny_demo, run, 4, *selecting))
+    assert code == 0 and (run / "checkpoints" / "best" / "COMPLETE").is_file(), log[-3000:]
+    plant_in_folder(run / "checkpoints" / "best")
+    code, log = single_rank(*tiny(tiny_demo, run, 6, "data.val_split=val", "train.eval_every=0"), "--resume", "auto")
+    assert code == 0, log[-3000:]
+    assert "checkpoint " + str(run / "checkpoints" / "best") + " is damaged" in log, log[-3000:]
+    assert "reporting the final step 6 instead of the damaged best checkpoint" in log
+    assert "selected_by" not in json.loads((run / "eval.json").read_text())
+    assert not MARKER.exists(), "a planted pickle ran"
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_run_folder_is_refused_and_changes_nothing(trained_run, tmp_path):
+    """Without --resume, a run folder holding another run (or files of the user's) is refused before
+    anything is written; the message names --resume auto and a new train.output_dir."""
+    run = copy_run(trained_run, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    code, log = single_rank(*tiny(trained_run.parent, run, 6))  # (the data are never reached)
+    assert code == 2, log[-3000:]
+    assert f"train.output_dir: {run} holds another run" in log and "--resume auto" in log, log[-3000:]
+    assert "new train.output_dir" in log
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    code, log = single_rank(*tiny(trained_run.parent, mine, 6))
+    assert code == 2 and "holds files that are not a run's (notes.txt)" in log, log[-3000:]
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_an_explicit_resume_of_a_damaged_checkpoint_is_refused(trained_run, tiny_demo, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    step4 = run / "checkpoints" / "step4"
+    optim = next(step4.glob("*optim_states.pt"))
+    os.truncate(optim, optim.stat().st_size // 2)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    code, log = single_rank(*tiny(tiny_demo, run, 6), "--resume", str(step4))
+    assert code == 2, log[-3000:]
+    assert f"--resume {step4}: refused, the checkpoint is damaged" in log, log[-3000:]
+    assert f"The newest intact checkpoint beside it is {run / 'checkpoints' / 'step2'}" in log, log[-3000:]
+    assert "starting from scratch" not in log
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # hf_model/, eval.json untouched
+
+
+def test_export_writes_only_into_an_empty_folder_or_its_own_earlier_export(trained_run, tmp_path, capsys):
+    run = copy_run(trained_run, tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    assert ckpt.main(["export", str(run), str(mine)]) == 2
+    assert "holds no earlier export (notes.txt)" in capsys.readouterr().out
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert ckpt.main(["export", str(run), str(run)]) == 2  # the run into itself
+    assert "holds the checkpoint being exported" in capsys.readouterr().out
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    out = tmp_path / "hf"
+    assert ckpt.main(["export", str(run), str(out)]) == 0
+    assert ckpt.main(["export", str(run), str(out)]) == 0  # its own earlier export is replaced
+    assert ckpt.is_hf_folder(out)
+    (out / "README.md").write_text("my model card")
+    assert ckpt.main(["export", str(run), str(out)]) == 2  # ... unless the user added to it
+    assert "holds files an export did not write (README.md)" in capsys.readouterr().out
+    assert (out / "README.md").read_text() == "my model card"
+
+
+def plant_tokenizer_code(folder: Path) -> None:
+    """A tokenizer that names a Python class of its own (``auto_map``): importing it would run code."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "tokenization_evil.py").write_text(f"from pathlib import Path\nPath({str(MARKER)!r}).touch()\n"
+                                                 "class EvilTokenizer:\n    pass\n")
+
+
+@pytest.mark.slow
+def test_a_tokenizer_with_code_of_its_own_is_refused_even_when_the_user_says_yes(trained_run, tiny_demo, tmp_path):
+    """transformers asks "run custom code? [y/N]" for such a tokenizer; a "y" on standard input must
+    not run it: an HF folder handed to evaluate.py, and a data set's tokenizer/ for training."""
+    MARKER.unlink(missing_ok=True)
+    hf = tmp_path / "hf"
+    assert ckpt.main(["export", str(trained_run), str(hf)]) == 0
+    plant_tokenizer_code(hf)
+    proc = subprocess.run([sys.executable, "launchers/evaluate.py", "--checkpoint", str(hf), "--data", str(tiny_demo),
+                           "--swap-split", "none"], cwd=ROOT, input="y\ny\n", capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "never runs code from its inputs" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert not MARKER.exists(), "the tokenizer's code ran"
+
+    data = Path(shutil.copytree(tiny_demo, tmp_path / "data"))
+    plant_tokenizer_code(data / "tokenizer")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "launchers/train.py", "--config", "configs/demo.yaml",
+                           *tiny(data, tmp_path / "run", 2)], cwd=ROOT, input="y\ny\n", capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "never runs code from its inputs" in proc.stderr, proc.stderr[-3000:]
+    assert not MARKER.exists(), "the tokenizer's code ran"
+
+
 def test_trainer_state_is_not_a_pickle(trained_run):
     """Each rank's own state is safetensors + JSON: readable with no unpickling at all."""
     scalars, tensors = ckpt.read_state(ckpt.state_file(trained_run / "checkpoints" / "step4", 0))
@@ -137,11 +279,12 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained_run, tiny_
 # --------------------------------------------------------------------------- hangs and signals
 
 
-def launch(demo: Path, out: Path, *extra: str, ranks: int = 2) -> subprocess.Popen:
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "launchers/train.py",
+def launch(demo: Path, out: Path, *extra: str, ranks: int = 2, script: str = "launchers/train.py",
+           env: dict | None = None) -> subprocess.Popen:
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script,
            "--config", "configs/demo.yaml", *tiny(demo, out, 400, "train.checkpoint_every=0", *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def ranks_of(out: Path) -> list[psutil.Process]:
@@ -191,9 +334,36 @@ def test_sigterm_to_the_launcher_saves_and_leaves_no_orphans(tiny_demo, tmp_path
 
 
 @pytest.mark.slow
-def test_ctrl_c_checkpoints_then_stops(tiny_demo, tmp_path):
+def test_sigterm_to_the_launcher_during_start_up_stops_the_ranks(tiny_demo, tmp_path):
+    """``kill RUNNER`` as soon as the ranks exist, while they start up: they notice and stop at their
+    first agreement point instead of training to the last step."""
     out = tmp_path / "run"
     proc = launch(tiny_demo, out)
+    deadline = time.time() + 120
+    while len(ranks_of(out)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    deadline = time.time() + 180
+    while ranks_of(out) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not ranks_of(out), "ranks kept training after their launcher died during start-up"
+    log = out / "train_log.jsonl"
+    steps = len(log.read_text().splitlines()) if log.is_file() else 0
+    assert steps < 50, steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["ranks", "launcher"])
+def test_ctrl_c_checkpoints_then_stops(first, tiny_demo, tmp_path):
+    """Ctrl-C reaches the runner, DeepSpeed's launcher and the ranks at once; the launcher then
+    SIGTERMs each rank's whole process tree, data workers included. Whichever reacts first, the ranks
+    finish the step, save it and exit 143. "launcher": every step is made 1.5 s slower on the ranks'
+    side (tests/slow_step_worker.py), so the launcher's SIGTERMs land while the ranks are mid-step."""
+    out = tmp_path / "run"
+    delay = {"ranks": "0", "launcher": "1.5"}[first]
+    proc = launch(tiny_demo, out, "data.num_workers=1", script="tests/slow_step_worker.py",
+                  env={"IAIS_TEST_STEP_DELAY_S": delay})
     wait_for(out / "train_log.jsonl", proc)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
     log, _ = proc.communicate(timeout=120)
@@ -201,7 +371,8 @@ def test_ctrl_c_checkpoints_then_stops(tiny_demo, tmp_path):
     assert saved and 0 < saved[-1][0] < 400, log[-3000:]
     assert "got signal 2; stopping after this step" in log, log[-3000:]
     assert "saved; stopping (exit code 143)" in log, log[-3000:]
-    tracebacks = [b for b in log.split("Traceback")[1:] if "iais_scale" in b or "launchers/train.py" in b]
+    assert proc.returncode == -signal.SIGINT, log[-3000:]  # the runner: Ctrl-C, as Python reports it (130)
+    tracebacks = [b for b in log.split("Traceback")[1:] if "iais_scale" in b or "train.py" in b]
     assert not tracebacks, tracebacks[0][:2000]
 
 
@@ -378,3 +549,25 @@ def test_deepspeed_files_and_batch_sizes_are_checked_before_any_process_starts(t
                                                    "train.micro_batch_size=64"])
     problems = check_inputs(cfg, world=2)
     assert any("fewer than one micro-batch per rank" in p for p in problems), problems
+
+
+def test_the_suites_shm_clean_up_leaves_a_live_runs_buffer(tmp_path):
+    """tests/conftest.py removes DeepSpeed buffers left by the suite's killed runs, never one that a
+    live process (a user's training run on the same machine) has mapped."""
+    from conftest import remove_orphaned_shm
+
+    path = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_test_{os.getpid()}_0"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import mmap, os, sys, time\n"
+        f"fd = os.open({path!r}, os.O_CREAT | os.O_RDWR); os.ftruncate(fd, 4096)\n"
+        "m = mmap.mmap(fd, 4096); os.close(fd); print('MAPPED', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "MAPPED"
+        remove_orphaned_shm({path})
+        assert os.path.exists(path), "a live process's buffer was removed"
+    finally:
+        holder.kill()
+        holder.wait()
+    remove_orphaned_shm({path})
+    assert not os.path.exists(path)

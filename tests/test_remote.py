@@ -724,3 +724,43 @@ def test_trainer_killed_and_resumed_from_a_url_reaches_the_same_weights(data, se
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_a_store_that_never_answers_fails_after_io_timeout_s_and_is_counted(data, tmp_path):
+    """A server that accepts a GET and sends nothing: each attempt fails after data.io_timeout_s
+    (aiohttp alone would wait 300 s), then the shard is one counted bad_shard."""
+    import time
+
+    assert load_config(REPO / "configs" / "demo.yaml", ["data.io_timeout_s=5"]).data.io_timeout_s == 5
+    with pytest.raises(Exception, match="data.io_timeout_s: must be a positive finite number"):
+        load_config(REPO / "configs" / "demo.yaml", ["data.io_timeout_s=0"])
+    with ShardServer(data.parent) as srv:
+        shard = data / "train" / fmt.shard_name(0)
+        srv.stall(shard)
+        counts: Counter = Counter()
+        t0 = time.monotonic()
+        got = list(read_shard(srv.url_of(shard), 0, 30, counts, retries=1, backoff_s=0.1, timeout_s=1.0))
+        took = time.monotonic() - t0
+    assert got == [] and counts == {"bad_shard": 1}
+    assert srv.requests[f"/{shard.relative_to(data.parent).as_posix()}"] == 2  # the attempt and its retry
+    assert took < 30, took  # (two attempts of 1 s; the server would have waited 60 s)
+
+
+def test_a_tokenizer_on_a_server_without_listings_loads_by_its_file_names(data, tmp_path):
+    """Most web servers list no folders: the tokenizer's files are read by name, into a private
+    temporary folder that is removed again."""
+    import glob
+    import tempfile
+
+    from iais_scale.data.tokenizer import load_tokenizer
+
+    leftovers = set(glob.glob(os.path.join(tempfile.gettempdir(), "iais-tokenizer-*")))
+    with ShardServer(data.parent, listings=False) as srv:
+        assert storage.listdir(srv.url_of(data / "tokenizer")) is None
+        remote = load_tokenizer(srv.url_of(data / "tokenizer"))
+        with pytest.raises(FileNotFoundError, match="none of tokenizer.json"):
+            load_tokenizer(srv.url_of(data / "train"))
+    local = load_tokenizer(data / "tokenizer")
+    text = "a small red circle left of a large blue square"
+    assert remote(text)["input_ids"] == local(text)["input_ids"] and len(remote) == len(local)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "iais-tokenizer-*"))) == leftovers

@@ -192,7 +192,7 @@ def test_sigusr1_saves_a_checkpoint_that_resumes_to_the_same_weights(whole_zero2
 
 
 NAN_SCRIPT = r"""
-import sys, torch, torch.distributed as dist
+import math, sys, torch, torch.distributed as dist
 from iais_scale import engine, objectives
 from iais_scale.config import load_config
 from iais_scale.data.pipeline import make_train_stream, train_loader
@@ -241,6 +241,22 @@ except RuntimeError as e:
     print(f"rank {rank}: ABORTED OK: {e}", flush=True)
 else:
     raise AssertionError("no abort")
+
+# 3. fp16 loss-scale overflows (a finite loss whose update DeepSpeed's scaler skipped) are counted
+# apart and never abort, 4 in a row against max_nonfinite_steps=3. DeepSpeed's "not applied" flag
+# stands in for the scaler: fp16 kernels are missing on some CPUs (test_train runs the real scaler
+# where they exist); the trainer's accounting is tested here on every machine.
+POISON.clear()
+t.fp16, t.nonfinite_in_row, before = True, 0, t.nonfinite_total
+applied = t.engine.was_step_applied
+t.engine.was_step_applied = lambda: False
+for _ in range(4):  # a skipped update has no gradient norm to log
+    assert math.isnan(t.train_step(batches)["grad_norm"])
+t.engine.was_step_applied = applied
+assert t.overflow_total == 4 and t.nonfinite_total == before and t.nonfinite_in_row == 0, (t.overflow_total, t.nonfinite_total)
+parts = t.train_step(batches)
+assert t.overflow_total == 4 and math.isfinite(parts["grad_norm"]), parts  # applied again
+print(f"rank {rank}: OVERFLOWS COUNTED OK", flush=True)
 """
 
 
@@ -259,6 +275,7 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_both_and_too_many_abort(tiny_d
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert out.count("ONE RANK POISONED OK") == 2 and out.count("ABORTED OK") == 2, out[-4000:]
+    assert out.count("OVERFLOWS COUNTED OK") == 2, out[-4000:]
 
 
 # --------------------------------------------------------------------------- one rank, no launcher
@@ -368,7 +385,7 @@ seen = "start"
 while True:
     if p.signum != seen:
         seen = p.signum
-        print("SIGNUM", seen, flush=True)
+        print("SIGNUM", seen, p._first_at, flush=True)  # (time.monotonic is one clock for all processes)
     time.sleep(0.02)
 """
 
@@ -379,15 +396,16 @@ def test_repeats_within_five_seconds_count_once_and_a_later_signal_exits_at_once
                             stderr=open(err, "w"), text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert proc.stdout.readline().strip() == "READY"
-        assert proc.stdout.readline().strip() == "SIGNUM None"
+        assert proc.stdout.readline().split()[:2] == ["SIGNUM", "None"]
         proc.send_signal(signal.SIGTERM)
-        first = time.monotonic()
-        assert proc.stdout.readline().strip() == "SIGNUM 15"  # a request: stop after this step
+        signum, first = proc.stdout.readline().split()[1:]
+        assert signum == "15"  # a request: stop after this step
         proc.send_signal(signal.SIGINT)  # a launcher forwarding the same request
         proc.send_signal(signal.SIGUSR1)
-        time.sleep(4.5 - (time.monotonic() - first))
+        # Timed from the moment the child took the request, not from when this process sent it.
+        time.sleep(max(0.0, float(first) + 4.5 - time.monotonic()))
         assert proc.poll() is None  # still running: the repeats were the same request
-        time.sleep(max(0.0, 5.3 - (time.monotonic() - first)))
+        time.sleep(max(0.0, float(first) + 5.3 - time.monotonic()))
         proc.send_signal(signal.SIGINT)  # 5 s later: the user insists
         assert proc.wait(timeout=5) == 130
         assert "SIGNUM" not in proc.stdout.read()  # the request never changed
@@ -398,16 +416,16 @@ def test_repeats_within_five_seconds_count_once_and_a_later_signal_exits_at_once
 
 
 EXITING_SCRIPT = """
-import os, signal, subprocess, sys, time
+import os, signal, sys, time
 from iais_scale.preemption import EXIT_INTERRUPTED, Preemption, ignore_while_exiting
 p = Preemption(0)
 p.install()
 os.kill(os.getpid(), signal.SIGUSR1)  # the request; the run saves and stops
 class SlowDestructor:  # what a rank's exit does after Python has restored the default handlers
     def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the launcher's repeat, arriving in that window
         time.sleep(1.0)
 kept = SlowDestructor()
-subprocess.Popen(["sh", "-c", f"sleep 0.4; kill -INT {os.getpid()}"])  # the launcher's repeat
 if sys.argv[1] == "ignore":
     ignore_while_exiting()
 sys.exit(EXIT_INTERRUPTED)
@@ -436,11 +454,11 @@ def test_too_many_bad_samples_on_one_rank_end_the_whole_job(tiny_demo, tmp_path)
     shutil.copytree(tiny_demo, data)
     damage_json(data / "train" / "shard-000002.tar", [f"train-{i:06d}" for i in range(64, 96)])
     out = tmp_path / "run"
-    t0 = time.monotonic()
     proc = launch(data, out, "data.max_bad_fraction=0.2", "data.num_workers=0", "train.grad_accum=1",
                   "train.checkpoint_every=0", steps=400)
-    code, log = finish(proc, timeout=300)
-    assert code != 0 and time.monotonic() - t0 < 240, log[-3000:]
+    code, log = finish(proc, timeout=600)
+    # Ended by the abort, not by a hang: no watchdog (124), no collective timeout.
+    assert code not in (0, 124) and "no progress for" not in log and "Timed out" not in log, log[-3000:]
     aborts = [line for line in log.splitlines() if "samples were bad" in line and "RuntimeError" in line]
     assert len(aborts) == 1 and "(bad_json: " in aborts[0] and "data.max_bad_fraction" in aborts[0], log[-4000:]
     assert 2 < len(log_records(out)) < 400

@@ -41,6 +41,7 @@ class IoOptions:
     backoff_s: float = 1.0
     prefetch: bool = True
     max_member_bytes: int = MAX_MEMBER_BYTES
+    timeout_s: float = storage.TIMEOUT_S  # a remote read that receives nothing this long fails
 
 
 DEFAULT_IO = IoOptions()
@@ -146,7 +147,7 @@ class _Reader:
         self.order, self.io, self.counts = order, io, counts
         self.cum = list(itertools.accumulate((n for _, n in order), initial=0))
         self.total = self.cum[-1]
-        self.prefetcher = storage.Prefetcher() if io.prefetch else None
+        self.prefetcher = storage.Prefetcher(timeout_s=io.timeout_s) if io.prefetch else None
 
     def _shard(self, q: int) -> int:
         return bisect.bisect_right(self.cum, q) - 1  # empty shards are skipped
@@ -177,7 +178,7 @@ class _Reader:
             got = False
             for raw in read_shard(self.order[s][0], start, start + n, self.counts, retries=self.io.retries,
                                   backoff_s=self.io.backoff_s, prefetcher=self.prefetcher,
-                                  max_member_bytes=self.io.max_member_bytes):
+                                  max_member_bytes=self.io.max_member_bytes, timeout_s=self.io.timeout_s):
                 got = True
                 yield (self.cum[s] + raw["__index__"]), raw
             empty_since = 0 if got else empty_since + n
@@ -421,7 +422,7 @@ class ResampledPairStream(_BatchStream):
 
     def _draws(self, split: Split, rng: random.Random, counts: Counter) -> Iterator[tuple[int, dict]]:
         """Whole shards drawn with replacement, forever; the next draw is opened ahead."""
-        prefetcher = storage.Prefetcher() if self.io.prefetch else None
+        prefetcher = storage.Prefetcher(timeout_s=self.io.timeout_s) if self.io.prefetch else None
         empty, url = 0, rng.choice(split.urls)
         try:
             while True:
@@ -430,7 +431,8 @@ class ResampledPairStream(_BatchStream):
                     prefetcher.ahead(following)
                 got = False
                 for raw in read_shard(url, counts=counts, retries=self.io.retries, backoff_s=self.io.backoff_s,
-                                      prefetcher=prefetcher, max_member_bytes=self.io.max_member_bytes):
+                                      prefetcher=prefetcher, max_member_bytes=self.io.max_member_bytes,
+                                      timeout_s=self.io.timeout_s):
                     got = True
                     yield -1, raw
                 empty = 0 if got else empty + 1
@@ -464,7 +466,7 @@ class ResampledPairStream(_BatchStream):
 
 def io_options(data: DataConfig) -> IoOptions:
     return IoOptions(retries=data.io_retries, backoff_s=data.io_backoff_s, prefetch=data.prefetch_shards,
-                     max_member_bytes=data.max_member_mb << 20)
+                     max_member_bytes=data.max_member_mb << 20, timeout_s=data.io_timeout_s)
 
 
 def make_train_stream(data: DataConfig, collator: Collator, batch_size: int, rank: int, world_size: int, seed: int,
@@ -480,11 +482,12 @@ def make_train_stream(data: DataConfig, collator: Collator, batch_size: int, ran
     return PairStream(data.split_spec(data.train_split), collator, batch_size, **common)
 
 
-def train_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
+def train_loader(stream: IterableDataset, num_workers: int, worker_init_fn=None) -> DataLoader:
     return DataLoader(
         stream,
         batch_size=None,  # the stream batches itself
         num_workers=num_workers,
+        worker_init_fn=worker_init_fn,
         persistent_workers=num_workers > 0,
         multiprocessing_context="fork" if num_workers > 0 else None,
         prefetch_factor=4 if num_workers > 0 else None,

@@ -35,7 +35,7 @@ def read_split(
         if limit is not None and len(samples) >= limit:
             break
         for raw in read_shard(url, counts=bad, retries=io.retries, backoff_s=io.backoff_s,
-                              max_member_bytes=io.max_member_bytes):
+                              max_member_bytes=io.max_member_bytes, timeout_s=io.timeout_s):
             if limit is not None and len(samples) >= limit:
                 break
             try:

@@ -272,7 +272,7 @@ def iter_samples(
 def read_shard(
     url: str, start: int = 0, stop: int | None = None, counts: Counter | None = None, *,
     retries: int = 0, backoff_s: float = 1.0, prefetcher: storage.Prefetcher | None = None,
-    max_member_bytes: int = MAX_MEMBER_BYTES,
+    max_member_bytes: int = MAX_MEMBER_BYTES, timeout_s: float = storage.TIMEOUT_S,
 ) -> Iterator[dict]:
     """Raw samples ``start <= i < stop`` of the shard at ``url`` (see ``iter_samples``).
 
@@ -289,7 +289,8 @@ def read_shard(
     for attempt in range(attempts + 1):
         f = None
         try:
-            f = prefetcher.get(url) if (prefetcher is not None and attempt == 0) else storage.open_read(url)
+            f = (prefetcher.get(url) if (prefetcher is not None and attempt == 0)
+                 else storage.open_read(url, timeout_s))
             for sample in iter_samples(f, url, start=position, stop=stop, max_member_bytes=max_member_bytes):
                 yield sample
                 position = sample["__index__"] + 1

@@ -19,13 +19,52 @@ from __future__ import annotations
 
 import os
 import string
+import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from . import storage
+
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+# The files a tokenizer folder may hold, read by name: a store without listings (plain HTTP) serves them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(folder: str | os.PathLike[str], **kwargs):
+    """``AutoTokenizer`` of a folder (local, or at a URL: its files are read by name into a private
+    temporary folder, removed once loaded), never running code from it: a tokenizer from elsewhere
+    may name its own Python class (``auto_map``), which transformers would offer to import."""
+    if storage.is_local(folder):
+        return _load_local(str(folder), **kwargs)
+    with tempfile.TemporaryDirectory(prefix="iais-tokenizer-") as local:
+        copied = []
+        for name in TOKENIZER_FILES:
+            url = storage.join(str(folder), name)
+            if storage.exists(url):
+                Path(local, name).write_bytes(storage.read_bytes(url))
+                copied.append(name)
+        if not copied:
+            raise FileNotFoundError(f"tokenizer {folder}: none of {', '.join(TOKENIZER_FILES[:5])}, ... found there")
+        return _load_local(local, **kwargs)
+
+
+def _load_local(folder: str, **kwargs):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except ValueError as e:
+        if "custom code" not in str(e) and "trust_remote_code" not in str(e):
+            raise
+        raise ValueError(f"tokenizer {folder}: it names Python code of its own (auto_map), and iais_scale never runs"
+                         " code from its inputs; use a tokenizer made of files only (tokenizer.json or vocab.txt)"
+                         ) from None
 CONTINUATION = "##"
 
 

@@ -160,7 +160,7 @@ def hf_data_config(source: str, vision_config) -> dict:
 def _vision_config(source: str):
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(source)
+    cfg = AutoConfig.from_pretrained(source, trust_remote_code=False)  # never code from a download
     return getattr(cfg, "vision_config", None) or cfg
 
 

@@ -131,5 +131,6 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, token: str | Non
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
-                             commit_message=commit_message or "Upload iais_scale model")
+                             commit_message=commit_message or "Upload iais_scale model",
+                             ignore_patterns=[".iais_*"])  # the export's own list of what it wrote
     return str(getattr(info, "commit_url", info))

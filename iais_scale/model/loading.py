@@ -185,7 +185,7 @@ def config_from_bert(folder: PathLike, **overrides) -> CrossModalConfig:
     ):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)  # never code from a download
         kw.update({k: v for k, v in (("cls_token_id", tok.cls_token_id), ("sep_token_id", tok.sep_token_id)) if v is not None})
     kw.update(overrides)
     return CrossModalConfig(**kw)
