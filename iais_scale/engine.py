@@ -697,7 +697,7 @@ class Trainer:
                 logger.tick()
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     record = window.record(step=self.step, pairs_per_step=pairs_per_step, tokens=self.tokens_seen)
-                    record.update(lr=self.scheduler.get_last_lr()[0], bad_samples=sum(self.bad.bad.values()),
+                    record.update(lr=self.scheduler.get_last_lr()[0], bad_samples=self.bad.bad_samples,
                                   nonfinite_steps=self.nonfinite_total, overflow_steps=self.overflow_total)
                     logger.log(all_reduce_record(record, self.world))
                     window.reset(self.tokens_seen)

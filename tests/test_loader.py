@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
+import shutil
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -100,7 +102,7 @@ def test_wrap_rule_fills_a_short_chunk(tmp_path, collator):
     b0 = next(iter(ranks[0]))
     b1 = next(iter(ranks[1]))
     assert b0["keys"] == keys[:6] and b0["sample_counts"] == (6, {})
-    assert b1["keys"] == keys[6:8] + keys[:4] and b1["sample_counts"] == (6, {"bad_shard": 1})
+    assert b1["keys"] == keys[6:8] + keys[:4] and b1["sample_counts"] == (6, {"bad_shard": 1, "lost_samples": 4})
 
 
 def test_truncated_and_garbage_shards_are_counted(tiny_demo, tmp_path, collator):
@@ -114,7 +116,8 @@ def test_truncated_and_garbage_shards_are_counted(tiny_demo, tmp_path, collator)
     batches = list(islice(iter(PairStream(split, collator, 8, shuffle_buffer=4)), 20))
     assert all(len(b["keys"]) == 8 for b in batches)
     # Each pass over the epoch order meets the two damaged shards once each (one bad_shard apiece: the
-    # truncated one still gives its first 16 samples, the garbage one none): 16 + 32 = 48 usable of 96.
+    # truncated one still gives its first 16 samples, the garbage one none): 16 + 32 = 48 usable of 96,
+    # 48 lost_samples a pass.
     # Epoch 0 (12 batches) needs 96: a second, wrapped pass; epoch 1's first 8 batches (64) one pass
     # and then the good samples before the damaged shards of the wrap.
     per_epoch, good = [Counter(), Counter()], [0, 0]
@@ -122,7 +125,8 @@ def test_truncated_and_garbage_shards_are_counted(tiny_demo, tmp_path, collator)
         per_epoch[b["epoch"]].update(b["sample_counts"][1])
         good[b["epoch"]] += b["sample_counts"][0]
     assert [b["epoch"] for b in batches] == [0] * 12 + [1] * 8
-    assert per_epoch == [Counter(bad_shard=4), Counter(bad_shard=2)] and good == [96, 64], (per_epoch, good)
+    assert per_epoch == [Counter(bad_shard=4, lost_samples=96), Counter(bad_shard=2, lost_samples=48)], per_epoch
+    assert good == [96, 64], good
 
 
 def test_bucketing_keeps_the_epoch_and_groups_lengths(tiny_demo, collator):
@@ -298,5 +302,30 @@ def test_image_failing_at_collation_is_replaced_and_counted(tmp_path, tokenizer)
 def test_bad_sample_counter_names_rank_and_reasons():
     counter = BadSampleCounter(limit=0.1, min_seen=10, rank=3)
     counter.merge(9, {"bad_image": 1})
-    with pytest.raises(RuntimeError, match=r"rank 3: 3 of 12 samples were bad \(bad_image: 2, bad_shard: 1\)"):
-        counter.merge(0, {"bad_image": 1, "bad_shard": 1})
+    with pytest.raises(RuntimeError, match=r"rank 3: 7 of 16 samples were bad \(lost_samples: 5, bad_image: 2, bad_shard: 1\)"):
+        counter.merge(0, {"bad_image": 1, "bad_shard": 1, "lost_samples": 5})
+    shards = BadSampleCounter(limit=0.1, min_seen=10)
+    shards.merge(10, {"bad_shard": 3})  # shards are no samples: their lost samples are what counts
+    assert shards.seen == 10 and shards.bad_samples == 0
+
+
+def test_samples_past_a_declared_size_are_counted_and_logged(tiny_demo, tmp_path, collator, caplog):
+    """sizes.json says 24 where the shard holds 32: the 8 past it are never read (the listing is the
+    epoch's plan), but counted as past_declared_size and named in a warning, not silently lost; and
+    a shard's lost samples count toward data.max_bad_fraction."""
+    split = tmp_path / "train"
+    split.mkdir()
+    shutil.copy(tiny_demo / "train" / "shard-000000.tar", split / "shard-000000.tar")
+    (split / fmt.SIZES_FILE).write_text(json.dumps({"shard-000000.tar": 24}))
+    with caplog.at_level(logging.WARNING, logger="iais_scale"):
+        batches = list(islice(iter(PairStream(split, collator, 8, shuffle_buffer=1)), 4))  # (epoch 0: 3)
+    counted = Counter()
+    for b in batches:
+        counted.update(b["sample_counts"][1])
+    assert [b["epoch"] for b in batches] == [0, 0, 0, 1] and sum(b["sample_counts"][0] for b in batches[:3]) == 24
+    assert counted == {"past_declared_size": 8}  # (counted once the reader passes the declared end)
+    assert any("holds 8 sample(s) past the 24 its listing (sizes.json) declares" in r.getMessage()
+               for r in caplog.records)
+    counter = BadSampleCounter(limit=0.2, min_seen=10)
+    with pytest.raises(RuntimeError, match="32 of 96 samples were bad"):
+        counter.merge(64, {"bad_shard": 1, "lost_samples": 32})  # one shard of three lost whole

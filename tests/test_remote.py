@@ -254,7 +254,7 @@ def test_pipe_sources(data, collator, caplog):
     # A command that fails is retried, then counted once.
     assert keys(read_shard("pipe:cat /nonexistent/shard-000000.tar 2>/dev/null", 0, None, counts, retries=1,
                            backoff_s=0.01)) == []
-    assert counts == {"bad_shard": 1}
+    assert counts == {"bad_shard": 1, "lost_samples": 1}  # (its size unknown: at least one sample)
 
 
 # --------------------------------------------------------------------------- a server that drops connections
@@ -282,7 +282,9 @@ def test_dropped_connection_is_retried_from_the_last_sample(data, server, caplog
     try:
         counts = Counter()
         got = list(read_shard(url, counts=counts, retries=2, backoff_s=0.01))
-        assert counts == {"bad_shard": 1}
+        assert counts == {"bad_shard": 1, "lost_samples": 1}
+        got = list(read_shard(url, 0, len(clean), counts := Counter(), retries=1, backoff_s=0.01))
+        assert counts == {"bad_shard": 1, "lost_samples": len(clean) - len(got)}  # its size known: what it lost
         assert 0 < len(got) < len(clean) and keys(got) == keys(clean)[: len(got)]
     finally:
         server.drop(shard, 0)
@@ -306,7 +308,7 @@ def test_stream_through_a_flaky_server(data, server, collator):
     counted = Counter()
     for b in got:
         counted.update(b["sample_counts"][1])
-    assert set(counted) == {"bad_shard"} and counted["bad_shard"] >= 1
+    assert set(counted) == {"bad_shard", "lost_samples"} and counted["bad_shard"] >= 1
 
 
 # --------------------------------------------------------------------------- schemes without their package
@@ -372,7 +374,8 @@ def s3(data: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_s3_split_streams_the_same_batches(data, s3, collator):
-    assert storage.fs_options(f"{s3}/demo/train") == {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    assert storage.fs_options(f"{s3}/demo/train") == {"endpoint_url": os.environ["AWS_ENDPOINT_URL"],
+                                                      "config_kwargs": {"connect_timeout": 60.0, "read_timeout": 60.0}}
     folder = resolve_split(f"{s3}/demo/train")  # listed, sizes from its sizes.json
     assert (folder.layout, folder.total, len(folder.urls)) == (IAIS_LAYOUT, N_TRAIN, 4)
     listed = f"{s3}/demo/train/{TRAIN_LIST}"
@@ -575,7 +578,7 @@ def test_verify_stats_and_loader_agree_on_crafted_shards(name, data, server, col
             reasons[raw["__key__"]] = e.reason
     assert v_unusable == loader_bad == Counter(unusable.keys()), lines
     assert reasons == unusable
-    assert counts == ({"bad_shard": 1} if bad_shard else {})
+    assert counts == ({"bad_shard": 1, "lost_samples": 1} if bad_shard else {})
     if bad_shard:
         assert any(line.startswith("train/shard-000000.tar: ") for line in lines)  # the shard's damage named
 
@@ -593,7 +596,7 @@ def test_verify_stats_and_loader_agree_on_crafted_shards(name, data, server, col
     counts = Counter()
     with deadline(30):
         remote = list(read_shard(url, counts=counts, retries=2, backoff_s=0.01))
-    assert keys(remote) == keys(raws) and counts == ({"bad_shard": 1} if bad_shard else {})
+    assert keys(remote) == keys(raws) and counts == ({"bad_shard": 1, "lost_samples": 1} if bad_shard else {})
     if name in HOSTILE and "huge" not in name:
         assert server.requests[path] == 1
 
@@ -741,7 +744,7 @@ def test_a_store_that_never_answers_fails_after_io_timeout_s_and_is_counted(data
         t0 = time.monotonic()
         got = list(read_shard(srv.url_of(shard), 0, 30, counts, retries=1, backoff_s=0.1, timeout_s=1.0))
         took = time.monotonic() - t0
-    assert got == [] and counts == {"bad_shard": 1}
+    assert got == [] and counts == {"bad_shard": 1, "lost_samples": 30}
     assert srv.requests[f"/{shard.relative_to(data.parent).as_posix()}"] == 2  # the attempt and its retry
     assert took < 30, took  # (two attempts of 1 s; the server would have waited 60 s)
 

@@ -178,7 +178,8 @@ class _Reader:
             got = False
             for raw in read_shard(self.order[s][0], start, start + n, self.counts, retries=self.io.retries,
                                   backoff_s=self.io.backoff_s, prefetcher=self.prefetcher,
-                                  max_member_bytes=self.io.max_member_bytes, timeout_s=self.io.timeout_s):
+                                  max_member_bytes=self.io.max_member_bytes, timeout_s=self.io.timeout_s,
+                                  declared_end=start + n == self.order[s][1]):
                 got = True
                 yield (self.cum[s] + raw["__index__"]), raw
             empty_since = 0 if got else empty_since + n

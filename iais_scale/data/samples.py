@@ -285,13 +285,17 @@ def _decode(raw: dict, key: str, max_regions: int | None, image_input: str, keep
                        image=image if keep_image else None, geometry=geometry)
 
 
+NOT_SAMPLES = frozenset({"bad_shard"})  # counts of shards: their samples are counted as lost_samples
+
+
 class BadSampleCounter:
     """Counts good and bad samples by reason; raises once the bad fraction passes ``limit``.
 
     One counter per rank: the trainer merges the counts its stream passes along with each batch
-    (every reason: decoding, ``bad_image`` at collation, ``bad_shard`` for an unreadable or short
-    shard). The check starts after ``min_seen`` samples so that one early bad sample does not abort
-    a run. ``rank`` (optional) names the rank in the message.
+    (every reason: decoding, ``bad_image`` at collation, ``lost_samples`` of an unreadable or short
+    shard, ``past_declared_size``). ``bad_shard`` counts shards, not samples: it is reported but
+    not part of the fraction (their lost samples are). The check starts after ``min_seen`` samples
+    so that one early bad sample does not abort a run. ``rank`` (optional) names the rank.
     """
 
     def __init__(self, limit: float = 0.01, min_seen: int = 200, *, rank: int | None = None):
@@ -312,11 +316,15 @@ class BadSampleCounter:
         self.check()
 
     @property
+    def bad_samples(self) -> int:
+        return sum(n for reason, n in self.bad.items() if reason not in NOT_SAMPLES)
+
+    @property
     def seen(self) -> int:
-        return self.good + sum(self.bad.values())
+        return self.good + self.bad_samples
 
     def check(self) -> None:
-        n_bad = sum(self.bad.values())
+        n_bad = self.bad_samples
         if self.seen >= self.min_seen and n_bad > self.limit * self.seen:
             where = f"rank {self.rank}: " if self.rank is not None else ""
             reasons = ", ".join(f"{reason}: {n}" for reason, n in self.bad.most_common())

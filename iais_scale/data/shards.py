@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -229,16 +230,19 @@ class _Grouper:
 
 def iter_samples(
     f: IO[bytes], url: str, *, start: int = 0, stop: int | None = None, note: Note | None = None,
-    max_member_bytes: int = MAX_MEMBER_BYTES,
+    max_member_bytes: int = MAX_MEMBER_BYTES, past_stop: Counter | None = None,
 ) -> Iterator[dict]:
     """Raw samples ``start <= i < stop`` of one tar: ``{"__key__", "__url__", "__index__", ext: bytes}``.
 
     Consecutive members with one key form a sample; a repeated extension starts a new one. A
     member over the size limit makes its sample carry ``"__too_large__"`` (decoding refuses it).
-    Samples before ``start`` are passed over by their headers. Nothing is decoded.
+    Samples before ``start`` are passed over by their headers. Nothing is decoded. With
+    ``past_stop`` (``stop`` is the shard's declared size), samples after ``stop`` are counted there
+    as ``past_declared_size`` by their headers instead of being silently left unread.
     """
     g = _Grouper(start)
-    sample = None
+    sample = None  # the sample being read: yielded once the next one starts, or at the end
+    past = 0
     for name, data, size in iter_members(f, want=g.wants, note=note, max_member_bytes=max_member_bytes):
         parts = split_name(name)
         if parts is None:
@@ -249,19 +253,28 @@ def iter_samples(
         if g.starts_sample(k, ext):
             if k == g.key and note is not None:
                 note("duplicate_member", f"{k}: member .{ext} repeated: a new sample starts")
-            if sample is not None:
-                yield sample
-            sample, g.key, g.exts, g.index = None, k, set(), g.index + 1
+            g.key, g.exts, g.index = k, set(), g.index + 1
             if stop is not None and g.index >= stop:
-                return
-            if g.index >= start:
-                sample = {"__key__": k, "__url__": url, "__index__": g.index}
+                if past_stop is None:
+                    break
+                # Past the declared size: counted by the headers alone, before the last wanted
+                # sample is given (a reader that has all it wants stops reading there).
+                past += 1
+                g.start = math.inf
+            else:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": k, "__url__": url, "__index__": g.index} if g.index >= g.start else None
         g.exts.add(ext)
-        if sample is not None:
+        if sample is not None and sample["__index__"] == g.index:
             if data is None and size > max_member_bytes:
                 sample.setdefault("__too_large__", []).append(ext)
             else:
                 sample[ext] = data
+    if past:
+        past_stop["past_declared_size"] += past
+        log.warning("%s: holds %d sample(s) past the %s its listing (sizes.json) declares; they are not read"
+                    " (run `python -m data_tools verify` and fix the listing)", url, past, stop)
     if sample is not None:
         yield sample
 
@@ -272,15 +285,19 @@ def iter_samples(
 def read_shard(
     url: str, start: int = 0, stop: int | None = None, counts: Counter | None = None, *,
     retries: int = 0, backoff_s: float = 1.0, prefetcher: storage.Prefetcher | None = None,
-    max_member_bytes: int = MAX_MEMBER_BYTES, timeout_s: float = storage.TIMEOUT_S,
+    max_member_bytes: int = MAX_MEMBER_BYTES, timeout_s: float = storage.TIMEOUT_S, declared_end: bool = False,
 ) -> Iterator[dict]:
     """Raw samples ``start <= i < stop`` of the shard at ``url`` (see ``iter_samples``).
 
     A remote shard (a URL or a ``pipe:`` command) whose transfer fails or ends early is reopened up
     to ``retries`` times (exponential back-off), continuing after the last sample it gave, so the
     samples are exactly those of a clean read. A bad header is not retried (the bytes would be the
-    same). A shard that still fails, or ends before ``stop``, adds one ``bad_shard`` to ``counts``
-    and yields the complete samples before the damage. Local shards are not retried.
+    same). A shard that still fails, or ends before ``stop``, adds one ``bad_shard`` to ``counts``,
+    and the samples it lost (``stop`` minus those given; 1 where ``stop`` is unknown) as
+    ``lost_samples``, so that ``data.max_bad_fraction`` sees them; it yields the complete samples
+    before the damage. ``declared_end``: ``stop`` is the size the shard's listing declares, and
+    samples found past it are counted (``past_declared_size``) and logged. Local shards are not
+    retried.
     """
     counts = counts if counts is not None else Counter()
     remote = not storage.is_local(url)
@@ -291,7 +308,8 @@ def read_shard(
         try:
             f = (prefetcher.get(url) if (prefetcher is not None and attempt == 0)
                  else storage.open_read(url, timeout_s))
-            for sample in iter_samples(f, url, start=position, stop=stop, max_member_bytes=max_member_bytes):
+            for sample in iter_samples(f, url, start=position, stop=stop, max_member_bytes=max_member_bytes,
+                                       past_stop=counts if declared_end else None):
                 yield sample
                 position = sample["__index__"] + 1
             f, done = None, f
@@ -302,6 +320,9 @@ def read_shard(
             raise
         except Exception as e:  # ShardError, OSError, the transports' own errors
             _close_quietly(f)
+            if stop is not None and position >= stop:  # damage past what was asked for: all of it was given
+                log.warning("%s: damaged after its %d declared samples (%s: %s)", url, stop, type(e).__name__, e)
+                break
             transient = not isinstance(e, ShardError) or isinstance(e, TruncatedShard)
             if attempt < attempts and transient:
                 delay = backoff_s * 2**attempt
@@ -309,12 +330,15 @@ def read_shard(
                             type(e).__name__, e, attempt + 1, attempts, delay)
                 time.sleep(delay)
                 continue
-            counts["bad_shard"] += 1
-            log.warning("%s: unreadable shard, skipping the rest of it (%s: %s)", url, type(e).__name__, e)
+            lost = stop - position if stop is not None else 1
+            counts.update(bad_shard=1, lost_samples=lost)
+            log.warning("%s: unreadable shard, skipping the rest of it: %s sample(s) lost (%s: %s)", url,
+                        lost if stop is not None else "at least 1", type(e).__name__, e)
             return
     if stop is not None and position < stop:
-        counts["bad_shard"] += 1
+        counts.update(bad_shard=1, lost_samples=stop - position)
         log.warning("%s: ended after %d samples, %d expected", url, position, stop)
+
 
 
 def _close_quietly(f: IO[bytes] | None) -> None:
