@@ -26,7 +26,6 @@ from collections import Counter
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-
 STALL_S = 60.0
 
 
