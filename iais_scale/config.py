@@ -597,13 +597,33 @@ def _set_override(data: dict, dotted: str, raw: str) -> None:
         raise ConfigError([f"{dotted}: {raw!r} is not a YAML value ({' '.join(str(e).split())})"]) from None
 
 
+def shipped_configs() -> Path:
+    """The experiment and DeepSpeed configs that ship with the package (``iais_scale/configs`` in an
+    installed wheel, the repository's ``configs/`` in a checkout)."""
+    here = Path(__file__).resolve().parent
+    return next((p for p in (here / "configs", here.parent / "configs") if p.is_dir()), here / "configs")
+
+
+def find_config_file(spec: str | Path, folder: str = "", suffix: str = ".yaml") -> Path:
+    """A config file: ``spec`` itself where it exists, else the shipped file of that name: ``demo`` or
+    ``configs/demo.yaml``; with ``folder="deepspeed", suffix=".json"``, ``zero2`` or
+    ``configs/deepspeed/zero2.json`` (what the shipped experiments name, resolved without a checkout)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = shipped_configs() / folder / (path.name if path.suffix else path.name + suffix)
+    return shipped if shipped.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML experiment config, apply ``key.sub=value`` overrides, validate, or raise ConfigError."""
+    """Read a YAML experiment config (a path, or the name of a shipped one: ``demo``), apply
+    ``key.sub=value`` overrides, validate, or raise ConfigError."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
+        path = find_config_file(path)
         if not path.is_file():
-            raise ConfigError([f"config file not found: {path}"])
+            raise ConfigError([f"config file not found: {path} (nor a shipped experiment of that name:"
+                               f" {', '.join(sorted(p.stem for p in shipped_configs().glob('*.yaml')))})"])
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:  # a syntax error, or a tag such as !!python/object (never constructed)
@@ -617,6 +637,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _set_override(data, key.strip(), raw)
     problems: list[str] = []
     cfg = _build(ExperimentConfig, data, "", problems)
+    if isinstance(cfg.train.deepspeed_config, str):
+        cfg.train.deepspeed_config = str(find_config_file(cfg.train.deepspeed_config, "deepspeed", ".json"))
     # Fields that failed their type check keep their defaults; value checks of every other field
     # still run, so one report lists everything.
     broken = {q.split(":", 1)[0] for q in problems}

@@ -737,7 +737,11 @@ class Trainer:
                                      "step": (ckpt.read_state(ckpt.state_file(best, self.rank))[0]["step"])}}
         if self.rank == 0:  # a consolidated Hugging Face folder, whatever the ZeRO stage
             self.watchdog.beat("exporting hf_model")
-            ckpt.export_hf(final, self.out_dir / "hf_model")
+            try:
+                ckpt.export_hf(final, self.out_dir / "hf_model")
+            except ValueError as e:  # hf_model/ holds files of the user's: theirs, kept; the checkpoint is saved
+                log.error("%s; the checkpoint %s is complete: export it elsewhere with"
+                          " `python -m iais_scale.checkpoint export %s OUT`", e, final, final)
         dist.barrier()
         report = self.evaluate(**extra)
         dist.barrier()
