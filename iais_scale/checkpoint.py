@@ -8,6 +8,8 @@ config and tokenizer. Nothing here loads a pickle that names anything outside an
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -197,6 +199,7 @@ class Resolved:
     model_dir: Path  # config + tokenizer
     run_dir: Path | None  # the run folder, when known
     step: int | None
+    how: str = "as named"  # how it was chosen (said in evaluation logs and reports)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -216,7 +219,9 @@ def _run_model_dir(run_dir: Path) -> Path | None:
 
 def resolve(spec: str | Path, model_dir: str | Path | None = None) -> Resolved:
     """A checkpoint to read: an HF folder, a complete tag folder, a run's ``checkpoints/`` folder
-    or a run folder (its newest complete checkpoint). A folder without ``COMPLETE`` is refused."""
+    (its newest complete checkpoint) or a run folder: the checkpoint the run reported (``best`` where
+    its ``eval.json`` says it selected one on validation, else its newest complete checkpoint). A
+    folder without ``COMPLETE`` is refused."""
     path = Path(spec)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path}: not a folder")
@@ -224,6 +229,15 @@ def resolve(spec: str | Path, model_dir: str | Path | None = None) -> Resolved:
         run_dir = path.parent if (path.parent / "train_log.jsonl").is_file() else None
         return Resolved("hf", path, Path(model_dir or path), run_dir, _last_logged_step(run_dir) if run_dir else None)
     if (path / CHECKPOINTS).is_dir():
+        selected = _reported_selection(path)
+        best = path / CHECKPOINTS / "best"
+        if selected is not None and (best / COMPLETE).is_file():
+            md = Path(model_dir) if model_dir else _run_model_dir(path)
+            if md is None:
+                raise FileNotFoundError(f"checkpoint {best}: no model config in {path / MODEL_DIR}")
+            return Resolved("deepspeed", best, md, path, selected.get("step"),
+                            f"the run's reported checkpoint: best RSUM on {selected.get('split')} (step"
+                            f" {selected.get('step')})")
         path = path / CHECKPOINTS
     if not (path / COMPLETE).is_file():
         found = complete_checkpoints(path)
@@ -244,7 +258,17 @@ def resolve(spec: str | Path, model_dir: str | Path | None = None) -> Resolved:
         )
     m = STEP_TAG.match(path.name)
     step = int(m.group(1)) if m else (read_marker(path) or {}).get("step")
-    return Resolved("deepspeed", path, md, run_dir, step)
+    how = "as named" if str(path) == str(Path(spec)) else f"the newest complete checkpoint (step {step})"
+    return Resolved("deepspeed", path, md, run_dir, step, how)
+
+
+def _reported_selection(run_dir: Path) -> dict | None:
+    """``selected_by`` of a run's final report (model selection on validation), if any."""
+    try:
+        selected = json.loads((run_dir / "eval.json").read_text()).get("selected_by")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return selected if isinstance(selected, dict) else None
 
 
 def _last_logged_step(run_dir: Path) -> int | None:
@@ -477,7 +501,11 @@ def consolidated_state_dict(folder: Path, *, trust_pickles: bool = False) -> dic
     if any(folder.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        said = io.StringIO()  # its progress: print()s and a tqdm bar, noise in a run's log
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        log.debug("zero_to_fp32: %s", said.getvalue().strip())
+        return state
     files = sorted(folder.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{folder}: no DeepSpeed model states")

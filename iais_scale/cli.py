@@ -145,6 +145,7 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError, load_model
     from .data import storage
     from .iais import ALIGNMENTS
+    from .metrics import setup_logging
 
     args.isd_alignments = args.isd_alignments or list(ALIGNMENTS)
     unknown = [a for a in args.isd_alignments if a not in ALIGNMENTS]
@@ -152,8 +153,7 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--isd-alignments: unknown {unknown}; choose from {list(ALIGNMENTS)}")
     rank, world, device = _eval_distributed()
     log = logging.getLogger("iais_scale.evaluate")
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s")
+    setup_logging(rank)
     try:
         model, tokenizer, info = load_model(args.checkpoint, args.model_dir, device=device,
                                             trust_pickles=args.trust_pickles)
@@ -169,12 +169,13 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
                     raise FileNotFoundError(f"--swap-split {args.swap_split}: no such split in {args.data}")
                 swap = None
         data = ev.build_eval_data(collator, storage.join(args.data, args.split), swap, max_images=args.max_images)
-        log.info("evaluating %s (%s) on %s/%s: %d images, %d ranks", args.checkpoint, info.kind, args.data,
-                 args.split, len(data.rset.images), world)
+        log.info("evaluating %s: %s (%s, %s) on %s/%s: %d images, %d ranks", args.checkpoint, info.folder, info.kind,
+                 info.how, args.data, args.split, len(data.rset.images), world)
         report = ev.evaluate(model, data, batch_size=args.batch_size, isd_alignments=args.isd_alignments,
                              rerank_k=args.rerank_k, all_pairs=not args.no_all_pairs)
         report["checkpoint"] = {"kind": info.kind, "path": str(info.folder), "model_dir": str(info.model_dir),
-                                "run_dir": str(info.run_dir) if info.run_dir else None, "step": info.step}
+                                "run_dir": str(info.run_dir) if info.run_dir else None, "step": info.step,
+                                "chosen": info.how}
         report["data"] = {"root": str(args.data), "split": args.split, "swap_split": args.swap_split if swap else None}
         report["ranks"] = world
         if rank == 0:

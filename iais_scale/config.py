@@ -148,7 +148,9 @@ class IaisConfig:
 class ObjectiveConfig:
     mlm_weight: float = 1.0  # masked language modelling, conditioned on the image
     mlm_prob: float = 0.15
-    mlm_only_steps: int = 0  # warm-up steps with MLM alone before ranking starts
+    # Warm-up steps with MLM alone before ranking starts; below 1, a fraction of train.steps (the demo's
+    # 0.375: 300 of its 800 steps, and still a warm-up in a run shortened with train.steps=60).
+    mlm_only_steps: float = 0
     itm_rank_weight: float = 1.0  # ranking of hard-negative groups by the ITM head (+ IAIS on positives)
     itm_rank_loss: Literal["hinge", "bce", "softmax"] = "hinge"  # hinge: the paper's recipe; bce: UNITER's ITM
     margin: float = 0.2  # hinge margin on sigmoid scores
@@ -202,6 +204,7 @@ class TrainConfig:
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     output_dir: str = "runs/demo"
     log_every: int = 10
+    verbose: bool = False  # also other libraries' INFO lines (DeepSpeed, transformers) and every rank's warnings
     watchdog_s: float = 1800.0  # a rank without progress this long logs where it is and exits (0: off)
     dist_timeout_s: float = 1800.0  # NCCL/gloo collective timeout
     remote_sync: str | None = None  # a URL (s3://, gs://, file://...) that receives each complete checkpoint
@@ -637,6 +640,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _set_override(data, key.strip(), raw)
     problems: list[str] = []
     cfg = _build(ExperimentConfig, data, "", problems)
+    warmup = cfg.objectives.mlm_only_steps
+    if isinstance(warmup, float) and 0 < warmup < 1 and isinstance(cfg.train.steps, int):
+        cfg.objectives.mlm_only_steps = round(warmup * cfg.train.steps)
+    elif isinstance(warmup, float) and warmup == int(warmup):
+        cfg.objectives.mlm_only_steps = int(warmup)
+    elif isinstance(warmup, float):
+        problems.append(f"objectives.mlm_only_steps: a whole number of steps, or a fraction of train.steps below 1"
+                        f" (got {warmup})")
     if isinstance(cfg.train.deepspeed_config, str):
         cfg.train.deepspeed_config = str(find_config_file(cfg.train.deepspeed_config, "deepspeed", ".json"))
     # Fields that failed their type check keep their defaults; value checks of every other field

@@ -35,7 +35,7 @@ from .data.pipeline import Consumed, StreamStart, make_train_stream, train_loade
 from .data.samples import BadSampleCounter
 from .data.shards import resolve_split
 from .data.tokenizer import load_tokenizer
-from .metrics import MetricsLogger, Window, all_reduce_record
+from .metrics import MetricsLogger, Window, all_reduce_record, setup_logging
 from .model import CrossModalModel, config_from_experiment
 from .objectives import training_loss
 from .preemption import (
@@ -211,11 +211,6 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, grad_accum: int) ->
     return ds
 
 
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", force=True)
-
-
 def lr_lambda(warmup: int, total: int):
     """Linear warm-up, then linear decay to 0 (the UNITER/IAIS fine-tuning schedule)."""
 
@@ -369,7 +364,7 @@ class Trainer:
         self.watchdog.start()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(env_world)))
         torch.set_num_threads(cfg.train.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // local_world))
-        setup_logging(env_rank)
+        setup_logging(env_rank, cfg.train.verbose)
         self.watchdog.beat("start-up: preparing the data")
         prepare_data(cfg)
         problems = check_inputs(cfg, env_world, resume)
@@ -747,6 +742,10 @@ class Trainer:
         dist.barrier()
         self.watchdog.stop()
         self._finish_wandb(report)
+        if self.rank == 0:
+            written = [self.out_dir / n for n in ("train_log.jsonl", "eval.json", "eval.md", "hf_model", "tensorboard")]
+            log.info("outputs in %s: %s; checkpoint %s", self.out_dir,
+                     ", ".join(p.name for p in written if p.exists()), final)
         return report
 
     # ------------------------------------------------------------------ wandb

@@ -644,6 +644,12 @@ def _metric_row(name: str, pairs, rate, m: dict) -> str:
     return f"| {name} | {pairs} | {rate} | " + " | ".join(f"{m[k]:.2f}" for k in METRIC_KEYS) + " |"
 
 
+def _f4(x: float) -> str:
+    """Four decimals, without the sign of a value that rounds to zero (``-0.0000``)."""
+    text = f"{x:.4f}"
+    return text[1:] if text == "-0.0000" else text
+
+
 def markdown_table(report: dict) -> str:
     """The report as markdown: warnings, recall table, relation table, relation-swap lines."""
     r = report
@@ -678,11 +684,11 @@ def markdown_table(report: dict) -> str:
             "|---|---:|---:|---:|---:|",
         ]
         for k, v in sorted(rel.items()):
-            p50 = f"{v['p50']:.4f}" if "p50" in v else "-"
-            lines.append(f"| {k} | {v['mean']:.4f} | {v['p10']:.4f} | {p50} | {v['p90']:.4f} |")
-        lines.append("(normalised entropy 1.0 = uniform attention: a low ISD beside it is the degenerate minimum)")
-        for w in r.get("warnings", []):
-            lines.append(f"**WARNING: {w}**")
+            p50 = _f4(v["p50"]) if "p50" in v else "-"
+            lines.append(f"| {k} | {_f4(v['mean'])} | {_f4(v['p10'])} | {p50} | {_f4(v['p90'])} |")
+        lines.append("(normalised entropy 1.0 = uniform attention: a low ISD beside it is the degenerate minimum;"
+                     " see the warnings above)" if r.get("warnings") else
+                     "(normalised entropy 1.0 = uniform attention: a low ISD beside it is the degenerate minimum)")
     if isinstance(r.get("isda"), str):
         lines.append(f"ISDa {r['isda']}.")
     elif any("/isda_" in k for k in rel):

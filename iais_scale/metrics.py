@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,6 +19,29 @@ log = logging.getLogger("iais_scale")
 
 # Summed over ranks rather than averaged: totals of the whole job.
 SUMMED = ("samples_per_s", "tokens_per_s", "bad_samples")
+
+
+# Libraries whose INFO lines ("Processing zero checkpoint", "Loading checkpoint shards") drown the run's own.
+NOISY_LOGGERS = ("DeepSpeed", "deepspeed", "transformers", "torch", "accelerate", "fsspec", "urllib3")
+
+
+def setup_logging(rank: int, verbose: bool = False) -> None:
+    """Rank 0 logs INFO, the others WARNING; other libraries say only warnings, and Python warnings
+    show once on rank 0 (not once per rank), unless ``train.verbose``."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", force=True)
+    if verbose:
+        return
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_warning()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    warnings.simplefilter("once" if rank == 0 else "ignore")
 
 
 class Window:
@@ -74,9 +101,20 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def duration(seconds: float) -> str:
+    """``1h02m``, ``4m05s``, ``12s``; ``?`` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class MetricsLogger:
-    """Rank 0 writes each record to the log, ``train_log.jsonl`` and TensorBoard (and wandb when
-    asked), and shows a tqdm bar; other ranks write nothing."""
+    """Rank 0 writes each record to the log (with the step out of the total and an ETA),
+    ``train_log.jsonl`` and TensorBoard (and wandb when asked); other ranks write nothing. On a
+    terminal a tqdm bar runs below the log lines (routed through tqdm so that none shares a line
+    with it); in a file (a SLURM log, ``> log``) there is no bar, whose carriage returns would make
+    one endless line: the log lines carry the progress."""
 
     MAIN = ("loss", "mlm", "itm_rank", "iais", "iais_weight", "entropy_S_L", "entropy_S_V")
 
@@ -84,14 +122,21 @@ class MetricsLogger:
         self.rank = rank
         self.jsonl = self.tb = self.bar = None
         self.wandb = wandb_run
+        self.total, self.initial, self.started = total_steps, initial, time.monotonic()
+        self._redirect = contextlib.ExitStack()
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             out_dir.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(out_dir / "train_log.jsonl", "a")
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            self.bar = tqdm(total=total_steps, initial=initial, desc="train", unit="step", mininterval=5)
+            terminal = sys.stderr.isatty()
+            self.bar = tqdm(total=total_steps, initial=initial, desc="train", unit="step", mininterval=5,
+                            disable=not terminal)
+            if terminal:
+                self._redirect.enter_context(logging_redirect_tqdm())
 
     def tick(self) -> None:
         if self.bar is not None:
@@ -102,7 +147,10 @@ class MetricsLogger:
             return
         step = record["step"]
         shown = "  ".join(f"{k}={record[k]:.4g}" for k in self.MAIN if k in record)
-        log.info("step %d  %s  %.0f samples/s", step, shown, record["samples_per_s"])
+        done, elapsed = step - self.initial, time.monotonic() - self.started
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        log.info("step %d/%d  %s  %.0f samples/s  ETA %s", step, self.total, shown, record["samples_per_s"],
+                 duration(eta))
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         for k, v in record.items():
@@ -112,6 +160,7 @@ class MetricsLogger:
             self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
 
     def close(self) -> None:
+        self._redirect.close()
         if self.rank == 0:
             self.bar.close()
             self.jsonl.close()

@@ -168,3 +168,14 @@ def test_yaml_python_tags_and_overflowing_timeouts_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="data.io_timeout_s: must be a positive finite number"):
         load_config(ROOT / "configs/demo.yaml", ["data.io_timeout_s=0"])
     assert load_config(ROOT / "configs/demo.yaml", ["train.watchdog_s=86400"]).train.watchdog_s == 86400
+
+
+def test_a_shortened_demo_needs_one_override():
+    """The demo's MLM warm-up is a fraction of its steps: train.steps=60 alone gives a valid run with
+    22 warm-up steps; the full demo keeps its 300 of 800; whole numbers are still checked."""
+    assert load_config(ROOT / "configs/demo.yaml").objectives.mlm_only_steps == 300
+    assert load_config(ROOT / "configs/demo.yaml", ["train.steps=60"]).objectives.mlm_only_steps == 22
+    with pytest.raises(ConfigError, match="objectives.mlm_only_steps: must be below train.steps=60"):
+        load_config(ROOT / "configs/demo.yaml", ["train.steps=60", "objectives.mlm_only_steps=60"])
+    with pytest.raises(ConfigError, match="a whole number of steps, or a fraction of train.steps below 1"):
+        load_config(ROOT / "configs/demo.yaml", ["objectives.mlm_only_steps=2.5"])

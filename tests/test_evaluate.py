@@ -443,3 +443,31 @@ def test_a_pixel_model_evaluates_stand_alone_on_one_and_two_ranks(tiny_demo, tmp
     report = json.loads((tmp_path / "full" / "eval.json").read_text())
     for k in ev.METRIC_KEYS:
         assert report[k] == pytest.approx(trained[k], abs=1e-9), k
+
+
+@pytest.mark.slow
+def test_a_run_folder_is_scored_at_the_checkpoint_the_run_reported(tiny_demo, tmp_path, capsys):
+    """With model selection on val the run reports its best checkpoint; evaluating the run folder
+    scores that one (not the newest step) and says which and how it was chosen."""
+    from test_resume import finish, one_rank
+
+    run = tmp_path / "run"
+    code, log = finish(one_rank(f"data.root={tiny_demo}", "data.make_demo=false", "data.swap_split=null",
+                                f"train.output_dir={run}", "train.steps=6", "train.log_every=1", "train.eval_every=2",
+                                "data.val_split=val", "train.micro_batch_size=8", "objectives.mlm_only_steps=0",
+                                "objectives.num_candidates=4", "objectives.num_hard=2", "eval.max_images=4"))
+    assert code == 0, log[-3000:]
+    reported = json.loads((run / "eval.json").read_text())
+    step = reported["selected_by"]["step"]
+    assert launcher().main(["--checkpoint", str(run), "--data", str(tiny_demo), "--swap-split", "none",
+                            "--max-images", "4", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())
+    assert again["checkpoint"]["path"] == str(run / "checkpoints" / "best") and again["checkpoint"]["step"] == step
+    assert again["checkpoint"]["chosen"] == f"the run's reported checkpoint: best RSUM on val (step {step})"
+    for k in ("tr_r1", "ir_r1", "rsum"):
+        assert again[k] == pytest.approx(reported[k], abs=1e-9), k
+    # The checkpoints/ folder still means its newest step.
+    assert launcher().main(["--checkpoint", str(run / "checkpoints"), "--data", str(tiny_demo), "--swap-split", "none",
+                            "--max-images", "4", "--out", str(tmp_path / "newest")]) == 0
+    newest = json.loads((tmp_path / "newest" / "eval.json").read_text())
+    assert newest["checkpoint"]["step"] == 6 and newest["checkpoint"]["chosen"].startswith("the newest complete")

@@ -1,0 +1,45 @@
+"""What a user reads: a run logged to a file (a SLURM log, ``> log``) has no progress-bar carriage
+returns glued to log lines, lines of sane length, the progress (step/total, ETA) in its log lines,
+and no INFO chatter of other libraries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from test_resume import finish, one_rank
+from test_train import ROOT
+
+
+@pytest.mark.slow
+def test_a_run_logged_to_a_file_reads_line_by_line(tiny_demo, tmp_path):
+    out = tmp_path / "run"
+    code, log = finish(one_rank(f"data.root={tiny_demo}", "data.make_demo=false", "data.swap_split=null",
+                                f"train.output_dir={out}", "train.steps=6", "train.log_every=2",
+                                "train.micro_batch_size=8", "objectives.mlm_only_steps=2", "objectives.num_candidates=4",
+                                "objectives.num_hard=2", "eval.max_images=4", "--resume", "none"))
+    assert code == 0, log[-3000:]
+    assert "\r" not in log, [line for line in log.split("\n") if "\r" in line][:3]
+    long = [line for line in log.splitlines() if len(line) > 400]
+    assert not long, long[:2]
+    progress = [line for line in log.splitlines() if " INFO step " in line]
+    assert [line.split(" INFO step ")[1].split()[0] for line in progress] == ["2/6", "4/6", "6/6"], progress
+    assert all(" ETA " in line for line in progress), progress
+    for chatter in ("Processing zero checkpoint", "Loading checkpoint shards", "[INFO] [", "train:  "):
+        assert chatter not in log, chatter
+    assert log.count("FutureWarning") <= 1
+
+
+def test_help_is_quick_enough_to_read_as_a_test_of_imports():
+    """``--help`` parses before torch, DeepSpeed or transformers are imported (timings belong in a
+    benchmark; this checks the imports themselves)."""
+    for launcher in ("launchers/train.py", "launchers/evaluate.py"):
+        code = ("import runpy, sys; sys.argv = ['x', '--help']\n"
+                f"try:\n    runpy.run_path({launcher!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                "heavy = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]\n"
+                "print('HEAVY', heavy)")
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.stdout.strip().endswith("HEAVY []"), (launcher, proc.stdout[-500:], time.monotonic() - t0)
