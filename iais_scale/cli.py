@@ -69,11 +69,26 @@ def train(argv: Sequence[str] | None = None, preemption: Preemption | None = Non
         resume = args.resume or ("auto" if os.environ.get("SLURM_JOB_ID") else cfg.train.resume)
         run(cfg, resume=resume, preemption=preemption)
     except (ConfigError, CheckpointError) as e:
-        print(e, file=sys.stderr)
+        # One list, printed once per node (every rank finds the same; a node of its own may not),
+        # with the files checked too where the values failed: one round of fixes, not three.
+        if isinstance(e, ConfigError) and e.config is not None:
+            e = ConfigError(list(dict.fromkeys(e.problems + _input_problems(e.config, args.resume))))
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(e, file=sys.stderr)
         return 2
     except StopTraining as e:
         return e.code
     return 0
+
+
+def _input_problems(cfg, resume: str | None) -> list[str]:
+    """The data, tokenizer, weights and output-folder problems of a config whose values failed."""
+    from .engine import check_inputs
+
+    try:
+        return check_inputs(cfg, int(os.environ.get("WORLD_SIZE", "1")), resume or cfg.train.resume)
+    except Exception as e:  # values too broken to look for the files they name
+        return [f"(inputs not checked: {type(e).__name__}: {e})"]
 
 
 def _single_rank_defaults() -> None:

@@ -22,8 +22,9 @@ import yaml
 class ConfigError(ValueError):
     """One or more problems in a config; ``problems`` lists them all."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], config: Any = None):
         self.problems = problems
+        self.config = config  # the config as built despite its problems (for further checks), if any
         super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
 
 
@@ -655,7 +656,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     broken = {q.split(":", 1)[0] for q in problems}
     problems += [q for q in cfg.validate() if q.split(":", 1)[0] not in broken]
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, config=cfg)
     return cfg
 
 

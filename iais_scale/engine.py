@@ -129,7 +129,7 @@ def check_inputs(cfg: ExperimentConfig, world: int, resume: str = "auto") -> lis
         p.append(f"data.tokenizer: {problem}")
     elif not any(storage.exists(storage.join(tok, f)) for f in ("tokenizer.json", "vocab.txt")):
         p.append(f"data.tokenizer: no tokenizer files (tokenizer.json or vocab.txt) in {tok}")
-    elif cfg.model.init_from:
+    if cfg.model.init_from:  # (its tokenizer comparison is skipped where the tokenizer is unreadable)
         p += _vocab_problems(cfg, tok)
     if cfg.train.remote_sync and storage.missing_handler(cfg.train.remote_sync):
         p.append(f"train.remote_sync: {storage.missing_handler(cfg.train.remote_sync)}")

@@ -43,3 +43,22 @@ def test_help_is_quick_enough_to_read_as_a_test_of_imports():
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.stdout.strip().endswith("HEAVY []"), (launcher, proc.stdout[-500:], time.monotonic() - t0)
+
+
+@pytest.mark.slow
+def test_errors_in_values_and_files_come_in_one_list_printed_once(tmp_path):
+    """Two ranks; a value out of range, missing shards, a missing tokenizer and a missing init_from:
+    one list naming all of them, printed once (not once per rank), exit code 2."""
+    from test_train import free_port
+
+    proc = subprocess.run(
+        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py", "--config", "demo",
+         f"data.root={tmp_path / 'nowhere'}", "data.make_demo=false", f"train.output_dir={tmp_path / 'run'}",
+         "objectives.num_hard=99", f"model.init_from=uniter:{tmp_path / 'uniter-base.pt'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert out.count("invalid config:") == 1, out[-3000:]
+    for problem in ("objectives.num_hard: must lie in [1, num_candidates=6] (got 99)", "data: ",
+                    "data.tokenizer: ", f"model.init_from: {tmp_path / 'uniter-base.pt'} not found"):
+        assert problem in out, (problem, out[-3000:])
