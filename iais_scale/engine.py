@@ -452,6 +452,7 @@ class Trainer:
         self.overflow_total = 0
         self.tokens_seen = 0  # text + image tokens of the matched pairs, for throughput
         self._eval_data: dict[str, ev.EvalData] = {}
+        self._metrics: MetricsLogger | None = None  # while fit() runs: evaluations go to TensorBoard too
         self._stream = None
         self._rng_to_restore = None
         self.wandb_run_id = ""  # rank 0's wandb run (train.report_to), kept in checkpoints
@@ -661,6 +662,8 @@ class Trainer:
         report.update(extra)
         if self.rank == 0:
             ev.write_report(report, self.out_dir, step=self.step, history_only=not final)
+            if self._metrics is not None:
+                self._metrics.log_eval(report, "eval" if final else "val", self.step)
             if final:
                 print(ev.markdown_table(report), flush=True)
         return report
@@ -681,7 +684,8 @@ class Trainer:
         batches = iter(train_loader(self._stream, cfg.data.num_workers, worker_init_fn=shield_data_worker))
         if self._rng_to_restore is not None:  # after the loader exists: creating it draws from the torch RNG
             _set_rng_state(*self._rng_to_restore)
-        logger = MetricsLogger(self.out_dir, self.rank, cfg.train.steps, initial=self.step, wandb_run=self._wandb())
+        logger = self._metrics = MetricsLogger(self.out_dir, self.rank, cfg.train.steps, initial=self.step,
+                                               wandb_run=self._wandb())
         self.engine.train()
         window = Window()
         window.reset(self.tokens_seen)
@@ -742,6 +746,7 @@ class Trainer:
         dist.barrier()
         self.watchdog.stop()
         self._finish_wandb(report)
+        logger.close()  # (again: the final evaluation reopened its TensorBoard writer)
         if self.rank == 0:
             written = [self.out_dir / n for n in ("train_log.jsonl", "eval.json", "eval.md", "hf_model", "tensorboard")]
             log.info("outputs in %s: %s; checkpoint %s", self.out_dir,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 log = logging.getLogger("iais_scale")
 
+EVAL_SCALARS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
 # Summed over ranks rather than averaged: totals of the whole job.
 SUMMED = ("samples_per_s", "tokens_per_s", "bad_samples")
 
@@ -158,6 +159,20 @@ class MetricsLogger:
                 self.tb.add_scalar(f"train/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+
+    def log_eval(self, report: dict, prefix: str, step: int) -> None:
+        """An evaluation's headline numbers in TensorBoard (and wandb): ``val/*`` for the periodic
+        model-selection evaluations, ``eval/*`` for the reported one."""
+        if self.rank != 0:
+            return
+        numbers = {k: v for k, v in report.items() if k in EVAL_SCALARS and isinstance(v, (int, float))}
+        numbers.update({f"{k.replace('/', '_')}": v["mean"] for k, v in report.get("relations", {}).items()
+                        if isinstance(v, dict) and "mean" in v})
+        for k, v in numbers.items():
+            self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        self.tb.flush()  # (also after close(): the writer reopens for the final evaluation)
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in numbers.items()}, step=step)
 
     def close(self) -> None:
         self._redirect.close()

@@ -206,7 +206,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def draw_curves(run_dir: str | Path, out_dir: str | Path, histories: Sequence[str | Path] | None = None) -> Path:
-    """``curves.png``: RSUM (all-pairs, ITC, re-ranking), ISD and attention entropies over steps.
+    """``curves.png``: the training losses, RSUM (all-pairs, ITC, re-ranking), ISD and attention
+    entropies over steps.
 
     Evaluation points come from ``histories`` (default: the run's ``eval_history.jsonl``; records
     without a step are skipped), training curves from the run's ``train_log.jsonl`` (the ISD and
@@ -221,9 +222,15 @@ def draw_curves(run_dir: str | Path, out_dir: str | Path, histories: Sequence[st
     if not train and not evals:
         raise FileNotFoundError(f"{run_dir}: no train_log.jsonl or eval_history.jsonl records to plot")
 
-    fig = Figure(figsize=(17, 4.8))
+    fig = Figure(figsize=(22, 4.8))
     FigureCanvasAgg(fig)
-    ax_r, ax_i, ax_e = fig.subplots(1, 3)
+    ax_l, ax_r, ax_i, ax_e = fig.subplots(1, 4)
+    for k in ("loss", "mlm", "itm_rank", "itc", "mrfr"):  # the total and its parts, as logged
+        pts = [(r["step"], r[k]) for r in train if isinstance(r.get(k), (int, float))]
+        if pts:
+            ax_l.plot(*zip(*pts), lw=1.5 if k == "loss" else 1, label=k)
+    ax_l.set_title("training loss (logging windows)")
+    ax_l.set_xlabel("step")
     steps = [r["step"] for r in evals]
     for name, get in (
         ("all pairs", lambda r: r.get("rsum") if r.get("protocol", "all_pairs") == "all_pairs" else None),
@@ -259,7 +266,7 @@ def draw_curves(run_dir: str | Path, out_dir: str | Path, histories: Sequence[st
     ax_e.axhline(0.98, color="grey", ls="--", lw=1, label="0.98: degenerate if all above")
     ax_e.set_title("normalised attention entropy (1 = uniform)")
     ax_e.set_xlabel("step")
-    for ax in (ax_r, ax_i, ax_e):
+    for ax in (ax_l, ax_r, ax_i, ax_e):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)

@@ -19,7 +19,8 @@ def test_a_run_logged_to_a_file_reads_line_by_line(tiny_demo, tmp_path):
     code, log = finish(one_rank(f"data.root={tiny_demo}", "data.make_demo=false", "data.swap_split=null",
                                 f"train.output_dir={out}", "train.steps=6", "train.log_every=2",
                                 "train.micro_batch_size=8", "objectives.mlm_only_steps=2", "objectives.num_candidates=4",
-                                "objectives.num_hard=2", "eval.max_images=4", "--resume", "none"))
+                                "objectives.num_hard=2", "eval.max_images=4", "data.val_split=val",
+                                "train.eval_every=2", "--resume", "none"))
     assert code == 0, log[-3000:]
     assert "\r" not in log, [line for line in log.split("\n") if "\r" in line][:3]
     long = [line for line in log.splitlines() if len(line) > 400]
@@ -30,6 +31,17 @@ def test_a_run_logged_to_a_file_reads_line_by_line(tiny_demo, tmp_path):
     for chatter in ("Processing zero checkpoint", "Loading checkpoint shards", "[INFO] [", "train:  "):
         assert chatter not in log, chatter
     assert log.count("FutureWarning") <= 1
+    assert f"outputs in {out}: train_log.jsonl, eval.json, eval.md, hf_model, tensorboard" in log, log[-2000:]
+
+    # TensorBoard holds the training curves, the model-selection evaluations and the reported one.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (out / "tensorboard").glob("events.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "val/rsum", "eval/rsum", "eval/tr_r1"} <= tags, sorted(tags)
 
 
 def test_help_is_quick_enough_to_read_as_a_test_of_imports():
