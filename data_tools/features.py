@@ -296,6 +296,8 @@ def extract_backbone_features(
         precision, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     config = SimpleNamespace(**fields, backbone_max_tokens=max_tokens or 0, backbone_trainable_blocks=0,
                              gradient_checkpointing_every=0)
+    out(f"loading the backbone {backbone} ({weights if weights in ('pretrained', 'random') else 'weights from'}"
+        f"{'' if weights in ('pretrained', 'random') else ' ' + weights})...")  # (a large one takes a while)
     model = VisionBackbone(config)
     report = load_backbone_weights(model, backbone, weights)
     out(f"backbone {report}")
@@ -311,6 +313,7 @@ def extract_backbone_features(
                       shard_size, keep_images, overwrite)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for name, folder in sources.items():
+            out(f"{name}: extracting features from {folder}...")
             n, items, images = job.split(name, folder, out_path / name, pool)
             counts[name], skipped[name] = n, issue_counts(items)
             total_images += images

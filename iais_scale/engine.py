@@ -664,6 +664,9 @@ class Trainer:
             ev.write_report(report, self.out_dir, step=self.step, history_only=not final)
             if self._metrics is not None:
                 self._metrics.log_eval(report, "eval" if final else "val", self.step)
+            if not final:  # (the final report is printed whole)
+                log.info("evaluation on %s at step %d: RSUM %.2f (TR R@1 %.2f, IR R@1 %.2f)", split, self.step,
+                         report["rsum"], report["tr_r1"], report["ir_r1"])
             if final:
                 print(ev.markdown_table(report), flush=True)
         return report

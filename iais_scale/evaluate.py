@@ -24,6 +24,7 @@ from . import iais
 from .data.collate import Collator
 from .data.pipeline import DEFAULT_IO, IoOptions
 from .data.retrieval import RetrievalSet, SwapGroup, read_split, swap_groups
+from .metrics import progress
 from .model import CrossModalModel, IaisRequest
 
 log = logging.getLogger(__name__)
@@ -123,19 +124,22 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def sharded_map(fn: Callable[[Tensor], Tensor], n: int, batch_size: int) -> Tensor:
+def sharded_map(fn: Callable[[Tensor], Tensor], n: int, batch_size: int, desc: str | None = None) -> Tensor:
     """``fn`` over rows ``0..n-1`` in micro-batches, each rank an equal slice, gathered on all ranks.
 
     ``fn(rows)`` maps a [b] long index tensor (CPU) to a [b, ...] tensor on the model's device. The
     last rank's slice is padded with copies of row n-1 (dropped after the gather), so that every
-    rank runs the same number of forward passes. Returns [n, ...] on the CPU.
+    rank runs the same number of forward passes. Returns [n, ...] on the CPU. ``desc``: rank 0
+    shows the progress of its slice (long scorings).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     rank, world = _world()
     per_rank = math.ceil(n / world)
     mine = torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp_max(max(n - 1, 0))
-    out = [fn(mine[s : s + batch_size]) for s in range(0, per_rank, batch_size)]
+    starts = range(0, per_rank, batch_size)
+    out = [fn(mine[s : s + batch_size]) for s in progress(starts, total=len(starts), desc=desc or "",
+                                                        unit="batches", show=desc is not None and rank == 0)]
     local = torch.cat(out) if out else torch.empty(0)
     if world > 1:
         gathered = [torch.empty_like(local) for _ in range(world)]
@@ -157,7 +161,8 @@ def _select(tensors: dict[str, Tensor], rows: Tensor, device: torch.device) -> d
 
 @torch.no_grad()
 def score_pairs(
-    model: CrossModalModel, texts: dict, images: dict, text_idx: Tensor, image_idx: Tensor, batch_size: int
+    model: CrossModalModel, texts: dict, images: dict, text_idx: Tensor, image_idx: Tensor, batch_size: int,
+    desc: str | None = None,
 ) -> Tensor:
     """ITM logits of the pairs (text_idx[p], image_idx[p]), this rank's equal share, gathered."""
     device = _device(model)
@@ -167,7 +172,7 @@ def score_pairs(
         return model.pair_logits(_select(texts, t, device), _select(images, i, device),
                                  torch.arange(t.numel(), device=device), torch.arange(i.numel(), device=device)).float()
 
-    return sharded_map(fn, text_idx.numel(), batch_size)
+    return sharded_map(fn, text_idx.numel(), batch_size, desc)
 
 
 def has_itc(model: torch.nn.Module) -> bool:
@@ -554,7 +559,8 @@ def evaluate(
         if all_pairs:
             image_idx = torch.arange(n_img).repeat_interleave(n_txt)
             text_idx = torch.arange(n_txt).repeat(n_img)
-            scores = score_pairs(model, texts, images, text_idx, image_idx, batch_size).view(n_img, n_txt)
+            scores = score_pairs(model, texts, images, text_idx, image_idx, batch_size,
+                                 desc=f"scoring {n_img * n_txt} pairs").view(n_img, n_txt)
             elapsed = time.perf_counter() - t0
             report.update(
                 protocol="all_pairs",

@@ -17,6 +17,29 @@ import torch.distributed as dist
 
 log = logging.getLogger("iais_scale")
 
+def progress(items, *, total: int, desc: str, unit: str, show: bool = True, every_s: float = 30.0):
+    """``items`` with their progress shown (``show``: rank 0): a tqdm bar on a terminal; in a file, a
+    log line every ``every_s`` seconds and at the end, never a carriage return."""
+    if not show:
+        yield from items
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, unit=unit, leave=False)
+        return
+    start = last = time.monotonic()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every_s or done == total:
+            last = now
+            eta = (now - start) / done * (total - done)
+            log.info("%s: %d/%d %s, %s elapsed, ETA %s", desc, done, total, unit, duration(now - start), duration(eta))
+
+
 EVAL_SCALARS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
 # Summed over ranks rather than averaged: totals of the whole job.
 SUMMED = ("samples_per_s", "tokens_per_s", "bad_samples")
