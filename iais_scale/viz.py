@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,7 +94,7 @@ def _heatmap(fig: Figure, ax, m: np.ndarray, title: str, rows: list[str], cols: 
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
 
 
-def _image_panel(ax, sample: ImageSample, image: bytes | None) -> None:
+def _image_panel(ax, sample: ImageSample, image: bytes | None, n_regions: int = 0) -> None:
     if image is not None:
         from PIL import Image
 
@@ -103,13 +104,24 @@ def _image_panel(ax, sample: ImageSample, image: bytes | None) -> None:
     else:
         ax.imshow(np.full((sample.height, sample.width, 3), 235, np.uint8))
         ax.set_title(f"{sample.key}: regions (no pixels in shard)", fontsize=9)
-    colours = [f"C{i % 10}" for i in range(len(sample.boxes))]
-    for i, (x1, y1, x2, y2) in enumerate(sample.boxes.tolist()):
+    boxes = sample.boxes.tolist() if sample.boxes is not None and len(sample.boxes) else _grid_boxes(sample, n_regions)
+    colours = [f"C{i % 10}" for i in range(len(boxes))]
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
         ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=colours[i], lw=1.5))
         ax.text(x1, y1, str(i), color="white", fontsize=7, va="top", ha="left",
                 bbox={"facecolor": colours[i], "pad": 0.8, "lw": 0})
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _grid_boxes(sample: ImageSample, n: int) -> list[tuple[float, float, float, float]]:
+    """A pixel model's image tokens as the cells of its square grid, row by row (r0 top left), so that
+    the heatmaps' r0..r{n-1} can be found in the image; none when n is no square."""
+    side = math.isqrt(n)
+    if n == 0 or side * side != n:
+        return []
+    w, h = sample.width / side, sample.height / side
+    return [(c * w, r * h, (c + 1) * w, (r + 1) * h) for r in range(side) for c in range(side)]
 
 
 def draw_pair(
@@ -130,7 +142,7 @@ def draw_pair(
     fig = Figure(figsize=(4.2 * n_cols, 12.5))
     FigureCanvasAgg(fig)
     axes = fig.subplots(3, n_cols, squeeze=False)
-    _image_panel(axes[0][0], sample, image)
+    _image_panel(axes[0][0], sample, image, len(regions))
     _heatmap(fig, axes[0][1], mats["A_t2i"], f"A_t2i word->region (H={mats['entropy/A_t2i']:.3f})", words, regions)
     _heatmap(fig, axes[0][2], mats["A_i2t"], f"A_i2t region->word (H={mats['entropy/A_i2t']:.3f})", regions, words)
     for ax in axes[0][3:]:

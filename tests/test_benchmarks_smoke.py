@@ -55,3 +55,9 @@ def test_mining_comm():
                 "--hard", "2", "--feature-dim", "8", "--pixels", "32")
     assert "Bytes received per rank per step" in out and "Extrapolated bytes received" in out, out
     assert "(all-gather) mining emb." in out
+
+
+def test_cli_start():
+    out = bench("cli_start.py", "--repeats", "1")
+    for name in ("launchers/train.py --help", "launchers/evaluate.py --help", "python -m data_tools --help"):
+        assert name in out and "x the trainer import" in out, out

@@ -471,3 +471,16 @@ def test_a_run_folder_is_scored_at_the_checkpoint_the_run_reported(tiny_demo, tm
                             "--max-images", "4", "--out", str(tmp_path / "newest")]) == 0
     newest = json.loads((tmp_path / "newest" / "eval.json").read_text())
     assert newest["checkpoint"]["step"] == 6 and newest["checkpoint"]["chosen"].startswith("the newest complete")
+
+
+def test_a_pixel_models_image_tokens_are_drawn_as_its_grid():
+    """Patch models have no boxes: their r0..r15 are the cells of a 4x4 grid, row by row."""
+    import numpy as np
+
+    from iais_scale.data.samples import ImageSample
+
+    sample = ImageSample(key="k", image_id="k", captions=["a"], width=64, height=32,
+                         features=np.zeros((0, 0), np.float32), boxes=np.zeros((0, 4), np.float32))
+    cells = viz._grid_boxes(sample, 16)
+    assert len(cells) == 16 and cells[0] == (0, 0, 16, 8) and cells[5] == (16, 8, 32, 16) and cells[15] == (48, 24, 64, 32)
+    assert viz._grid_boxes(sample, 10) == []  # not a square grid: nothing guessed
