@@ -439,7 +439,8 @@ def run_folder_problem(out_dir: Path, resume: str) -> str | None:
     of an earlier run (their logs, checkpoints and exports would mix) or of files of the user's."""
     if not out_dir.is_dir():
         return None if not out_dir.exists() else f"train.output_dir: {out_dir} is a file, not a folder"
-    entries = sorted(p.name for p in out_dir.iterdir())
+    # Log files (a SLURM --output or a shell's `> run/log` pointed into the folder) are the run's company.
+    entries = sorted(p.name for p in out_dir.iterdir() if not p.name.endswith((".out", ".err", ".log")))
     if not entries:
         return None
     ours = [n for n in entries if n in RUN_FILES]
