@@ -43,19 +43,26 @@ def backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def make_backbones(folder: Path) -> dict[str, Path]:
     """Tiny transformers vision models with random weights, saved like downloaded checkpoints."""
+    import transformers
     from transformers import (
         CLIPConfig,
-        CLIPImageProcessorPil,
         CLIPModel,
         CLIPVisionConfig,
         CLIPVisionModel,
         ConvNextConfig,
-        ConvNextImageProcessorPil,
         ConvNextModel,
         ViTConfig,
-        ViTImageProcessorPil,
         ViTModel,
     )
+
+    def pil_processor(name: str):
+        """The PIL image processor class: ``{name}Pil`` in newer transformers, plain ``{name}`` in 5.3
+        (the lowest release pyproject.toml allows), never the torchvision-based fast one."""
+        return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+    CLIPImageProcessorPil = pil_processor("CLIPImageProcessor")
+    ConvNextImageProcessorPil = pil_processor("ConvNextImageProcessor")
+    ViTImageProcessorPil = pil_processor("ViTImageProcessor")
 
     torch.manual_seed(0)
     out = {name: folder / name for name in ("vit", "clip", "clip_full", "convnext")}
