@@ -596,3 +596,18 @@ def test_zero3_clip_tower_trained_under_activation_checkpointing(tiny_demo, tmp_
     # 4.2e-4 in all) moved no weight further than 4.2e-4 here; with backbone_weights=random, 0.83.
     assert backbone_drift(out, backbones["clip"]) < 2e-3
     assert json.loads((out / "eval.json").read_text())["images"] == 16
+
+
+def test_feature_extraction_without_timm_is_a_one_line_error(tiny_demo, tmp_path, capsys):
+    from data_tools.__main__ import main as data_tools_main
+
+    try:
+        import timm  # noqa: F401
+
+        pytest.skip("timm imports here")
+    except Exception:
+        pass
+    assert data_tools_main(["features", "--backbone", "timm:vit_tiny_patch16_224", "--weights", "random",
+                            "--images-from", str(tiny_demo), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: timm backbones need the packages timm and torchvision") and "Traceback" not in err

@@ -54,3 +54,17 @@ def test_a_wheel_holds_the_configs_and_trains_the_demo_through_its_console_scrip
     assert (run / "eval.json").is_file() and (run / "hf_model" / "model.safetensors").is_file()
     for script in ("iais-evaluate", "iais-data"):
         assert subprocess.run([str(venv / "bin" / script), "--help"], capture_output=True, timeout=60).returncode == 0
+
+
+def test_a_torchvision_built_for_another_torch_is_named_in_one_line(tmp_path):
+    """PyPI's torchvision (the [vision] extra beside the CPU torch) fails inside transformers' import;
+    iais_scale.model says what is wrong and what to do instead of a 30-line traceback from there."""
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    proc = subprocess.run([sys.executable, "-c", "import iais_scale.model"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: torchvision is installed but does not work with torch") and \
+        "pip uninstall torchvision timm" in last, proc.stderr[-2000:]
