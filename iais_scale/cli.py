@@ -66,8 +66,7 @@ def train(argv: Sequence[str] | None = None, preemption: Preemption | None = Non
 
     try:
         cfg = load_config(args.config, args.overrides)
-        resume = args.resume or ("auto" if os.environ.get("SLURM_JOB_ID") else cfg.train.resume)
-        run(cfg, resume=resume, preemption=preemption)
+        run(cfg, resume=_resume(args.resume, cfg), preemption=preemption)
     except (ConfigError, CheckpointError) as e:
         # One list, printed once per node (every rank finds the same; a node of its own may not),
         # with the files checked too where the values failed: one round of fixes, not three.
@@ -81,12 +80,17 @@ def train(argv: Sequence[str] | None = None, preemption: Preemption | None = Non
     return 0
 
 
+def _resume(option: str | None, cfg) -> str:
+    """--resume, else ``auto`` under SLURM (a requeued job continues), else ``train.resume``."""
+    return option or ("auto" if os.environ.get("SLURM_JOB_ID") else cfg.train.resume)
+
+
 def _input_problems(cfg, resume: str | None) -> list[str]:
     """The data, tokenizer, weights and output-folder problems of a config whose values failed."""
     from .engine import check_inputs
 
     try:
-        return check_inputs(cfg, int(os.environ.get("WORLD_SIZE", "1")), resume or cfg.train.resume)
+        return check_inputs(cfg, int(os.environ.get("WORLD_SIZE", "1")), _resume(resume, cfg))
     except Exception as e:  # values too broken to look for the files they name
         return [f"(inputs not checked: {type(e).__name__}: {e})"]
 
