@@ -82,6 +82,18 @@ def retrieval_metrics(scores: Tensor, caption_image: Tensor) -> dict[str, float]
     return out
 
 
+def authors_ir_recall(scores: Tensor, caption_image: Tensor) -> dict[str, float]:
+    """IR recall as UNITER's and the IAIS authors' ``itm_eval.py`` computes it, for comparison with
+    published numbers only: scores kept in fp16, each caption's top 10 images by ``topk``, then
+    ``(rank < k).sum()`` over both columns of ``nonzero()`` (the caption's row index as well as the
+    image's rank), which adds the hits of the first k captions once more: up to k/N too high. The
+    report's own ``ir_r*`` is the correct count. Percentages; [n_images, n_captions] as above."""
+    n_img, n_txt = scores.shape
+    top = scores.t().half().float().topk(min(10, n_img), dim=1).indices  # [n_txt, <=10]
+    hits = (top == caption_image.long()[:, None]).nonzero()  # (caption row, rank) of each hit
+    return {f"ir_r{k}": 100.0 * (hits < k).sum().item() / n_txt for k in RECALL_KS}
+
+
 def split_metrics(i2t_scores: Tensor, t2i_scores: Tensor, caption_image: Tensor) -> dict[str, float]:
     """Recall metrics when the two directions rank from different score matrices (re-ranking):
     TR (image queries) from ``i2t_scores``, IR (caption queries) from ``t2i_scores``, both
@@ -568,6 +580,7 @@ def evaluate(
                 pairs_per_second=n_img * n_txt / elapsed,
                 seconds=elapsed,
                 **retrieval_metrics(scores, rset.caption_image),
+                authors_ir=authors_ir_recall(scores, rset.caption_image),
             )
         if rerank_k is not None:
             t1 = time.perf_counter()
@@ -682,6 +695,11 @@ def markdown_table(report: dict) -> str:
             f"Re-ranking scored {rr['pairs_scored']} of {rr['pairs_all']} pairs with the cross-encoder"
             f" ({rr['reduction']:.1f}x fewer), {rr['seconds']:.2f} s in all.",
         ]
+    if "authors_ir" in r:
+        a = r["authors_ir"]
+        lines += ["", f"IR recall as UNITER's and the IAIS authors' itm_eval.py counts it (fp16 scores, both columns of"
+                      f" nonzero(): up to k/N too high; for comparison with published tables only): R@1 {a['ir_r1']:.2f},"
+                      f" R@5 {a['ir_r5']:.2f}, R@10 {a['ir_r10']:.2f}"]
     rel = r.get("relations", {})
     if rel:
         lines += [

@@ -96,3 +96,16 @@ def test_markdown_table_lists_the_metrics():
     assert "| 100.00 | 100.00 | 100.00 | 100.00 | 100.00 | 100.00 | 600.00 |" in table
     assert "layer3/isd_L/singular | 0.5000" in table
     assert "group 5.0" in table
+
+
+def test_ir_recall_as_the_authors_count_it_adds_the_first_k_captions_hits_again():
+    """By hand: 4 captions, 2 images. Captions 0 and 2 rank their image first, caption 1 second,
+    caption 3 second. Correct IR@1 = 2/4. The authors' count: every hit adds (rank < k) and
+    (caption row < k): R@1 = [cap 0: 1 + 1] + [cap 2: 1 + 0] = 3 of 4; R@5 = R@10 = 2 per hit = 8/4."""
+    from iais_scale.evaluate import authors_ir_recall
+
+    owner = torch.tensor([0, 0, 1, 1])
+    scores = torch.tensor([[0.9, 0.2, 0.1, 0.8],   # image 0
+                           [0.1, 0.7, 0.6, 0.3]])  # image 1
+    assert retrieval_metrics(scores, owner)["ir_r1"] == 50.0
+    assert authors_ir_recall(scores, owner) == {"ir_r1": 75.0, "ir_r5": 200.0, "ir_r10": 200.0}
