@@ -283,8 +283,11 @@ def launch(demo: Path, out: Path, *extra: str, ranks: int = 2, script: str = "la
            env: dict | None = None) -> subprocess.Popen:
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script,
            "--config", "configs/demo.yaml", *tiny(demo, out, 400, "train.checkpoint_every=0", *extra)]
+    # As a terminal's foreground job: SIGINT at its default (a job started in the background by a
+    # non-interactive shell, as CI may be, inherits it ignored, and Ctrl-C would not reach the runner).
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def ranks_of(out: Path) -> list[psutil.Process]:
@@ -337,20 +340,30 @@ def test_sigterm_to_the_launcher_saves_and_leaves_no_orphans(tiny_demo, tmp_path
 def test_sigterm_to_the_launcher_during_start_up_stops_the_ranks(tiny_demo, tmp_path):
     """``kill RUNNER`` as soon as the ranks exist, while they start up: they notice and stop at their
     first agreement point instead of training to the last step."""
+    import threading
+
     out = tmp_path / "run"
     proc = launch(tiny_demo, out)
-    deadline = time.time() + 120
-    while len(ranks_of(out)) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
-    deadline = time.time() + 180
-    while ranks_of(out) and time.time() < deadline:
-        time.sleep(0.5)
-    assert not ranks_of(out), "ranks kept training after their launcher died during start-up"
-    log = out / "train_log.jsonl"
-    steps = len(log.read_text().splitlines()) if log.is_file() else 0
-    assert steps < 50, steps
+    said: list[str] = []  # the ranks keep the runner's pipe: drained, or a full pipe would block them
+    threading.Thread(target=lambda: said.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.time() + 120
+        while len(ranks_of(out)) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        parents = [(r.pid, [(p.pid, " ".join(p.cmdline())[:80]) for p in r.parents()[:3]]) for r in ranks_of(out)]
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.time() + 180
+        while ranks_of(out) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not ranks_of(out), ("ranks kept training after their launcher died during start-up", parents,
+                                   "".join(said)[-3000:])
+        log = out / "train_log.jsonl"
+        steps = len(log.read_text().splitlines()) if log.is_file() else 0
+        assert steps < 50, steps
+    finally:
+        for rank in ranks_of(out):  # never left running into the next test
+            rank.kill()
 
 
 @pytest.mark.slow
