@@ -73,18 +73,27 @@ class Preemption:
         try:
             import psutil
 
-            me = psutil.Process()
-            chain = [p for p in me.parents()[:2]]
+            launcher = psutil.Process().parent()
         except Exception:  # no psutil, or no permission: nothing to watch
             return
-        if not chain or "deepspeed.launcher.launch" not in " ".join(_cmdline(chain[0])):
+        if launcher is None or "deepspeed.launcher.launch" not in " ".join(_cmdline(launcher)):
             return
-        if len(chain) > 1 and chain[1].pid == 1:
-            # The ``deepspeed`` runner died before this rank started: its launcher was handed to init.
-            self.request(signal.SIGTERM, f"the launcher process {chain[0].pid} has lost its deepspeed runner")
+        chain = [launcher]
+        ppid, runner, runner_alive = None, None, False
+        try:
+            # Read now, not from a chain built a moment ago: a runner dying meanwhile is either still
+            # the parent (alive, watched below) or already gone, its launcher handed to init.
+            ppid = launcher.ppid()
+            runner = psutil.Process(ppid)
+            runner_alive = runner.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            pass
+        if launcher.pid != 1 and (ppid == 1 or not runner_alive):
+            # The ``deepspeed`` runner died before this rank started watching.
+            self.request(signal.SIGTERM, f"the launcher process {launcher.pid} has lost its deepspeed runner")
             return
-        if len(chain) > 1 and "deepspeed" not in " ".join(_cmdline(chain[1])):
-            chain = chain[:1]  # the launcher was started by something else (srun, a shell): watch it only
+        if "deepspeed" in " ".join(_cmdline(runner)):
+            chain.append(runner)  # (else srun, pdsh's shell or a script started the launcher: watch it only)
         watched = [(p.pid, p.create_time()) for p in chain]
 
         def loop() -> None:
