@@ -338,8 +338,8 @@ def test_sigterm_to_the_launcher_saves_and_leaves_no_orphans(tiny_demo, tmp_path
 
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_during_start_up_stops_the_ranks(tiny_demo, tmp_path):
-    """``kill RUNNER`` as soon as the ranks exist, while they start up: they notice and stop at their
-    first agreement point instead of training to the last step."""
+    """``kill RUNNER`` while the ranks start up (their model is built, no step has run): they notice
+    and stop at their first agreement point instead of training to the last step."""
     import threading
 
     out = tmp_path / "run"
@@ -347,8 +347,8 @@ def test_sigterm_to_the_launcher_during_start_up_stops_the_ranks(tiny_demo, tmp_
     said: list[str] = []  # the ranks keep the runner's pipe: drained, or a full pipe would block them
     threading.Thread(target=lambda: said.extend(proc.stdout), daemon=True).start()
     try:
-        deadline = time.time() + 120
-        while len(ranks_of(out)) < 2 and proc.poll() is None and time.time() < deadline:
+        deadline = time.time() + 300
+        while not any(" INFO model: " in line for line in said) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         parents = [(r.pid, [(p.pid, " ".join(p.cmdline())[:80]) for p in r.parents()[:3]]) for r in ranks_of(out)]
         os.kill(proc.pid, signal.SIGTERM)
