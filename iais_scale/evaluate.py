@@ -698,7 +698,8 @@ def markdown_table(report: dict) -> str:
     if "authors_ir" in r:
         a = r["authors_ir"]
         lines += ["", f"IR recall as UNITER's and the IAIS authors' itm_eval.py counts it (fp16 scores, both columns of"
-                      f" nonzero(): up to k/N too high; for comparison with published tables only): R@1 {a['ir_r1']:.2f},"
+                      f" nonzero(): up to 100k/N points too high, {1000 / max(r['captions'], 1):.1f} at R@10 on these"
+                      f" {r['captions']} captions; for comparison with published tables only): R@1 {a['ir_r1']:.2f},"
                       f" R@5 {a['ir_r5']:.2f}, R@10 {a['ir_r10']:.2f}"]
     rel = r.get("relations", {})
     if rel:
