@@ -357,8 +357,8 @@ class Trainer:
 
         self.cfg = cfg
         env_rank, env_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        # Stop requests and hangs are handled from the start: launchers/train.py installed the
-        # signal handlers before its imports; a hang in start-up (data, rendezvous) is reported too.
+        # Stop requests and hangs are handled from the start: cli.train installed the signal
+        # handlers before its heavy imports; a hang in start-up (data, rendezvous) is reported too.
         self.preemption = preemption or Preemption(env_rank)
         self.watchdog = Watchdog(env_rank, cfg.train.watchdog_s)
         self.watchdog.start()

@@ -45,8 +45,8 @@ class Preemption:
     def install(self) -> None:
         """SIGUSR1/SIGTERM/SIGINT: finish the step, save, stop. Repeats within seconds are the same
         request (SLURM and DeepSpeed's launchers forward one); a later one exits at once. Installed
-        by ``launchers/train.py`` before anything else, so a request during start-up is kept and
-        the run stops at its first agreement point."""
+        by ``cli.train`` (``launchers/train.py``, ``iais-train``) before anything else, so a request
+        during start-up is kept and the run stops at its first agreement point."""
         if self._installed:
             return
         self._installed = True
