@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from iais_scale import evaluate as ev
-from iais_scale import objectives as ob
+from iais_scale import evaluate as ev, objectives as ob
 from iais_scale.config import load_config
 from iais_scale.data.collate import Collator
 from iais_scale.data.demo import make_demo

@@ -42,8 +42,8 @@ import time
 import torch
 from transformers import BertConfig, BertModel
 
-from iais_scale.config import MODEL_SIZES
 from iais_scale.model import CrossModalConfig, CrossModalModel, IaisRequest
+from iais_scale.model.configuration import MODEL_SIZES
 
 TEXT, REGIONS, FEAT = 40, 36, 2048
 
@@ -408,7 +408,7 @@ def main() -> None:
     ap.add_argument("--size", default="base", help="CPU section: the model size (MODEL_SIZES; tiny for a smoke run)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sizes", default="base,large", help="sweep: model sizes (iais_scale.config.MODEL_SIZES)")
+    ap.add_argument("--sizes", default="base,large", help="sweep: model sizes (iais_scale.model.configuration.MODEL_SIZES)")
     ap.add_argument("--dtype", default="bfloat16", help="sweep: parameter and input dtype")
     ap.add_argument("--start-pairs", type=int, default=32, help="sweep: first micro-batch of the doubling search")
     ap.add_argument("--max-pairs", type=int, default=4096, help="sweep: cap of the doubling search")

@@ -65,8 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from iais_scale import evaluate as ev  # noqa: E402
-from iais_scale import objectives as ob  # noqa: E402
+from iais_scale import evaluate as ev, objectives as ob  # noqa: E402
 from iais_scale.config import load_config  # noqa: E402
 
 # name -> overrides of the fine-tuning config (on top of ``fine_tune_overrides``). The paper's

@@ -12,18 +12,21 @@ import sys
 import time
 from collections.abc import Sequence
 
+from iais_scale.data.demo import make_demo
+from iais_scale.data.format import Manifest
+from iais_scale.data.relations import make_relations
+
+from . import coco, entities, features, karpathy, table, uniter
+from .stats import compute_stats, format_table
+from .verify import verify
+
 
 def _generate(args: argparse.Namespace) -> int:
     """``demo`` and ``relations``: make the synthetic data set, say what it holds."""
-    from iais_scale.data.format import Manifest
-
     if args.command == "demo":
-        from iais_scale.data.demo import make_demo as make
-
-        sizes = dict(n_train=args.n_train)
+        make, sizes = make_demo, dict(n_train=args.n_train)
     else:
-        from iais_scale.data.relations import make_relations as make
-
+        make = make_relations
         sizes = dict(n_train_pairs=args.n_train_pairs, captions_per_image=args.captions_per_image)
     start = time.perf_counter()
     out = make(args.out, seed=args.seed, n_val=args.n_val, n_test=args.n_test, n_swap_groups=args.n_swap_groups,
@@ -35,14 +38,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify
-
     return 1 if verify(args.dir, workers=args.workers) else 0
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .stats import compute_stats, format_table
-
     stats, n_problems = compute_stats(args.dir, workers=args.workers)
     print(json.dumps(stats, indent=2) if args.json else format_table(stats))
     if n_problems:
@@ -90,8 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.set_defaults(func=func)
-
-    from . import coco, entities, features, karpathy, table, uniter
 
     for module in (karpathy, coco, table, features, uniter, entities):
         module.add_parser(sub)

@@ -53,6 +53,8 @@ from iais_scale.data.format import (
     write_json_atomic,
 )
 
+from .regions import load_regions
+
 PROGRESS_FILE = "progress.jsonl"
 SKIPPED_FILE = "skipped.json"
 # Bump when the same inputs and parameters would give different shards.
@@ -255,8 +257,6 @@ def inspect_image(data: bytes, check_decode: bool) -> tuple[bytes, str, int, int
 
 def load_record(opts: LoadOptions, rec: Record) -> Loaded | dict[str, Any]:
     """Read one record's image and features; a problem comes back as an :func:`issue` dict."""
-    from .features import load_regions
-
     image: bytes | None = None
     ext = "png"
     size: tuple[int, int] | None = None

@@ -1,25 +1,12 @@
-"""Per-image region features from ``.npz`` files (bottom-up-attention / BUTD style).
+"""``python -m data_tools features``: a feature-only data set, from ``.npz`` files or a vision backbone.
 
-One file per image, named after the image file's stem (``1000092795.npz`` for
-``1000092795.jpg``; the converters also try the source's numeric id, e.g. the
-COCO id). Accepted array names, the first present wins:
-
-- features ``[n, D]``: ``features`` or ``x`` (``[D, n]`` is transposed when the
-  box count tells which axis holds the regions);
-- boxes ``[n, 4]`` as ``x1, y1, x2, y2`` pixels: ``boxes`` or ``bbox``;
-- the size of the image the boxes refer to: ``image_w``/``image_h`` or ``w``/``h``
-  (optional when the image itself is converted too; boxes are rescaled if it
-  differs from the image's size).
-
-``python -m data_tools features --dir DIR --captions FILE --out DIR`` converts a
-Karpathy-split JSON or a COCO captions file whose images exist only as
-features; with images, use the ``--features DIR`` option of ``karpathy``,
-``coco`` or ``table`` instead.
+``python -m data_tools features --dir DIR --captions FILE --out DIR`` converts a Karpathy-split JSON
+or a COCO captions file whose images exist only as ``.npz`` region features (``regions.py``); with
+images, use the ``--features DIR`` option of ``karpathy``, ``coco`` or ``table`` instead.
 
 ``python -m data_tools features --backbone NAME_OR_FOLDER --images-from SHARDS_DIR --out DIR``
-runs a frozen vision backbone over the images of existing shards and writes its
-grid cells as region features with their geometry (``extract_backbone_features``;
-docs/models.md).
+runs a frozen vision backbone over the images of existing shards and writes its grid cells as
+region features with their geometry (``extract_backbone_features``; docs/models.md).
 """
 
 from __future__ import annotations
@@ -33,81 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from iais_scale.data.format import BOXES_DTYPE, normalised_geometry, validate_regions
+from iais_scale.data.format import TOKENIZER_DIR, Manifest, normalised_geometry, relation_data_reason
+from iais_scale.data.samples import decode_sample
+from iais_scale.data.shards import read_shard, resolve_split
 
-FEATURE_NAMES = ("features", "x")
-BOX_NAMES = ("boxes", "bbox")
-WIDTH_NAMES = ("image_w", "w")
-HEIGHT_NAMES = ("image_h", "h")
-
-
-def _first(z: Any, names: tuple[str, ...], required: bool = True) -> np.ndarray | None:
-    for name in names:
-        if name in z.files:
-            return z[name]
-    if required:
-        raise ValueError(f"no array named {' or '.join(repr(n) for n in names)} (has {sorted(z.files)})")
-    return None
-
-
-def _scalar(value: np.ndarray | None, name: str) -> int | None:
-    if value is None:
-        return None
-    if value.size != 1 or not np.isfinite(value).all() or value.reshape(()) <= 0:
-        raise ValueError(f"{name}: must be one positive number, got {value!r}")
-    return int(round(float(value.reshape(()))))
-
-
-def check_npz_size(path: str | Path, max_bytes: int) -> None:
-    """Refuse an .npz whose members declare more than ``max_bytes`` in all, before expanding any:
-    a few MB compressed can declare gigabytes."""
-    import zipfile
-
-    with zipfile.ZipFile(path) as zf:
-        total = sum(i.file_size for i in zf.infolist())
-    if total > max_bytes:
-        raise ValueError(f"{path}: its arrays declare {total} bytes, over the limit of {max_bytes} (--max-array-mb)")
-
-
-def load_regions(
-    path: str | Path, image_size: tuple[int, int] | None, dtype: str = "keep", *, max_bytes: int = 512 << 20
-) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Return (features [n, D], boxes [n, 4] float32 pixels, (width, height)) checked against the format.
-
-    ``image_size`` is the size of the image stored with the features (None for
-    feature-only samples, which then need ``image_w``/``image_h`` in the file).
-    Raises ValueError (NaN features, bad shapes, boxes outside the image, ...),
-    or whatever numpy raises for an unreadable file.
-    """
-    check_npz_size(path, max_bytes)
-    with np.load(path, allow_pickle=False) as z:
-        feat = np.asarray(_first(z, FEATURE_NAMES))
-        boxes = np.asarray(_first(z, BOX_NAMES))
-        width = _scalar(_first(z, WIDTH_NAMES, required=False), "image_w")
-        height = _scalar(_first(z, HEIGHT_NAMES, required=False), "image_h")
-    if feat.ndim != 2 or boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"features {list(feat.shape)} / boxes {list(boxes.shape)}: expected [n, D] and [n, 4]")
-    if feat.shape[0] != boxes.shape[0] and feat.shape[1] == boxes.shape[0]:
-        feat = feat.T  # stored as [D, n]
-    if feat.dtype.kind != "f":
-        raise ValueError(f"features: dtype must be floating point, got {feat.dtype}")
-    if dtype != "keep":
-        feat = feat.astype(dtype)
-    elif feat.dtype.itemsize not in (2, 4):
-        feat = feat.astype(np.float32)  # float64 and other widths
-    feat = np.ascontiguousarray(feat)
-    boxes = np.ascontiguousarray(boxes, dtype=BOXES_DTYPE)
-    if image_size is None:
-        if width is None or height is None:
-            raise ValueError("no image_w/image_h in the file and no image to take the size from")
-        image_size = (width, height)
-    elif width is not None and height is not None and (width, height) != image_size:
-        # Features extracted from a resized copy: bring the boxes into the stored image's pixels.
-        scale = np.array([image_size[0] / width, image_size[1] / height] * 2, dtype=np.float64)
-        boxes = (boxes * scale).astype(BOXES_DTYPE)
-    validate_regions(feat, boxes, *image_size)
-    return feat, boxes, image_size
-
+from . import coco, karpathy
+from .convert import (
+    PROGRESS_FILE,
+    Loaded,
+    add_common_args,
+    clear_other_splits,
+    counts as issue_counts,
+    issue,
+    previous_run,
+    write_split,
+)
 
 # ---------------------------------------------------------------- standalone command
 
@@ -124,8 +51,6 @@ def detect_captions_format(path: Path) -> str:
 
 
 def add_parser(sub: Any) -> None:
-    from .convert import add_common_args
-
     p = sub.add_parser(
         "features",
         help="feature-only data set: .npz region features + captions, or a vision backbone's grid features",
@@ -157,8 +82,6 @@ def add_parser(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import coco, karpathy
-
     if args.backbone or args.images_from:
         if not (args.backbone and args.images_from):
             raise ValueError("--backbone and --images-from go together")
@@ -261,23 +184,18 @@ def extract_backbone_features(
     from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
+    # The model and torch only here: the converters and `--help` start without them (seconds).
     import torch
 
-    from iais_scale.config import relation_data_reason
-    from iais_scale.data.format import TOKENIZER_DIR, Manifest
     from iais_scale.data.transforms import ImageTransform
-    from iais_scale.model.backbone import VisionBackbone
-    from iais_scale.model.backbone_source import backbone_fields, load_backbone_weights
-
-    from .convert import PROGRESS_FILE, clear_other_splits, previous_run
-    from .convert import counts as issue_counts
+    from iais_scale.model import backbone as vision, backbone_source
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError("--batch-size and --shard-size must be at least 1")
     if feature_dtype == "keep":
         feature_dtype = "float16"
     sources, src_manifest = _split_sources(images_from, split)
-    fields = backbone_fields(backbone)
+    fields = backbone_source.backbone_fields(backbone)
     params = {
         "backbone": backbone, "weights": weights if weights in ("pretrained", "random") else str(Path(weights).resolve()),
         "max_tokens": max_tokens or 0, "feature_dtype": feature_dtype, "shard_size": shard_size,
@@ -298,8 +216,8 @@ def extract_backbone_features(
                              gradient_checkpointing_every=0)
     out(f"loading the backbone {backbone} ({weights if weights in ('pretrained', 'random') else 'weights from'}"
         f"{'' if weights in ('pretrained', 'random') else ' ' + weights})...")  # (a large one takes a while)
-    model = VisionBackbone(config)
-    report = load_backbone_weights(model, backbone, weights)
+    model = vision.VisionBackbone(config)
+    report = backbone_source.load_backbone_weights(model, backbone, weights)
     out(f"backbone {report}")
     model = model.to(dev, dtype).eval()
     transform = ImageTransform.from_backbone(config)
@@ -350,10 +268,6 @@ class _Extraction:
 
     def split(self, name: str, folder: str, split_dir: Path, pool) -> tuple[int, list[dict[str, Any]], int]:
         """Extract one split (resuming after its last logged shard); returns (samples, issues, images run)."""
-        from iais_scale.data.shards import resolve_split
-
-        from .convert import write_split
-
         shards = resolve_split(folder)
         header = {"generator": BACKBONE_GENERATOR, "params": self.params, "records": shards.total,
                   "digest": json.dumps(shards.sizes, sort_keys=True)}
@@ -378,8 +292,6 @@ class _Extraction:
     def _records(self, shards, start: int):
         """(record index, raw sample or None) of a split from record ``start`` on, shard by shard; None
         for each record a damaged shard did not deliver, so every record is accounted for."""
-        from iais_scale.data.shards import read_shard
-
         index = 0
         for url, size in shards.sizes.items():
             size = size or 0
@@ -397,10 +309,6 @@ class _Extraction:
             index += size
 
     def _decode(self, item):
-        from iais_scale.data.samples import decode_sample
-
-        from .convert import issue
-
         index, raw = item
         where = f"{self.folder}#{index}"
         if raw is None:
@@ -415,8 +323,6 @@ class _Extraction:
     def _run(self, entries: list[tuple]):
         """The backbone over the decoded images of ``entries``; yields each entry's sample or issue, in order."""
         import torch
-
-        from .convert import Loaded
 
         decoded = [e for e in entries if e[3] is None]
         outputs, cells = [], None

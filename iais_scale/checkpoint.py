@@ -27,6 +27,8 @@ from torch import Tensor
 
 from .data import storage
 from .data.tokenizer import load_tokenizer
+from .model import CrossModalConfig, CrossModalModel
+from .model.hub import push_to_hub, write_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -521,8 +523,6 @@ UNUSED_BY_EVALUATION = ("mlm.", "mrfr.")
 def load_model(spec: str | Path, model_dir: str | Path | None = None, device: str | torch.device = "cpu", *,
                trust_pickles: bool = False):
     """(model in eval mode, tokenizer, Resolved) from an HF folder or a complete DeepSpeed checkpoint."""
-    from .model import CrossModalConfig, CrossModalModel
-
     info = resolve(spec, model_dir)
     if info.kind == "hf":
         model = CrossModalModel.from_pretrained(str(info.folder))
@@ -587,9 +587,6 @@ def export_hf(spec: str | Path, out_dir: str | Path, *, model_dir: str | Path | 
     The folder loads with ``AutoModel.from_pretrained(out, trust_remote_code=True)`` where this
     package is not installed (``iais_scale.model.hub``), and with ``CrossModalModel.from_pretrained``
     or plain ``AutoModel`` where it is."""
-    from .model import CrossModalConfig, CrossModalModel
-    from .model.hub import write_remote_code
-
     info = resolve(spec, model_dir)
     if info.kind != "deepspeed":
         raise ValueError(f"{spec}: already a Hugging Face folder")
@@ -641,8 +638,6 @@ def main(argv: list[str] | None = None) -> int:
             out = export_hf(args.checkpoint, args.out_dir, model_dir=args.model_dir, trust_pickles=args.trust_pickles)
             print(out)
             if args.push_to_hub:
-                from .model.hub import push_to_hub
-
                 print(push_to_hub(out, args.push_to_hub, private=args.private, token=args.token,
                                   commit_message=args.commit_message))
             return 0

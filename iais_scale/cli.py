@@ -60,18 +60,18 @@ def train(argv: Sequence[str] | None = None, preemption: Preemption | None = Non
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     _single_rank_defaults()
 
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, load_config
-    from .engine import run
+    # The heavy imports (torch, DeepSpeed, transformers), now that the stop handling is in place.
+    from . import checkpoint, config, engine
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        run(cfg, resume=_resume(args.resume, cfg), preemption=preemption)
-    except (ConfigError, CheckpointError) as e:
+        cfg = config.load_config(args.config, args.overrides)
+        engine.run(cfg, resume=_resume(args.resume, cfg), preemption=preemption)
+    except (config.ConfigError, checkpoint.CheckpointError) as e:
         # One list, printed once per node (every rank finds the same; a node of its own may not),
         # with the files checked too where the values failed: one round of fixes, not three.
-        if isinstance(e, ConfigError) and e.config is not None:
-            e = ConfigError(list(dict.fromkeys(e.problems + _input_problems(e.config, args.resume))))
+        if isinstance(e, config.ConfigError) and e.config is not None:
+            inputs = _input_problems(engine.check_inputs, e.config, args.resume)
+            e = config.ConfigError(list(dict.fromkeys(e.problems + inputs)))
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(e, file=sys.stderr)
         return 2
@@ -85,10 +85,8 @@ def _resume(option: str | None, cfg) -> str:
     return option or ("auto" if os.environ.get("SLURM_JOB_ID") else cfg.train.resume)
 
 
-def _input_problems(cfg, resume: str | None) -> list[str]:
+def _input_problems(check_inputs, cfg, resume: str | None) -> list[str]:
     """The data, tokenizer, weights and output-folder problems of a config whose values failed."""
-    from .engine import check_inputs
-
     try:
         return check_inputs(cfg, int(os.environ.get("WORLD_SIZE", "1")), _resume(resume, cfg))
     except Exception as e:  # values too broken to look for the files they name
@@ -160,21 +158,18 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch.distributed as dist
 
-    from . import evaluate as ev
-    from .checkpoint import CheckpointError, load_model
+    from . import checkpoint, evaluate as ev, iais, metrics, viz
     from .data import storage
-    from .iais import ALIGNMENTS
-    from .metrics import setup_logging
 
-    args.isd_alignments = args.isd_alignments or list(ALIGNMENTS)
-    unknown = [a for a in args.isd_alignments if a not in ALIGNMENTS]
+    args.isd_alignments = args.isd_alignments or list(iais.ALIGNMENTS)
+    unknown = [a for a in args.isd_alignments if a not in iais.ALIGNMENTS]
     if unknown:
-        parser.error(f"--isd-alignments: unknown {unknown}; choose from {list(ALIGNMENTS)}")
+        parser.error(f"--isd-alignments: unknown {unknown}; choose from {list(iais.ALIGNMENTS)}")
     rank, world, device = _eval_distributed()
     log = logging.getLogger("iais_scale.evaluate")
-    setup_logging(rank)
+    metrics.setup_logging(rank)
     try:
-        model, tokenizer, info = load_model(args.checkpoint, args.model_dir, device=device,
+        model, tokenizer, info = checkpoint.load_model(args.checkpoint, args.model_dir, device=device,
                                             trust_pickles=args.trust_pickles)
         run_data = ev.experiment_data_config(info.run_dir)
         collator = ev.eval_collator(
@@ -203,8 +198,6 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
             print(ev.markdown_table(report), flush=True)
             print(f"report: {out / 'eval.json'}", flush=True)
             if args.plots:
-                from . import viz
-
                 plots = out / "plots"
                 samples = data.rset.images
                 paths = viz.draw_pairs(model, tokenizer, collator, samples,
@@ -219,7 +212,7 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
                 except FileNotFoundError as e:  # e.g. a stand-alone HF folder: no steps to plot against
                     print(f"curves: not drawn ({e})", flush=True)
                 print("plots: " + " ".join(str(p) for p in paths), flush=True)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -18,6 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
+from .data import storage
+from .data.format import relation_data_reason
+from .model.backbone_source import backbone_problems
+from .model.configuration import MODEL_SIZES
+
 
 class ConfigError(ValueError):
     """One or more problems in a config; ``problems`` lists them all."""
@@ -91,8 +96,6 @@ class DataConfig:
 
     def split_spec(self, split: str) -> str:
         """A split name under ``root``, or a spec of its own (a path, URL or shard list)."""
-        from .data import storage
-
         if "/" in split or "::" in split or "{" in split or storage.scheme(split) != "file":
             return split
         return storage.join(self.root, split)
@@ -372,8 +375,6 @@ class ExperimentConfig:
         p: list[str] = []
         d, m, t = self.data, self.model, self.train
         if m.image_input == "backbone":
-            from .model.backbone_source import backbone_problems
-
             p += backbone_problems(m.backbone, m.backbone_weights)
         elif m.backbone is not None:
             p.append(f"model.backbone: only used with model.image_input 'backbone' (got {m.image_input!r})")
@@ -469,7 +470,6 @@ def deepspeed_file_problems(path: str) -> list[str]:
 MAX_TIMEOUT_S = 30 * 24 * 3600.0
 TASKS = ("mlm", "itm_rank", "mrfr", "itc")
 REPORT_TARGETS = ("tensorboard", "wandb")
-RELATION_GENERATORS = ("demo", "relations")  # data sets of ours whose captions are relational
 
 
 def _local_manifest(root: str) -> dict | None:
@@ -481,32 +481,6 @@ def _local_manifest(root: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def relation_data_reason(flag: bool | None, manifest: dict | None) -> str | None:
-    """Why the data counts as relation data (its captions may say "left of"), or None.
-
-    ``data.relation_captions`` decides when set; else the manifest's ``relation_captions``, else the
-    manifest's generator (the demo and relations generators write relational captions) or a
-    ``swap`` split (relation-swap evaluation data)."""
-    if flag is not None:
-        return "data.relation_captions is true" if flag else None
-    if not manifest:
-        return None
-    declared = manifest.get("relation_captions")
-    if isinstance(declared, bool):
-        return "the manifest declares relation_captions: true" if declared else None
-    if manifest.get("generator") in RELATION_GENERATORS:
-        return f"the data set's captions are relational (manifest generator {manifest['generator']!r})"
-    if "swap" in (manifest.get("splits") or {}):
-        return "the data set has a relation-swap split ('swap' in the manifest)"
-    return None
-
-# name -> (hidden, layers, heads, intermediate)
-MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (128, 4, 4, 512),
-    "base": (768, 12, 12, 3072),
-    "large": (1024, 24, 16, 4096),
-    "xl": (2048, 24, 16, 8192),  # ~1.3B parameters
-}
 
 
 # --------------------------------------------------------------------------- YAML -> dataclasses

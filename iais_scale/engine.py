@@ -25,18 +25,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from . import evaluate as ev
+from . import checkpoint as ckpt, evaluate as ev
 from .config import ConfigError, ExperimentConfig, batch_plan, to_dict
 from .data import storage
 from .data.collate import Collator
-from .data.format import TOKENIZER_DIR, Manifest
+from .data.demo import make_demo
+from .data.format import TOKENIZER_DIR, Manifest, relation_data_reason
 from .data.pipeline import Consumed, StreamStart, make_train_stream, train_loader
 from .data.samples import BadSampleCounter
 from .data.shards import resolve_split
 from .data.tokenizer import load_tokenizer
+from .data.transforms import experiment_transform
 from .metrics import MetricsLogger, Window, all_reduce_record, setup_logging
 from .model import CrossModalModel, config_from_experiment
+from .model.backbone_source import backbone_fields, load_backbone_weights
+from .model.loading import checkpoint_vocab_size, import_uniter, init_from_bert
 from .objectives import training_loss
 from .preemption import (
     EXIT_INTERRUPTED,
@@ -61,8 +64,6 @@ def prepare_data(cfg: ExperimentConfig) -> None:
     if not cfg.data.make_demo or not storage.is_local(cfg.data.root) or (root / "manifest.json").is_file():
         return
     if int(os.environ.get("RANK", "0")) == 0:
-        from .data.demo import make_demo
-
         log.info("demo shards missing under %s: generating them", root)
         make_demo(root)
         return
@@ -164,8 +165,6 @@ def precision_problems(ds_path: str) -> list[str]:
 
 def _vocab_problems(cfg: ExperimentConfig, tok: str) -> list[str]:
     """An imported checkpoint's word embeddings must match the tokenizer (UNITER: cased BERT, 28,996)."""
-    from .model.loading import checkpoint_vocab_size
-
     kind, path = cfg.model.init_from.split(":", 1)
     try:
         ckpt_vocab = checkpoint_vocab_size(kind, path)
@@ -241,8 +240,6 @@ def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int | None, ds_co
     else:
         model = CrossModalModel(hf_cfg)
     if cfg.model.init_from:
-        from .model.loading import import_uniter, init_from_bert
-
         if zero3:
             raise ConfigError(["model.init_from: load into a ZeRO-1/2 run, export, then start ZeRO-3 from that"])
         kind, path = cfg.model.init_from.split(":", 1)
@@ -255,7 +252,6 @@ def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int | None, ds_co
     if cfg.model.image_input == "backbone":
         # Built from its config above; its pretrained weights now (under ZeRO-3: gathered, filled,
         # partitioned again).
-        from .model.backbone_source import load_backbone_weights
 
         log.info("vision backbone %s", load_backbone_weights(model, cfg.model.backbone, cfg.model.backbone_weights))
     return model
@@ -407,10 +403,6 @@ class Trainer:
         fdim = feature_dim(cfg, self.manifest)
         transform = None
         if cfg.model.image_input != "regions":
-            from .config import relation_data_reason
-            from .data.transforms import experiment_transform
-            from .model.backbone_source import backbone_fields
-
             why = cfg.data.augment.hflip and relation_data_reason(
                 cfg.data.relation_captions, self.manifest.to_dict() if self.manifest else None)
             if why:

@@ -21,9 +21,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import iais
+from .data import storage
 from .data.collate import Collator
 from .data.pipeline import DEFAULT_IO, IoOptions
-from .data.retrieval import RetrievalSet, SwapGroup, read_split, swap_groups
+from .data.retrieval import RetrievalSet, SwapGroup, best_region, read_split, swap_groups
+from .data.transforms import ImageTransform
 from .metrics import progress
 from .model import CrossModalModel, IaisRequest
 
@@ -384,8 +386,6 @@ def phrase_annotations(rset: RetrievalSet, collator: Collator) -> Tensor | None:
     annotated phrase's character span maps to the image region whose normalised box has the highest
     IoU with any of the phrase's boxes (docs/data-format.md, ``phrases``).
     """
-    from .data.retrieval import best_region
-
     if not any(s.meta.get("phrases") for s in rset.images) or collator.image_input != "regions":
         return None
     tok = collator.tokenizer
@@ -739,8 +739,6 @@ def markdown_table(report: dict) -> str:
 def write_report(report: dict, out_dir: str | Path, step: int | None = None, *, history_only: bool = False) -> Path:
     """Write ``eval.json`` and ``eval.md`` (atomically; not with ``history_only``) and append to
     ``eval_history.jsonl``."""
-    from .data import storage
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not history_only:
@@ -769,8 +767,6 @@ class EvalData:
 def eval_collator(tokenizer, config, *, max_text_len: int, max_regions: int | None) -> Collator:
     """The collator of a trained model: its image input (regions or pixels), feature D, and for pixel
     models the deterministic transform its config states (size, resampling, crop, mean/std)."""
-    from .data.transforms import ImageTransform
-
     pixels = config.image_input != "regions"
     return Collator(tokenizer, max_text_len, max_regions or 0, image_input=config.image_input,
                     image_size=getattr(config, "image_size", 384),

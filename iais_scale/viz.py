@@ -30,9 +30,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from . import iais
-from .data import format as fmt
+from .checkpoint import load_model
+from .data import format as fmt, storage
 from .data.samples import ImageSample
 from .data.shards import read_shard, resolve_split
+from .evaluate import build_eval_data, eval_collator, experiment_data_config, text_length
 from .model import IaisRequest
 
 ALIGNMENTS = iais.ALIGNMENTS
@@ -318,9 +320,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "curves":
         print(draw_curves(args.run, args.out))
         return 0
-    from .checkpoint import load_model
-    from .data import storage
-    from .evaluate import build_eval_data, eval_collator, experiment_data_config, text_length
 
     model, tokenizer, info = load_model(args.checkpoint, args.model_dir)
     run_data = experiment_data_config(info.run_dir)

@@ -3,9 +3,10 @@ extraction, and the real trainer (DeepSpeed ZeRO-2 / ZeRO-3, 2 CPU ranks) with I
 
 The backbones are tiny transformers models with random weights, created and saved by the session
 fixture ``backbones`` of conftest.py (no hub download): a ViT (``ViTModel`` + ``ViTImageProcessor``),
-a CLIP vision tower and a two-tower CLIP (its ``vision_config`` taken), a ConvNeXt (a CNN grid). timm needs torchvision, which this CPU
-torch cannot import: timm backbones are covered by a clear error and by the adapter's contract
-with a stand-in module (``test_timm_adapter_*``).
+a CLIP vision tower and a two-tower CLIP (its ``vision_config`` taken), a ConvNeXt (a CNN grid).
+timm needs a torchvision this CPU torch cannot import: here timm backbones are covered by a clear
+error and by the adapter's contract with a stand-in module (``test_timm_adapter_*``); the real timm
+runs in ``test_vision_extra.py``, in a venv with the [vision] extra.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def test_timm_backbones_need_timm_and_torchvision_named_in_the_error():
 def test_timm_adapter_against_timm_interface(monkeypatch):
     """The timm path (create_model(name, num_classes=0), forward_features, num_prefix_tokens,
     patch_embed.patch_size, blocks, num_features, pretrained_cfg) with a stand-in module: the
-    real timm needs a torchvision this torch cannot import."""
+    real timm runs in test_vision_extra.py."""
 
     class PatchEmbed(torch.nn.Module):
         def __init__(self):

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from iais_scale.config import MODEL_SIZES, ConfigError, batch_plan, load_config
+from iais_scale.config import ConfigError, batch_plan, load_config
 from iais_scale.engine import deepspeed_config
+from iais_scale.model.configuration import MODEL_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,7 @@ import torch
 from test_train import free_port, train
 from transformers import AutoTokenizer
 
-from iais_scale import evaluate as ev
-from iais_scale import iais, viz
+from iais_scale import evaluate as ev, iais, viz
 from iais_scale.checkpoint import load_model
 from iais_scale.data.collate import Collator
 from iais_scale.data.retrieval import RetrievalSet, read_split, swap_groups

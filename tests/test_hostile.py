@@ -520,7 +520,7 @@ def test_a_split_whose_every_input_failed_is_an_error(tmp_path, capsys):
 
 
 def test_a_compressed_feature_bomb_is_refused_before_expansion(tmp_path):
-    from data_tools.features import load_regions
+    from data_tools.regions import load_regions
 
     path = tmp_path / "bomb.npz"
     buf = io.BytesIO()

@@ -10,8 +10,7 @@ import torch
 from test_train import free_port
 from transformers import AutoTokenizer, BertConfig, BertForPreTraining, BertModel
 
-from iais_scale.checkpoint import Checkpointer, export_hf
-from iais_scale.checkpoint import main as checkpoint_main
+from iais_scale.checkpoint import Checkpointer, export_hf, main as checkpoint_main
 from iais_scale.data.tokenizer import train_wordpiece
 from iais_scale.model import CrossModalConfig, CrossModalModel
 from iais_scale.model.loading import config_from_bert, import_uniter, init_from_bert

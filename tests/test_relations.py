@@ -18,12 +18,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from iais_scale import evaluate as ev
-from iais_scale import iais
-from iais_scale import objectives as ob
+from iais_scale import evaluate as ev, iais, objectives as ob
 from iais_scale.config import ConfigError, load_config
-from iais_scale.data import relations as rl
-from iais_scale.data import scenes as sc
+from iais_scale.data import relations as rl, scenes as sc
 from iais_scale.data.collate import Collator
 from iais_scale.data.retrieval import read_split, swap_groups
 

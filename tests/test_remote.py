@@ -39,8 +39,7 @@ from data_tools.__main__ import main as data_tools_main
 from data_tools.stats import compute_stats
 from iais_scale import checkpoint as ckpt
 from iais_scale.config import load_config
-from iais_scale.data import format as fmt
-from iais_scale.data import storage
+from iais_scale.data import format as fmt, storage
 from iais_scale.data.collate import Collator
 from iais_scale.data.demo import make_demo
 from iais_scale.data.pipeline import (

@@ -24,10 +24,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(tiny_demo: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def train(tiny_demo: Path, out: Path, *extra: str, env: dict | None = None,
+          launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """The trainer on the tiny demo, 2 CPU ranks; ``extra`` overrides (later ones win) and options."""
     cmd = [
-        shutil.which("deepspeed") or sys.exit("deepspeed launcher not on PATH"),
+        *(launcher or [shutil.which("deepspeed") or sys.exit("deepspeed launcher not on PATH")]),
         "--num_gpus", "2", "--master_port", str(free_port()),
         "launchers/train.py", "--config", "configs/demo.yaml",
         f"data.root={tiny_demo}", "data.make_demo=false",

@@ -16,9 +16,9 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from transformers.integrations import HfDeepSpeedConfig
 
-from iais_scale.config import MODEL_SIZES
 from iais_scale.engine import shutdown
 from iais_scale.model import CrossModalConfig, CrossModalModel, IaisRequest
+from iais_scale.model.configuration import MODEL_SIZES
 
 DS = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
 

@@ -23,6 +23,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from . import storage
+
 FORMAT_NAME = "iais_scale-shards-v1"
 
 MANIFEST_FILE = "manifest.json"
@@ -344,8 +346,6 @@ class Manifest:
     @classmethod
     def read(cls, root: str | os.PathLike[str]) -> Manifest:
         """Read ``root/manifest.json`` (a folder or URL); FileNotFoundError, or ManifestError."""
-        from . import storage
-
         url = storage.join(root, MANIFEST_FILE)
         try:
             data = json.loads(storage.read_bytes(url))
@@ -580,3 +580,26 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+RELATION_GENERATORS = ("demo", "relations")  # data sets of ours whose captions are relational
+
+
+def relation_data_reason(flag: bool | None, manifest: dict | None) -> str | None:
+    """Why the data counts as relation data (its captions may say "left of"), or None.
+
+    ``data.relation_captions`` decides when set; else the manifest's ``relation_captions``, else the
+    manifest's generator (the demo and relations generators write relational captions) or a
+    ``swap`` split (relation-swap evaluation data)."""
+    if flag is not None:
+        return "data.relation_captions is true" if flag else None
+    if not manifest:
+        return None
+    declared = manifest.get("relation_captions")
+    if isinstance(declared, bool):
+        return "the manifest declares relation_captions: true" if declared else None
+    if manifest.get("generator") in RELATION_GENERATORS:
+        return f"the data set's captions are relational (manifest generator {manifest['generator']!r})"
+    if "swap" in (manifest.get("splits") or {}):
+        return "the data set has a relation-swap split ('swap' in the manifest)"
+    return None

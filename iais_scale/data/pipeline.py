@@ -15,7 +15,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -24,9 +24,6 @@ from . import storage
 from .collate import Collator
 from .samples import BadSample, ImageSample, decode_sample
 from .shards import MAX_MEMBER_BYTES, Split, read_shard, resolve_split
-
-if TYPE_CHECKING:
-    from ..config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -465,12 +462,31 @@ class ResampledPairStream(_BatchStream):
         return _shuffled(mixture(), self.shuffle_buffer, random.Random(f"shuffle:{tag}"))
 
 
-def io_options(data: DataConfig) -> IoOptions:
+class StreamSettings(Protocol):
+    """What the training stream reads of the experiment's ``data:`` section (``config.DataConfig``)."""
+
+    mode: str
+    sources: Sequence  # of (path, weight) records
+    train_split: str
+    epoch_samples: int | None
+    shuffle_buffer: int
+    bucket_by_length: bool
+    max_train_caption_tokens: int | None
+    io_retries: int
+    io_backoff_s: float
+    io_timeout_s: float
+    prefetch_shards: bool
+    max_member_mb: int
+
+    def split_spec(self, split: str) -> str: ...
+
+
+def io_options(data: StreamSettings) -> IoOptions:
     return IoOptions(retries=data.io_retries, backoff_s=data.io_backoff_s, prefetch=data.prefetch_shards,
                      max_member_bytes=data.max_member_mb << 20, timeout_s=data.io_timeout_s)
 
 
-def make_train_stream(data: DataConfig, collator: Collator, batch_size: int, rank: int, world_size: int, seed: int,
+def make_train_stream(data: StreamSettings, collator: Collator, batch_size: int, rank: int, world_size: int, seed: int,
                       start: StreamStart | None = None) -> PairStream | ResampledPairStream:
     """The training stream ``data.mode`` asks for: epoch mode over the train split, or the resampled
     mixture of ``data.sources``."""

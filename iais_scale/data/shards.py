@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from . import format as fmt
-from . import storage
+from . import format as fmt, storage
 
 log = logging.getLogger(__name__)
 

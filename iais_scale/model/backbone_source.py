@@ -193,7 +193,10 @@ def _backbone_fields(spec: str) -> str:
         fields = {"vision_backbone": {"library": "transformers", "source": spec, "config": vcfg.to_dict()},
                   "region_feature_dim": _width(vcfg), **hf_data_config(source, vcfg)}
     else:
-        with torch.device("meta"):
+        try:
+            with torch.device("meta"):  # no memory, no init: only its width and data config are read
+                model = build_timm_model(source)
+        except RuntimeError:  # older timm (1.0.3-1.0.15 measured) calls .item() while building a ViT
             model = build_timm_model(source)
         fields = {"vision_backbone": {"library": "timm", "source": spec, "name": source, "kwargs": {}},
                   "region_feature_dim": int(model.num_features), **_timm_data_config(model)}
@@ -204,7 +207,7 @@ def backbone_fields(spec: str) -> dict:
     """The ``CrossModalConfig`` fields of a backbone: ``vision_backbone`` (what rebuilds it),
     ``region_feature_dim`` (its width) and its data config (``image_size``, ``image_mean``,
     ``image_std``, ``image_resample``, ``image_crop_pct``). Reads configs only (timm: builds the
-    model on the meta device)."""
+    model on the meta device where it can)."""
     return json.loads(_backbone_fields(spec))
 
 

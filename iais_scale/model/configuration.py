@@ -11,6 +11,15 @@ IMAGE_INPUTS = ("regions", "patches", "backbone")
 BACKBONE_LIBRARIES = ("transformers", "timm")
 
 
+# name -> (hidden, layers, heads, intermediate)
+MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (128, 4, 4, 512),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+    "xl": (2048, 24, 16, 8192),  # ~1.3B parameters
+}
+
+
 class CrossModalConfig(BertConfig):
     """A single-stream image-text encoder: ``[CLS] words [SEP] image-tokens`` through BERT layers.
 

@@ -1,8 +1,9 @@
-"""The model config of an experiment (``iais_scale.config.ModelConfig`` -> ``CrossModalConfig``)."""
+"""The model config of an experiment (its ``model:`` section, ``iais_scale.config.ModelConfig``) -> ``CrossModalConfig``."""
 
 from __future__ import annotations
 
-from .configuration import CrossModalConfig
+from .backbone_source import backbone_fields
+from .configuration import MODEL_SIZES, CrossModalConfig
 
 
 def config_from_experiment(
@@ -22,8 +23,6 @@ def config_from_experiment(
     its width becomes ``region_feature_dim``, its input size, mean/std, interpolation and crop the
     ``image_*`` fields.
     """
-    from ..config import MODEL_SIZES
-
     hidden, layers, heads, inter = MODEL_SIZES.get(model.size, (None, None, None, None))
     kw = dict(
         image_size=model.image_size,
@@ -31,8 +30,6 @@ def config_from_experiment(
         region_feature_dim=model.region_feature_dim or region_feature_dim,
     )
     if model.image_input == "backbone":
-        from .backbone_source import backbone_fields
-
         kw.update(backbone_fields(model.backbone))
         kw.update(backbone_trainable_blocks=model.backbone_trainable_blocks,
                   backbone_max_tokens=model.backbone_max_tokens or 0)

@@ -17,6 +17,9 @@ import json
 import re
 from pathlib import Path
 
+from .configuration import CrossModalConfig
+from .encoder import CrossModalModel
+
 PACKAGE = Path(__file__).resolve().parents[1]  # iais_scale/
 CONFIG_MODULE = "configuration_iais"
 MODEL_MODULE = "modeling_iais"
@@ -43,9 +46,6 @@ _RELATIVE = re.compile(r"^\s*from\s+(\.+)(\w*)\s+import", re.M)
 def register_auto_classes() -> None:
     """``AutoConfig``/``AutoModel`` know ``iais_single_stream`` (idempotent)."""
     from transformers import AutoConfig, AutoModel
-
-    from .configuration import CrossModalConfig
-    from .encoder import CrossModalModel
 
     AutoConfig.register(CrossModalConfig.model_type, CrossModalConfig, exist_ok=True)
     AutoModel.register(CrossModalConfig, CrossModalModel, exist_ok=True)
