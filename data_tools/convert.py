@@ -47,6 +47,7 @@ from iais_scale.data.format import (
     SHARD_RE,
     SIZES_FILE,
     TMP_SUFFIX,
+    Manifest,
     ShardWriter,
     sample_key,
     shard_name,
@@ -547,16 +548,13 @@ def previous_run(out_path: Path, generator: str, params: dict, overwrite: bool, 
     manifest_path = out_path / MANIFEST_FILE
     if not manifest_path.exists():
         return None
-    try:
-        old = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except ValueError:
-        old = None
-    if not overwrite and isinstance(old, dict) and old.get("generator") == generator and old.get("params") == params:
+    old, problems = Manifest.load(out_path)
+    if not overwrite and old is not None and not problems and old.generator == generator and old.params == params:
         for split_dir in out_path.iterdir():
             if split_dir.is_dir():
                 (split_dir / PROGRESS_FILE).unlink(missing_ok=True)
         out(f"{out_path}: already converted with these parameters; nothing to do (--overwrite to redo)")
-        return old
+        return old.to_dict()
     if not overwrite:
         raise FileExistsError(f"{out_path} holds a data set made with other parameters; pass --overwrite to replace it")
     manifest_path.unlink()

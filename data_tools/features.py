@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from iais_scale.data.format import TOKENIZER_DIR, Manifest, normalised_geometry, relation_data_reason
+from iais_scale.data.format import MANIFEST_FILE, TOKENIZER_DIR, Manifest, normalised_geometry, relation_data_reason
 from iais_scale.data.samples import decode_sample
 from iais_scale.data.shards import read_shard, resolve_split
 
@@ -109,14 +109,13 @@ def _run(args: argparse.Namespace) -> int:
 BACKBONE_GENERATOR = "backbone_features"
 
 
-def _split_sources(images_from: str, split: str | None) -> tuple[dict[str, str], dict | None]:
+def _split_sources(images_from: str, split: str | None) -> tuple[dict[str, str], Manifest | None]:
     """{split: shard folder} of ``--images-from`` (a data set with manifest.json, or one folder of
     shards) and the source manifest (None for a bare folder)."""
     root = Path(images_from)
-    manifest_path = root / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        names = [s for s in manifest.get("splits", {}) if (root / s).is_dir()]
+    manifest = Manifest.read(root) if (root / MANIFEST_FILE).is_file() else None
+    if manifest is not None:
+        names = [s for s in manifest.splits if (root / s).is_dir()]
         if split:
             wanted = split.split(",")
             missing = [s for s in wanted if s not in names]
@@ -242,7 +241,7 @@ def extract_backbone_features(
     if (Path(images_from) / TOKENIZER_DIR).is_dir():
         shutil.copytree(Path(images_from) / TOKENIZER_DIR, out_path / TOKENIZER_DIR)
     # The source's relational captions stay relational (no flips: see iais_scale.config); unknown stays unknown.
-    extra: dict[str, Any] = {"source_generator": (src_manifest or {}).get("generator")}
+    extra: dict[str, Any] = {"source_generator": src_manifest.generator if src_manifest else None}
     if relation_data_reason(None, src_manifest) is not None:
         extra["relation_captions"] = True
     manifest = Manifest(splits=counts, feature_dim=int(fields["region_feature_dim"]), generator=BACKBONE_GENERATOR,

@@ -367,14 +367,10 @@ class DatasetScan:
 
 
 def _check_manifest(root: Path) -> tuple[Manifest | None, list[str]]:
-    path = root / MANIFEST_FILE
-    if not path.exists():
-        return None, []
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        manifest, problems = Manifest.load(root)
+    except OSError as e:
         return None, [f"{MANIFEST_FILE}: unreadable ({e})"]
-    manifest, problems = Manifest.from_dict(data)
     return manifest, [f"{MANIFEST_FILE}: {p}" for p in problems]
 
 

@@ -36,6 +36,7 @@ from iais_scale.data.format import (
     FORMAT_NAME,
     TOKENIZER_DIR,
     Manifest,
+    decode_npy,
     validate_regions,
 )
 from iais_scale.data.tokenizer import load_tokenizer
@@ -177,13 +178,13 @@ def read_npz(data: bytes, cap: int, names: tuple[str, ...]) -> dict[str, np.ndar
 
 
 def _load_npy(raw: bytes, where: str) -> np.ndarray:
-    buf = io.BytesIO(raw)
-    version = np.lib.format.read_magic(buf)
-    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    _, _, dtype = header(buf)
-    if dtype.hasobject or dtype.kind not in "fiub":
-        raise Refused("unsafe_value", f"{where}: dtype {dtype} refused (would need unpickling)")
-    return np.load(io.BytesIO(raw), allow_pickle=False)
+    try:
+        array = decode_npy(raw)
+    except ValueError as e:  # an object array: decode_npy refuses to unpickle it
+        raise Refused("unsafe_value", f"{where}: {e}") from None
+    if array.dtype.kind not in "fiub":
+        raise Refused("unsafe_value", f"{where}: dtype {array.dtype} refused (numbers only)")
+    return array
 
 
 def decode_image_value(data: bytes, cap: int) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from .data import storage
-from .data.format import relation_data_reason
+from .data.format import Manifest, relation_data_reason
 from .model.backbone_source import backbone_problems
 from .model.configuration import MODEL_SIZES
 
@@ -472,13 +472,15 @@ TASKS = ("mlm", "itm_rank", "mrfr", "itc")
 REPORT_TARGETS = ("tensorboard", "wandb")
 
 
-def _local_manifest(root: str) -> dict | None:
+def _local_manifest(root: str) -> Manifest | None:
     """``root/manifest.json`` of a local data set, or None (missing, remote or unreadable)."""
-    try:
-        data = json.loads((Path(root) / "manifest.json").read_text())
-    except (OSError, ValueError):
+    if not storage.is_local(root):
         return None
-    return data if isinstance(data, dict) else None
+    try:
+        manifest, problems = Manifest.load(root)
+    except OSError:
+        return None
+    return None if problems else manifest
 
 
 

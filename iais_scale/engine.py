@@ -403,8 +403,7 @@ class Trainer:
         fdim = feature_dim(cfg, self.manifest)
         transform = None
         if cfg.model.image_input != "regions":
-            why = cfg.data.augment.hflip and relation_data_reason(
-                cfg.data.relation_captions, self.manifest.to_dict() if self.manifest else None)
+            why = cfg.data.augment.hflip and relation_data_reason(cfg.data.relation_captions, self.manifest)
             if why:
                 raise ConfigError([f"data.augment.hflip: a horizontal flip swaps left and right, and {why}"])
             # The backbone's data config (size, interpolation, crop, mean/std); patches: the explicit default.

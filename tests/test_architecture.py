@@ -154,3 +154,15 @@ def test_imports_inside_functions_are_the_few_deferred_on_purpose():
                             found[key] = found.get(key, 0) + 1
     assert found == DEFERRED
     assert sum(found.values()) <= 5
+
+
+def test_test_modules_share_helpers_not_each_other():
+    """Shared helpers live in tests/helpers.py (fixtures in conftest.py): no test module imports another."""
+    bad = {}
+    for f in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0].startswith("test_") for n in names):
+                bad.setdefault(f.name, []).extend(names)
+    assert bad == {}

@@ -18,51 +18,22 @@ import sys
 import types
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
-import test_train
 import torch
+from helpers import ROOT, backbone_model, pixels, text_batch
 from PIL import Image
 
 from iais_scale.config import ConfigError, load_config
 from iais_scale.data.collate import Collator
 from iais_scale.data.samples import ImageSample
 from iais_scale.data.transforms import Augment, ImageTransform
-from iais_scale.model import CrossModalConfig, CrossModalModel, IaisRequest
+from iais_scale.model import CrossModalConfig, IaisRequest
 from iais_scale.model.backbone import grid_geometry, pooled_grid, unique_rows
-from iais_scale.model.backbone_source import backbone_fields, backbone_problems, load_backbone_weights
-
-ROOT = Path(__file__).resolve().parents[1]
-CLS, SEP, PAD = 1, 2, 0
-
+from iais_scale.model.backbone_source import backbone_fields, backbone_problems
 
 # --------------------------------------------------------------------------- tiny models
-
-
-def backbone_model(source: str, *, trainable: int = 0, max_tokens: int = 0, every: int = 0, load: bool = True,
-                   **kw) -> CrossModalModel:
-    cfg = CrossModalConfig(
-        vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, image_input="backbone", backbone_trainable_blocks=trainable,
-        backbone_max_tokens=max_tokens, gradient_checkpointing_every=every, **backbone_fields(source), **kw)
-    torch.manual_seed(0)
-    model = CrossModalModel(cfg)
-    if load:
-        load_backbone_weights(model, source)
-    return model
-
-
-def text_batch(p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 40, (p, 6), generator=g)
-    ids[:, 0], ids[:, -1] = CLS, SEP
-    return ids, torch.ones_like(ids, dtype=torch.bool)
-
-
-def pixels(p: int, size: int = 32, seed: int = 2) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (p, 3, size, size), generator=g, dtype=torch.uint8)
 
 
 # --------------------------------------------------------------------------- architecture and data config
@@ -515,7 +486,7 @@ BACKBONE_RUN = ("train.log_every=2", "model.image_input=backbone", "objectives.i
 
 
 def train(tiny_demo: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return test_train.train(tiny_demo, out, *BACKBONE_RUN, *extra, env=env)
+    return helpers.train(tiny_demo, out, *BACKBONE_RUN, *extra, env=env)
 
 
 def frozen_and_trained(run: Path, source: Path) -> tuple[int, int]:

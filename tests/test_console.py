@@ -9,8 +9,7 @@ import sys
 import time
 
 import pytest
-from test_resume import finish, one_rank
-from test_train import ROOT
+from helpers import ROOT, finish, free_port, one_rank
 
 
 @pytest.mark.slow
@@ -61,7 +60,6 @@ def test_help_is_quick_enough_to_read_as_a_test_of_imports():
 def test_errors_in_values_and_files_come_in_one_list_printed_once(tmp_path):
     """Two ranks; a value out of range, missing shards, a missing tokenizer and a missing init_from:
     one list naming all of them, printed once (not once per rank), exit code 2."""
-    from test_train import free_port
 
     proc = subprocess.run(
         ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py", "--config", "demo",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import free_port, train
+from helpers import ROOT, evaluate_launcher as launcher, finish, free_port, one_rank, train
 from transformers import AutoTokenizer
 
 from iais_scale import evaluate as ev, iais, viz
@@ -23,16 +23,8 @@ from iais_scale.data.collate import Collator
 from iais_scale.data.retrieval import RetrievalSet, read_split, swap_groups
 from iais_scale.model import CrossModalConfig, CrossModalModel, IaisRequest
 
-ROOT = Path(__file__).resolve().parents[1]
 FEATURE_DIM = 16  # the demo's region features
 MAX_TEXT_LEN, MAX_REGIONS = 24, 8
-
-
-def launcher():
-    spec = importlib.util.spec_from_file_location("evaluate_launcher", ROOT / "launchers" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_config(tokenizer, **kw) -> CrossModalConfig:
@@ -448,7 +440,6 @@ def test_a_pixel_model_evaluates_stand_alone_on_one_and_two_ranks(tiny_demo, tmp
 def test_a_run_folder_is_scored_at_the_checkpoint_the_run_reported(tiny_demo, tmp_path, capsys):
     """With model selection on val the run reports its best checkpoint; evaluating the run folder
     scores that one (not the newest step) and says which and how it was chosen."""
-    from test_resume import finish, one_rank
 
     run = tmp_path / "run"
     code, log = finish(one_rank(f"data.root={tiny_demo}", "data.make_demo=false", "data.swap_split=null",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_backbone import backbone_model, pixels, text_batch
+from helpers import backbone_model, pixels, text_batch
 
 from iais_scale.model import CrossModalConfig, CrossModalModel
 from iais_scale.model.hub import EXPORTED, exported_sources

@@ -21,8 +21,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from test_resume import finish, one_rank, wait_for
-from test_train import ROOT, free_port
+from helpers import ROOT, finish, free_port, one_rank, wait_for
 
 from iais_scale import checkpoint as ckpt
 from iais_scale.config import ConfigError, load_config

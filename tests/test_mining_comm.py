@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_objectives import B, make_batch, make_model  # the same tiny model and uneven micro-batches
+from helpers import B, make_batch, make_model  # the same tiny model and uneven micro-batches
 from transformers import AutoTokenizer
 
 from iais_scale import objectives as ob

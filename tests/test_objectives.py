@@ -9,33 +9,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import B, make_batch, make_model
 from transformers import AutoTokenizer
 
 from iais_scale import objectives as ob
 from iais_scale.config import IaisConfig, ObjectiveConfig
-from iais_scale.data.collate import Collator
-from iais_scale.data.retrieval import read_split
 from iais_scale.model import CrossModalConfig, CrossModalModel, IaisRequest
-
-B = 8  # pairs per rank in the 2-rank test
-
-
-def make_model(tokenizer, feature_dim: int) -> CrossModalModel:
-    torch.manual_seed(0)
-    return CrossModalModel(CrossModalConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        region_feature_dim=feature_dim, iais_layers=[-1], itc_dim=16, cls_token_id=tokenizer.cls_token_id,
-        sep_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    ))
-
-
-def make_batch(tiny_demo, rows: slice) -> dict:
-    tok = AutoTokenizer.from_pretrained(str(tiny_demo / "tokenizer"))
-    samples = read_split(tiny_demo / "train", max_regions=8)[rows]
-    # Caption lengths and region counts differ between the halves, so the ranks pad differently.
-    items = [(s, s.captions[0] + " and more words here" if i == 2 else s.captions[0]) for i, s in enumerate(samples, rows.start)]
-    return Collator(tok, 24, 8).pairs(items)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import ROOT, free_port
+from helpers import ROOT, free_port
 
 from data_tools.__main__ import main as data_tools
 from iais_scale.config import ConfigError, batch_plan, load_config

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import complete_steps, wait_for
-from test_train import ROOT, free_port
+from helpers import ROOT, complete_steps, free_port, wait_for
 
 from iais_scale.data.demo import make_demo
 

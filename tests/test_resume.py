@@ -19,8 +19,17 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_train import ROOT, free_port
+from helpers import (
+    ROOT,
+    assert_same_weights,
+    complete_steps,
+    finish,
+    free_port,
+    log_records,
+    one_rank,
+    wait_for,
+    weights,
+)
 
 from iais_scale.engine import lr_lambda
 
@@ -47,34 +56,6 @@ def launch(demo: Path, out: Path, *extra: str, steps: int = STEPS) -> subprocess
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stdout.read()[-3000:]}"
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "hf_model" / "model.safetensors")
-
-
-def assert_same_weights(run: Path, reference: Path) -> None:
-    a, b = weights(reference), weights(run)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
-
-
-def log_records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-
-
 def assert_same_records(run: Path, reference: Path, after: int, steps: int = STEPS) -> None:
     """The run's last records are steps after+1 .. steps, each logging the reference's values."""
     want = {r["step"]: r for r in log_records(reference)}
@@ -85,11 +66,6 @@ def assert_same_records(run: Path, reference: Path, after: int, steps: int = STE
         assert r.keys() == w.keys(), r["step"]
         for k in r.keys() - TIMING:
             assert r[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9, nan_ok=True), (r["step"], k, r[k], w[k])
-
-
-def complete_steps(out: Path) -> list[int]:
-    return sorted(int(p.parent.name[4:]) for p in (out / "checkpoints").glob("step*/COMPLETE")
-                  if p.parent.name[4:].isdigit())
 
 
 def reference_run(demo: Path, out: Path, stage: str) -> Path:
@@ -279,14 +255,6 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_both_and_too_many_abort(tiny_d
 
 
 # --------------------------------------------------------------------------- one rank, no launcher
-
-
-def one_rank(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """``launchers/train.py`` as a 1-rank job started without the DeepSpeed launcher."""
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "launchers/train.py", "--config", "configs/demo.yaml", *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def resampled(demo: Path, out: Path, *extra: str) -> list[str]:

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import assert_same_weights, free_port, log_records
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
-from test_resume import assert_same_weights, log_records
-from test_train import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "launchers/slurm.sh"

@@ -5,41 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, evaluate_launcher as launcher, free_port, train
 from safetensors.torch import load_file
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train(tiny_demo: Path, out: Path, *extra: str, env: dict | None = None,
-          launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """The trainer on the tiny demo, 2 CPU ranks; ``extra`` overrides (later ones win) and options."""
-    cmd = [
-        *(launcher or [shutil.which("deepspeed") or sys.exit("deepspeed launcher not on PATH")]),
-        "--num_gpus", "2", "--master_port", str(free_port()),
-        "launchers/train.py", "--config", "configs/demo.yaml",
-        f"data.root={tiny_demo}", "data.make_demo=false",
-        f"train.output_dir={out}", "train.steps=30", "train.log_every=3", "train.micro_batch_size=8",
-        "objectives.mlm_only_steps=0", "objectives.num_candidates=4", "objectives.num_hard=2",
-        "model.dropout=0.0", *extra,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
 
 
 def losses_fall(out: Path) -> list[dict]:
@@ -83,7 +56,6 @@ def test_deepspeed_two_ranks_train_checkpoint_and_report(tiny_demo, tmp_path):
 def test_zero3_fine_tuning_with_hard_negative_groups(tiny_demo, tmp_path):
     """ZeRO-3: 2 groups per micro-batch, each the positive and the 2 hardest of 6 scored candidates,
     IAIS on the positives; the final weights are consolidated into a Hugging Face folder."""
-    from test_evaluate import launcher  # (test_evaluate imports this module)
 
     out = tmp_path / "run"
     train(tiny_demo, out, "train.deepspeed_config=configs/deepspeed/zero3.json", "objectives.anchors_per_batch=2",

@@ -22,8 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
-import test_train
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "timm:vit_tiny_patch16_224"
@@ -81,7 +81,7 @@ def test_a_real_timm_backbone_extracts_features_trains_and_evaluates(vision_pyth
     # launcher runs on the venv's python; the comm op is built for the venv's torch in its own folder.
     out = tmp_path / "run"
     env = {"TORCH_EXTENSIONS_DIR": str(vision_python.parents[1] / "torch_extensions")}
-    test_train.train(tiny_demo, out, "train.log_every=2", "model.image_input=backbone",
+    helpers.train(tiny_demo, out, "train.log_every=2", "model.image_input=backbone",
                      "objectives.iais.schedule=constant", f"model.backbone={BACKBONE}", "model.backbone_weights=random",
                      "model.backbone_trainable_blocks=1", "model.backbone_max_tokens=9", "train.steps=4",
                      launcher=[str(vision_python), "-m", "deepspeed.launcher.runner"], env=env)

@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from test_train import ROOT, free_port
+from helpers import ROOT, free_port
 
 
 def run_worker(mode: str, timeout: int) -> str:
