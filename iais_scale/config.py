@@ -175,6 +175,10 @@ class ObjectiveConfig:
     # image-anchored ones (negative texts, IAIS V); "both": every micro-step has both kinds (the
     # authors' iteration: one group of each kind).
     group_kinds: Literal["alternate", "both"] = "alternate"
+    # With group_kinds: both, which pairs anchor the image-anchored groups: "shared" the same as the
+    # text-anchored ones; "separate" the next anchors_per_batch pairs of the micro-batch (independent
+    # anchors, as the authors' two loaders draw them; mining: cross).
+    group_anchors: Literal["shared", "separate"] = "shared"
     itc_weight: float = 0.0  # contrastive loss (needs model.itc_dim > 0)
     mrfr_weight: float = 0.0  # masked region feature regression (region inputs)
     mrfr_prob: float = 0.15
@@ -192,6 +196,16 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 50
     grad_clip: float = 2.0
+    # The authors' optimiser where it differs from torch's AdamW (docs/reproduce.md, "The authors' code"):
+    # no_decay "vectors": no weight decay on any bias or norm weight; "uniter": UNITER's name rule
+    # (bias, LayerNorm.weight, LayerNorm.bias), under which the region embedding's two norms decay.
+    no_decay: Literal["vectors", "uniter"] = "vectors"
+    # eps "torch": added to sqrt(v / (1 - beta2^t)); "uniter": added to sqrt(v) before that bias
+    # correction (UNITER's optim/adamw.py), i.e. torch's eps / sqrt(1 - beta2^t), larger at the first steps.
+    eps_mode: Literal["torch", "uniter"] = "torch"
+    # The learning-rate schedule's step: "applied" counts the updates DeepSpeed applied (it skips the
+    # schedule with an fp16-overflow or non-finite step); "all" every optimizer step (the authors' global_step).
+    schedule_steps: Literal["applied", "all"] = "applied"
 
 
 @dataclass
@@ -229,6 +243,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 512  # pairs per inference micro-batch
+    # The weights the final report evaluates: "best" (the best validation RSUM, with data.val_split;
+    # else the last step) or "final" (the last step, as the authors' train_itm_hard_negatives.py).
+    report: Literal["best", "final"] = "best"
     max_images: int | None = None  # evaluate on the first N images only (all by default)
     isd_alignments: list[str] = field(
         default_factory=lambda: ["singular", "distributed", "congruence"]
@@ -308,6 +325,10 @@ class ExperimentConfig:
                      " 'cross' is the rank's own micro-batch); set it to 0")
         if not 0 <= o.anchors_per_batch <= t.micro_batch_size:
             p.append(f"objectives.anchors_per_batch: must lie in [0, train.micro_batch_size={t.micro_batch_size}]")
+        if o.group_anchors == "separate" and not (
+                o.group_kinds == "both" and o.mining == "cross" and 0 < 2 * o.anchors_per_batch <= t.micro_batch_size):
+            p.append("objectives.group_anchors: separate needs group_kinds: both, mining: cross and"
+                     f" 2 x anchors_per_batch ({o.anchors_per_batch}) pairs in train.micro_batch_size ({t.micro_batch_size})")
         if o.mlm_only_steps >= t.steps and o.itm_rank_weight > 0:
             p.append(f"objectives.mlm_only_steps: must be below train.steps={t.steps}")
         for name in ("checkpoint_every", "eval_every"):
@@ -342,6 +363,9 @@ class ExperimentConfig:
                      f" or null for no guard (got {o.iais.entropy_ceiling})")
         if not (o.iais.entropy_guard_weight >= 0 and math.isfinite(o.iais.entropy_guard_weight)):
             p.append(f"objectives.iais.entropy_guard_weight: must be >= 0 and finite (got {o.iais.entropy_guard_weight})")
+        if self.optim.eps_mode == "uniter" and _offloads_optimizer(self.train.deepspeed_config):
+            p.append("optim.eps_mode: uniter sets torch AdamW's eps per step; ZeRO-Offload's DeepSpeedCPUAdam"
+                     " keeps its own (use eps_mode: torch there)")
         for a in self.eval.isd_alignments:
             if a not in ("singular", "distributed", "congruence"):
                 p.append(f"eval.isd_alignments: unknown alignment {a!r}")
@@ -442,6 +466,17 @@ def batch_plan(cfg: ExperimentConfig, world: int) -> tuple[int, str]:
         ])
     accum = total // per
     return accum, f"{total} {unit} per step = {accum} micro-step(s) x {per // world} {unit} x {world} rank(s)"
+
+
+def _offloads_optimizer(path: str) -> bool:
+    """Whether a DeepSpeed JSON steps the optimizer on the CPU (ZeRO-Offload); False when unreadable."""
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    zero = ds.get("zero_optimization") if isinstance(ds, dict) else None
+    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    return isinstance(offload, dict) and offload.get("device") == "cpu"
 
 
 def deepspeed_file_problems(path: str) -> list[str]:

@@ -257,21 +257,38 @@ def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int | None, ds_co
     return model
 
 
+# UNITER's build_optimizer: no decay where the name holds one of these (case matters: the region
+# embedding's img_layer_norm / pos_layer_norm, here feature_norm / box_norm, do decay).
+UNITER_NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
+UNITER_NAMES = {"region_embeddings.feature_norm.": "img_layer_norm.", "region_embeddings.box_norm.": "pos_layer_norm.",
+                ".norm.": ".LayerNorm."}  # ours -> UNITER's, for the name rule
+
+
+def decays(name: str, ndim: int, rule: str) -> bool:
+    """Whether parameter ``name`` gets weight decay: ``vectors`` decays matrices only; ``uniter``
+    applies UNITER's name rule to the parameter's UNITER name."""
+    if rule == "vectors" or name.startswith("image_backbone."):  # (UNITER has no vision backbone)
+        return ndim >= 2
+    for ours, theirs in UNITER_NAMES.items():
+        name = name.replace(ours, theirs)
+    return not any(n in name for n in UNITER_NO_DECAY)
+
+
 def _optimizer(cfg: ExperimentConfig, model: torch.nn.Module, ds_cfg: dict):
-    """AdamW over the trainable parameters: weight decay on matrices only; a vision backbone's
-    trainable parameters in groups of their own at ``model.backbone_lr`` (frozen ones in none)."""
+    """AdamW over the trainable parameters, weight decay as ``optim.no_decay`` says; a vision
+    backbone's trainable parameters in groups of their own at ``model.backbone_lr`` (frozen ones in none)."""
     o = cfg.optim
     parts: dict[tuple[bool, bool], list] = {(False, True): [], (False, False): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         # Under ZeRO-3 the parameters are already partitioned (flat): their shape is ds_shape.
-        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
-        parts.setdefault((name.startswith("image_backbone."), matrix), []).append(p)
+        decay = decays(name, len(getattr(p, "ds_shape", p.shape)), o.no_decay)
+        parts.setdefault((name.startswith("image_backbone."), decay), []).append(p)
     groups = []
-    for (backbone, matrix), params in parts.items():  # the encoder's two groups first, as always
+    for (backbone, decay), params in parts.items():  # the encoder's two groups first, as always
         if params or not backbone:
-            group = {"params": params, "weight_decay": o.weight_decay if matrix else 0.0}
+            group = {"params": params, "weight_decay": o.weight_decay if decay else 0.0}
             if backbone:
                 group["lr"] = cfg.model.backbone_lr or o.lr
             groups.append(group)
@@ -281,6 +298,17 @@ def _optimizer(cfg: ExperimentConfig, model: torch.nn.Module, ds_cfg: dict):
 
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+def set_uniter_eps(optimizer: torch.optim.Optimizer, eps: float, beta2: float) -> None:
+    """Before an update: each group's eps such that torch's AdamW takes UNITER's step. UNITER adds
+    eps to sqrt(v) before the bias correction sqrt(1 - beta2^t); torch after it, so torch's eps is
+    eps / sqrt(1 - beta2^t), with t the update about to be taken (the optimizer's own count: skipped
+    steps do not count, in either)."""
+    for group in optimizer.param_groups:
+        state = next((optimizer.state[p] for p in group["params"] if optimizer.state.get(p)), None)
+        t = int(state["step"]) + 1 if state is not None else 1
+        group["eps"] = eps / math.sqrt(1.0 - beta2 ** t)
 
 
 # --------------------------------------------------------------------------- state helpers
@@ -415,7 +443,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.tokenizer, fdim, ds_cfg)
-        optimizer = _optimizer(cfg, model, ds_cfg)
+        optimizer = self.optimizer = _optimizer(cfg, model, ds_cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
                                                     config=ds_cfg)
@@ -599,6 +627,8 @@ class Trainer:
             bad_loss = torch.maximum(bad_loss, (~finite).float().reshape(1))
             loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))  # inf -> NaN: surely skipped
             self.engine.backward(loss)
+            if cfg.optim.eps_mode == "uniter":
+                set_uniter_eps(self.optimizer, cfg.optim.eps, cfg.optim.betas[1])
             self.engine.step()
             parts["loss"] = loss.detach()
             for k, v in parts.items():
@@ -609,6 +639,8 @@ class Trainer:
             dist.all_reduce(bad_loss, op=dist.ReduceOp.MAX)
         grad_norm = _grad_norm(self.engine)
         applied = self.engine.was_step_applied()
+        if not applied and cfg.optim.schedule_steps == "all":  # DeepSpeed moved it with applied updates only
+            self.scheduler.step()
         kind = classify_step(bool(bad_loss.item()), applied, grad_norm, self.fp16)
         if kind == "nonfinite":
             self.nonfinite_in_row += 1
@@ -712,11 +744,13 @@ class Trainer:
 
         if not (self.out_dir / ckpt.CHECKPOINTS / f"step{self.step}" / ckpt.COMPLETE).is_file():
             self.save(f"step{self.step}")
-        final, extra = self.out_dir / ckpt.CHECKPOINTS / f"step{self.step}", {}
+        final = self.out_dir / ckpt.CHECKPOINTS / f"step{self.step}"
+        extra = {"reported": {"checkpoint": "final", "step": self.step, "eval.report": cfg.eval.report}}
         best = self.out_dir / ckpt.CHECKPOINTS / "best"
-        if cfg.data.val_split and (best / ckpt.COMPLETE).is_file() and self.checkpoints.choose([best]) is None:
+        selecting = cfg.eval.report == "best" and cfg.data.val_split and (best / ckpt.COMPLETE).is_file()
+        if selecting and self.checkpoints.choose([best]) is None:
             log.warning("reporting the final step %d instead of the damaged best checkpoint", self.step)
-        elif cfg.data.val_split and (best / ckpt.COMPLETE).is_file():
+        elif selecting:
             # Model selection: the weights with the best RSUM on the validation split are reported.
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                 rsum = self.evaluate(cfg.data.val_split, final=False)["rsum"]  # the last step competes too
@@ -726,8 +760,9 @@ class Trainer:
             self.engine.load_checkpoint(str(best.parent), tag="best", load_module_only=True,
                                         load_optimizer_states=False, load_lr_scheduler_states=False)
             final = best
-            extra = {"selected_by": {"split": cfg.data.val_split, "rsum": self.best_rsum,
-                                     "step": (ckpt.read_state(ckpt.state_file(best, self.rank))[0]["step"])}}
+            best_step = ckpt.read_state(ckpt.state_file(best, self.rank))[0]["step"]
+            extra = {"selected_by": {"split": cfg.data.val_split, "rsum": self.best_rsum, "step": best_step},
+                     "reported": {"checkpoint": "best", "step": best_step, "eval.report": cfg.eval.report}}
         if self.rank == 0:  # a consolidated Hugging Face folder, whatever the ZeRO stage
             self.watchdog.beat("exporting hf_model")
             try:

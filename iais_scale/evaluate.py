@@ -300,7 +300,8 @@ def relation_values(
         inputs = _select(texts, rows, device)
         inputs.update(_select(images, rows, device))
         b = rows.numel()
-        out = model(**inputs, iais_request=IaisRequest(torch.arange(b, device=device), alignment=None))
+        out = model(**inputs, iais_request=IaisRequest(torch.arange(b, device=device), alignment=None,
+                                                       per_head=word_to_region is not None))
         cols = []
         for rel in out.relations:
             ok = rel.pair_mask
@@ -695,6 +696,11 @@ def markdown_table(report: dict) -> str:
             f"Re-ranking scored {rr['pairs_scored']} of {rr['pairs_all']} pairs with the cross-encoder"
             f" ({rr['reduction']:.1f}x fewer), {rr['seconds']:.2f} s in all.",
         ]
+    if "reported" in r:
+        rep, sel = r["reported"], r.get("selected_by")
+        lines += ["", f"Reported checkpoint: step {rep['step']}, "
+                      + (f"the best RSUM on {sel['split']} ({sel['rsum']:.2f}; eval.report: {rep['eval.report']})" if sel else
+                         f"the final step (eval.report: {rep['eval.report']})")]
     if "authors_ir" in r:
         a = r["authors_ir"]
         lines += ["", f"IR recall as UNITER's and the IAIS authors' itm_eval.py counts it (fp16 scores, both columns of"
@@ -719,7 +725,8 @@ def markdown_table(report: dict) -> str:
     elif any("/isda_" in k for k in rel):
         lines.append(
             "ISDa (isda_L, isda_V): each word of an annotated phrase is aligned to the region whose box best"
-            " overlaps the phrase's boxes; unannotated words are left out and n counts the annotated pairs."
+            " overlaps the phrase's boxes; unannotated words are left out (S_L and S_V restricted to the kept"
+            " rows per head, docs/iais-spec.md section 4) and n counts the annotated pairs."
         )
     if "relation_swap" in r:
         s = r["relation_swap"]

@@ -49,6 +49,10 @@ class RelationMatrices:
     log_s_v: Tensor | None = None
     log_t2i: Tensor | None = None
     log_i2t: Tensor | None = None
+    # Per head, before the head average (``per_head=True``, for ISDa): log A[W->W] and log A[R->R],
+    # [B, H, T, T] and [B, H, V, V], 0 where masked.
+    head_log_s_l: Tensor | None = None
+    head_log_s_v: Tensor | None = None
 
     def log(self, name: str) -> Tensor:
         """log of matrix ``name`` ("s_l", "s_v", "t2i", "i2t"), 0 at masked entries.
@@ -104,19 +108,21 @@ def _gather_tokens(x: Tensor, pos: Tensor) -> Tensor:
     return rows.view(b, pos.shape[1], h, d).transpose(1, 2).contiguous()
 
 
-def _masked_mean_softmax(scores: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax of [B, H, R, C] scores over the valid columns, mean over heads: (probs, log probs).
+def _masked_mean_softmax(scores: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax of [B, H, R, C] scores over the valid columns, mean over heads: (probs, log probs, and
+    the per-head log probs [B, H, R, C]).
 
     The log is taken in log space, logsumexp_h(log_softmax_h) - log H, so it stays finite where a
-    sharp row's probabilities underflow to 0. Entries with an invalid row or column are 0 in both.
+    sharp row's probabilities underflow to 0. Entries with an invalid row or column are 0 in all three.
     """
     # A finite fill (not -inf) keeps fully masked rows NaN-free; they are zeroed below.
     # In place: the product's backward does not need its output.
     scores = scores.masked_fill_(~cols[:, None, None, :], torch.finfo(scores.dtype).min)
-    log_probs = scores.log_softmax(-1).logsumexp(1) - math.log(scores.shape[1])
+    head_log_probs = scores.log_softmax(-1)
+    log_probs = head_log_probs.logsumexp(1) - math.log(scores.shape[1])
     valid = rows[:, :, None] & cols[:, None, :]
     log_probs = torch.where(valid, log_probs, 0.0)
-    return torch.where(valid, log_probs.exp(), 0.0), log_probs
+    return torch.where(valid, log_probs.exp(), 0.0), log_probs, torch.where(valid[:, None], head_log_probs, 0.0)
 
 
 def _clamped_log(m: Tensor, valid: Tensor) -> Tensor:
@@ -132,8 +138,10 @@ def relation_matrices(
     *,
     max_words: int | None = None,
     max_regions: int | None = None,
+    per_head: bool = False,
 ) -> RelationMatrices:
-    """Spec section 1 from a layer's own projections ``query``/``key`` [B, H, N, d], with the logs.
+    """Spec section 1 from a layer's own projections ``query``/``key`` [B, H, N, d], with the logs
+    (``per_head``: also log S_L and log S_V of each head, which ISDa restricts per head).
 
     ``text_mask``/``image_mask`` [B, N] bool mark the valid word / region positions (anywhere in the
     sequence); scores are computed on the compacted positions only, (T + V)^2 entries, not 4 N^2.
@@ -157,15 +165,17 @@ def relation_matrices(
     q_w, q_r = (_gather_tokens(query.to(dtype), pos) * scale).split(sizes, dim=2)
     k_w, k_r = _gather_tokens(key.to(dtype), pos).split(sizes, dim=2)
 
-    def block(q_x: Tensor, k_y: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    def block(q_x: Tensor, k_y: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return _masked_mean_softmax(q_x @ k_y.transpose(-1, -2), rows, cols)
 
-    (s_l, log_s_l), (s_v, log_s_v) = block(q_w, k_w, word_mask, word_mask), block(q_r, k_r, region_mask, region_mask)
-    (t2i, log_t2i), (i2t, log_i2t) = block(q_w, k_r, word_mask, region_mask), block(q_r, k_w, region_mask, word_mask)
+    (s_l, log_s_l, head_s_l), (s_v, log_s_v, head_s_v) = (block(q_w, k_w, word_mask, word_mask),
+                                                         block(q_r, k_r, region_mask, region_mask))
+    (t2i, log_t2i, _), (i2t, log_i2t, _) = block(q_w, k_r, word_mask, region_mask), block(q_r, k_w, region_mask, word_mask)
     return RelationMatrices(
         s_l=s_l, s_v=s_v, t2i=t2i, i2t=i2t,
         word_mask=word_mask, region_mask=region_mask, word_pos=word_pos, region_pos=region_pos,
         log_s_l=log_s_l, log_s_v=log_s_v, log_t2i=log_t2i, log_i2t=log_i2t,
+        head_log_s_l=head_s_l if per_head else None, head_log_s_v=head_s_v if per_head else None,
     )
 
 
@@ -176,6 +186,7 @@ def relation_matrices_from_probs(
     *,
     max_words: int | None = None,
     max_regions: int | None = None,
+    per_head: bool = False,
 ) -> RelationMatrices:
     """Spec section 1 from materialised attention probabilities [B, H, N, N] (eager attention).
 
@@ -196,17 +207,21 @@ def relation_matrices_from_probs(
         crop = crop.gather(3, col_pos[:, None, None, :].expand(b, h, r, c))
         crop = crop * cols[:, None, None, :]
         crop = crop / crop.sum(-1, keepdim=True).clamp_min(torch.finfo(crop.dtype).tiny)
-        return crop.mean(1) * (rows[:, :, None] & cols[:, None, :])
+        return crop * (rows[:, :, None] & cols[:, None, :])[:, None]
 
+    s_l, s_v = block(word_pos, word_pos, word_mask, word_mask), block(region_pos, region_pos, region_mask, region_mask)
+    words2d, regions2d = word_mask[:, :, None] & word_mask[:, None, :], region_mask[:, :, None] & region_mask[:, None, :]
     return RelationMatrices(
-        s_l=block(word_pos, word_pos, word_mask, word_mask),
-        s_v=block(region_pos, region_pos, region_mask, region_mask),
-        t2i=block(word_pos, region_pos, word_mask, region_mask),
-        i2t=block(region_pos, word_pos, region_mask, word_mask),
+        s_l=s_l.mean(1),
+        s_v=s_v.mean(1),
+        t2i=block(word_pos, region_pos, word_mask, region_mask).mean(1),
+        i2t=block(region_pos, word_pos, region_mask, word_mask).mean(1),
         word_mask=word_mask,
         region_mask=region_mask,
         word_pos=word_pos,
         region_pos=region_pos,
+        head_log_s_l=_clamped_log(s_l, words2d[:, None]) if per_head else None,
+        head_log_s_v=_clamped_log(s_v, regions2d[:, None]) if per_head else None,
     )
 
 
@@ -334,12 +349,17 @@ def isd_annotated(rel: RelationMatrices, word_to_region: Tensor, *, direction: D
     """ISDa per pair [B]: singular alignment taken from phrase-box annotations (spec section 4).
 
     ``word_to_region`` [B, N] gives, at each word's sequence position, the sequence position of its
-    annotated region (-1: none). Our reading: direction L uses the annotated words as rows and
-    columns, S_L renormalised over them; direction V uses the regions some annotated word points to,
-    each mapped back to the first (lowest-position) such word, S_V renormalised over them. An
-    annotation that points at no valid region counts as none. Pairs with no annotation give 0.
+    annotated region (-1: none). Direction L uses the annotated words as rows and columns: S_L
+    restricted to them as section 1 restricts every matrix, per head (a fresh softmax of each head
+    over the kept columns, then the head mean), so ``rel`` needs its per-head logs (``per_head=True``).
+    P_L[i, j] = softmax_j(S_V[a(i), a(j)]) over the kept j, as the singular alignment. Direction V
+    uses the regions some annotated word points to, each mapped back to the first (lowest-position)
+    such word, S_V restricted per head to them. An annotation that points at no valid region counts
+    as none. Pairs with no annotation give 0.
     """
     _check("singular", direction)
+    if rel.head_log_s_l is None or rel.head_log_s_v is None:
+        raise ValueError("ISDa restricts S_L and S_V per head: build the relation matrices with per_head=True")
     target = word_to_region.long().gather(1, rel.word_pos)  # [B, T] annotated region position
     # hits[b, t, v]: word slot t is annotated with region slot v.
     hits = (rel.region_pos[:, None, :] == target[:, :, None]) & rel.region_mask[:, None, :]
@@ -351,14 +371,17 @@ def isd_annotated(rel: RelationMatrices, word_to_region: Tensor, *, direction: D
     per_pair = rel.s_l.new_zeros(rel.s_l.shape[0])
     for x in ("L", "V") if direction == "both" else (direction,):
         if x == "L":
-            rows, log_s_x, s_y = words, rel.log("s_l"), rel.s_v
+            rows, head_log_s_x, s_y = words, rel.head_log_s_l, rel.s_v
             index = hits.float().argmax(2)  # a(i): the region slot of word slot i
         else:
-            rows, log_s_x, s_y = regions, rel.log("s_v"), rel.s_l
+            rows, head_log_s_x, s_y = regions, rel.head_log_s_v, rel.s_l
             index = hits.float().argmax(1)  # b(r): the first word slot annotated with region r
         valid2d = rows[:, :, None] & rows[:, None, :]
-        # S_X renormalised over the kept rows is a softmax of log S_X over them: exact in log space.
-        s_x, log_s_x = _masked_softmax(log_s_x, valid2d)
+        # Each head's restriction to the kept columns is a softmax of its log probabilities over them
+        # (exact in log space); then the head mean, in log space as section 1's.
+        head_log = _masked_softmax(head_log_s_x, valid2d[:, None])[1]
+        log_s_x = torch.where(valid2d, head_log.logsumexp(1) - math.log(head_log.shape[1]), 0.0)
+        s_x = torch.where(valid2d, log_s_x.exp(), 0.0)
         p_x, log_p_x = _masked_softmax(_take(s_y, index), valid2d)
         per_pair = per_pair + _symmetric_kl(s_x, log_s_x, p_x, log_p_x, rows, pair_ok, 0.0)
     return per_pair

@@ -99,18 +99,19 @@ def hardest_negatives(
     num_hard: int,
     generator: torch.Generator,
     num_anchors: int | None = None,
+    first: int = 0,
     chunk: int = 1024,
 ) -> Tensor:
     """The reference mining: [A, num_hard] indices of the hardest of ``num_candidates`` random
-    in-batch negatives for each of the first A = ``num_anchors`` pairs (all by default)."""
+    in-batch negatives for each of the A = ``num_anchors`` pairs from row ``first`` on (all by default)."""
     b, device = batch["text_ids"].shape[0], batch["text_ids"].device
     a = num_anchors or b
     # Drawn on the CPU from the seeded generator: the same candidates on any device.
     noise = torch.rand(a, b, generator=generator)
-    noise[torch.arange(a), torch.arange(a)] = -1.0  # never the positive itself
+    noise[torch.arange(a), torch.arange(first, first + a)] = -1.0  # never the positive itself
     candidates = noise.topk(num_candidates, dim=1).indices.to(device)  # a uniform random subset per anchor
-    return keep_hardest(model, batch, torch.arange(a, device=device), candidates, anchor=anchor, num_hard=num_hard,
-                        chunk=chunk)
+    return keep_hardest(model, batch, torch.arange(first, first + a, device=device), candidates, anchor=anchor,
+                        num_hard=num_hard, chunk=chunk)
 
 
 def gather_pool(batch: dict, group: dist.ProcessGroup | None) -> tuple[dict, int]:
@@ -692,9 +693,13 @@ def mine_negatives(
     if cfg.mining != "itc":
         out = []
         for anchor in anchor_kinds:
+            # separate: image-anchored groups take the next pairs of the batch, an independent draw, as
+            # the authors' second (image-anchored) loader gives; shared: both kinds the same pairs.
+            first = num_anchors if cfg.group_anchors == "separate" and anchor == "image" else 0
             neg = hardest_negatives(model, batch, anchor=anchor, num_candidates=cfg.num_candidates,
-                                    num_hard=cfg.num_hard, generator=generator, num_anchors=num_anchors)
-            out.append(MinedGroups(anchor, batch, torch.arange(num_anchors, device=neg.device), neg, neg))
+                                    num_hard=cfg.num_hard, generator=generator, num_anchors=num_anchors, first=first)
+            anchors = torch.arange(first, first + num_anchors, device=neg.device)
+            out.append(MinedGroups(anchor, batch, anchors, neg, neg))
         return out
     mgroup = mining_group(group, cfg.mining_group_size)
     b = batch["text_ids"].shape[0]

@@ -38,6 +38,8 @@ class PairMatrices:
     s_v: torch.Tensor  # [V_b, V_b]
     t2i: torch.Tensor  # [T_b, V_b]
     i2t: torch.Tensor  # [V_b, T_b]
+    q: torch.Tensor | None = None  # [H, N, d]: ISDa restricts to the annotated words from the raw scores
+    k: torch.Tensor | None = None
 
     @property
     def valid(self) -> bool:
@@ -68,6 +70,8 @@ def pair_matrices(q: torch.Tensor, k: torch.Tensor, text_mask: torch.Tensor, ima
         s_v=_block(q, k, r, r),
         t2i=_block(q, k, w, r),
         i2t=_block(q, k, r, w),
+        q=q,
+        k=k,
     )
 
 
@@ -142,10 +146,6 @@ def reference_isd(query, key, text_mask, image_mask, *, alignment, direction):
                               alignment=alignment, direction=direction, reduction="none")
 
 
-def _renormalise(s: torch.Tensor) -> torch.Tensor:
-    return s / s.sum(dim=1, keepdim=True)
-
-
 def pair_isd_annotated(m: PairMatrices, word_to_region: torch.Tensor, direction: str) -> torch.Tensor | None:
     """ISDa of one pair. word_to_region: [N] long, the region's sequence position at each word's
     position (-1 = no annotation). None when the pair has no annotated word (or no word/region)."""
@@ -165,7 +165,7 @@ def pair_isd_annotated(m: PairMatrices, word_to_region: torch.Tensor, direction:
     if direction in ("L", "both"):
         wp = torch.tensor(ann_words, device=dev)
         a = torch.tensor(ann_regions, device=dev)
-        s = _renormalise(m.s_l[wp][:, wp])
+        s = _block(m.q, m.k, m.word_pos[wp], m.word_pos[wp])  # A[W_a -> W_a]: per head, then the mean
         p = torch.softmax(m.s_v[a][:, a], dim=1)
         loss = symmetric_kl(s, p, 0.0)
         total = loss if total is None else total + loss
@@ -176,7 +176,7 @@ def pair_isd_annotated(m: PairMatrices, word_to_region: torch.Tensor, direction:
         regs = sorted(first_word)  # region slots in sequence order
         rp = torch.tensor(regs, device=dev)
         b = torch.tensor([first_word[r] for r in regs], device=dev)
-        s = _renormalise(m.s_v[rp][:, rp])
+        s = _block(m.q, m.k, m.region_pos[rp], m.region_pos[rp])  # A[R_a -> R_a]
         p = torch.softmax(m.s_l[b][:, b], dim=1)
         loss = symmetric_kl(s, p, 0.0)
         total = loss if total is None else total + loss

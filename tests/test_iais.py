@@ -458,7 +458,7 @@ def test_gradcheck_float64_sharp(alignment, direction):
 
 def test_isd_annotated_and_entropy_finite_at_sharp_attention():
     q, k, text, image = make_batch(scale=30.0)
-    rel = iais.relation_matrices(q, k, text, image)
+    rel = iais.relation_matrices(q, k, text, image, per_head=True)
     w2r = make_word_to_region(text, image)
     for d in ref.DIRECTIONS:
         got = iais.isd_annotated(rel, w2r, direction=d)
@@ -481,10 +481,12 @@ def test_from_probs_equals_relation_matrices(mask_padding):
         key_ok[:, 0] = True  # [CLS]
         scores = scores.masked_fill(~key_ok[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    rel_p = iais.relation_matrices_from_probs(probs, text, image)
-    rel_q = iais.relation_matrices(q, k, text, image)
+    rel_p = iais.relation_matrices_from_probs(probs, text, image, per_head=True)
+    rel_q = iais.relation_matrices(q, k, text, image, per_head=True)
     for name in MATRIX_NAMES:
         torch.testing.assert_close(getattr(rel_p, name), getattr(rel_q, name), rtol=1e-5, atol=1e-6)
+    for name in ("head_log_s_l", "head_log_s_v"):  # (clamped where a probability underflowed)
+        torch.testing.assert_close(getattr(rel_p, name).exp(), getattr(rel_q, name).exp(), rtol=1e-5, atol=1e-6)
     for name in ("word_mask", "region_mask", "word_pos", "region_pos"):
         assert torch.equal(getattr(rel_p, name), getattr(rel_q, name))
     assert_rel_matches(rel_p, ref.reference_matrices(q, k, text, image), rtol=1e-5, atol=1e-6)
@@ -578,7 +580,7 @@ def make_word_to_region(text, image):
 def test_isd_annotated_matches_reference(direction):
     q, k, text, image = make_batch()
     w2r = make_word_to_region(text, image)
-    rel = iais.relation_matrices(q, k, text, image)
+    rel = iais.relation_matrices(q, k, text, image, per_head=True)
     got = iais.isd_annotated(rel, w2r, direction=direction)
     want = ref.reference_isd_annotated(q, k, text, image, w2r, direction=direction)
     assert got.shape == (B,)
@@ -599,7 +601,7 @@ def test_isd_annotated_ignores_values_at_non_word_positions():
     neither = ~text
     region0 = torch.nonzero(image[0]).flatten()[1]
     stray[0][neither[0]] = region0  # annotations only count at word positions
-    rel = iais.relation_matrices(q, k, text, image)
+    rel = iais.relation_matrices(q, k, text, image, per_head=True)
     for d in ref.DIRECTIONS:
         torch.testing.assert_close(iais.isd_annotated(rel, stray, direction=d),
                                    iais.isd_annotated(rel, w2r, direction=d), rtol=0, atol=0)
@@ -611,11 +613,10 @@ def test_isd_annotated_v_uses_lowest_position_word():
     (m,) = ref.reference_matrices(q[:1], k[:1], text[:1], image[:1])
     rp = torch.tensor([0, 2, 3])
     bw = torch.tensor([1, 0, 2])
-    s = m.s_v[rp][:, rp]
-    s = s / s.sum(1, keepdim=True)
+    s = ref._block(m.q, m.k, m.region_pos[rp], m.region_pos[rp])  # restricted per head, then the mean
     p = torch.softmax(m.s_l[bw][:, bw], dim=1)
     want = ((p * (p / s).log()).sum() + (s * (s / p).log()).sum()) / 3
-    rel = iais.relation_matrices(q, k, text, image)
+    rel = iais.relation_matrices(q, k, text, image, per_head=True)
     got = iais.isd_annotated(rel, make_word_to_region(text, image), direction="V")
     torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-7)
 
@@ -629,7 +630,7 @@ def test_isd_annotated_all_words_annotated_one_to_one_is_singular_like():
         regions = torch.nonzero(image[b]).flatten()
         w2r[b, words] = regions[torch.randperm(regions.numel(), generator=torch.Generator().manual_seed(b))
                                 [:words.numel()]]
-    rel = iais.relation_matrices(q, k, text, image)
+    rel = iais.relation_matrices(q, k, text, image, per_head=True)
     for d in ref.DIRECTIONS:
         torch.testing.assert_close(iais.isd_annotated(rel, w2r, direction=d),
                                    ref.reference_isd_annotated(q, k, text, image, w2r, direction=d),
@@ -689,14 +690,20 @@ def test_pair_result_does_not_depend_on_other_pairs():
 # values computed by hand (spec sections 4 and 7), not through the reference's reading
 
 
-def hand_relations(s_l, s_v, t2i, i2t, word_pos, region_pos) -> iais.RelationMatrices:
-    """One pair's RelationMatrices from explicit (already cropped, valid) matrices."""
+def hand_relations(s_l, s_v, t2i, i2t, word_pos, region_pos, heads_s_l=None, heads_s_v=None) -> iais.RelationMatrices:
+    """One pair's RelationMatrices from explicit (already cropped, valid) matrices; with ``heads_s_l``
+    and ``heads_s_v`` ([H][rows][cols] per head) S_L and S_V are their head means and the per-head
+    logs are kept (what ISDa restricts)."""
     t, v = len(word_pos), len(region_pos)
     f = lambda x: torch.tensor(x, dtype=torch.float32)[None]  # noqa: E731
+    heads = {}
+    if heads_s_l is not None:
+        s_l, s_v = f(heads_s_l).mean(1)[0].tolist(), f(heads_s_v).mean(1)[0].tolist()
+        heads = {"head_log_s_l": f(heads_s_l).log(), "head_log_s_v": f(heads_s_v).log()}
     return iais.RelationMatrices(
         s_l=f(s_l), s_v=f(s_v), t2i=f(t2i), i2t=f(i2t), word_mask=torch.ones(1, t, dtype=torch.bool),
         region_mask=torch.ones(1, v, dtype=torch.bool), word_pos=torch.tensor([word_pos]),
-        region_pos=torch.tensor([region_pos]),
+        region_pos=torch.tensor([region_pos]), **heads,
     )
 
 
@@ -737,21 +744,33 @@ def _renorm(x: list[float]) -> list[float]:
 
 
 def test_isda_by_hand_from_the_spec_text():
-    """Spec section 4: a(i) from the annotations, not from A_t2i; unannotated words leave the rows.
+    """Spec section 4: a(i) from the annotations, not from A_t2i; unannotated words leave the rows;
+    S_X restricted to the kept rows per head, as section 1 restricts every matrix, then averaged.
 
-    Words at sequence positions 1, 2, 3; regions at 5, 6. Word 1 is annotated with the region at 6,
-    word 3 with the region at 5, word 2 with nothing. A_t2i points every word at region 5 (it must
-    not matter)."""
-    s_l = [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6], [0.1, 0.3, 0.6]]
-    s_v = [[0.7, 0.3], [0.4, 0.6]]
-    rel = hand_relations(s_l, s_v, [[0.9, 0.1]] * 3, [[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]], [1, 2, 3], [5, 6])
+    Words at sequence positions 1, 2, 3; regions at 5, 6; two heads. Word 1 is annotated with the
+    region at 6, word 3 with the region at 5, word 2 with nothing. A_t2i points every word at region
+    5 (it must not matter)."""
+    heads_s_l = [[[0.5, 0.3, 0.2], [0.2, 0.2, 0.6], [0.1, 0.3, 0.6]],
+                 [[0.1, 0.1, 0.8], [0.4, 0.4, 0.2], [0.5, 0.3, 0.2]]]
+    heads_s_v = [[[0.7, 0.3], [0.2, 0.8]], [[0.5, 0.5], [0.6, 0.4]]]
+    s_l = [[(a + b) / 2 for a, b in zip(r0, r1)] for r0, r1 in zip(*heads_s_l)]  # the head means
+    s_v = [[(a + b) / 2 for a, b in zip(r0, r1)] for r0, r1 in zip(*heads_s_v)]
+    rel = hand_relations(None, None, [[0.9, 0.1]] * 3, [[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]], [1, 2, 3], [5, 6],
+                         heads_s_l=heads_s_l, heads_s_v=heads_s_v)
     w2r = torch.full((1, 8), -1)
     w2r[0, 1], w2r[0, 3] = 6, 5
     # L: rows and columns = annotated words {w1, w3}; a(w1) = r(6) = slot 1, a(w3) = r(5) = slot 0.
-    s = [_renorm([s_l[0][0], s_l[0][2]]), _renorm([s_l[2][0], s_l[2][2]])]
+    # Each head renormalised over {w1, w3}, then the mean: row w1 = mean(0.5/0.7, 0.1/0.9), ...
+    s = [[sum(_renorm([h[i][0], h[i][2]])[j] for h in heads_s_l) / 2 for j in (0, 1)] for i in (0, 2)]
+    assert s[0] == pytest.approx([(0.5 / 0.7 + 0.1 / 0.9) / 2, (0.2 / 0.7 + 0.8 / 0.9) / 2])
     p = [_softmax([s_v[1][1], s_v[1][0]]), _softmax([s_v[0][1], s_v[0][0]])]
     want_l = sum(_kl(pi, si) + _kl(si, pi) for pi, si in zip(p, s)) / 2
-    # V: rows = regions an annotated word points to {r(5), r(6)}; b(r5) = w3 (slot 2), b(r6) = w1 (slot 0).
+    # The other order (average the heads, then renormalise) gives another value: the convention matters.
+    averaged_first = [_renorm([s_l[0][0], s_l[0][2]]), _renorm([s_l[2][0], s_l[2][2]])]
+    other = sum(_kl(pi, si) + _kl(si, pi) for pi, si in zip(p, averaged_first)) / 2
+    assert abs(other - want_l) > 0.01
+    # V: rows = regions an annotated word points to {r(5), r(6)}: all regions, so S_V is kept whole;
+    # b(r5) = w3 (slot 2), b(r6) = w1 (slot 0); P_V from the head-mean S_L.
     s = [s_v[0], s_v[1]]
     p = [_softmax([s_l[2][2], s_l[2][0]]), _softmax([s_l[0][2], s_l[0][0]])]
     want_v = sum(_kl(pi, si) + _kl(si, pi) for pi, si in zip(p, s)) / 2
@@ -759,5 +778,8 @@ def test_isda_by_hand_from_the_spec_text():
     assert iais.isd_annotated(rel, w2r, direction="L").item() == pytest.approx(want_l, rel=1e-5)
     assert iais.isd_annotated(rel, w2r, direction="V").item() == pytest.approx(want_v, rel=1e-5)
     assert iais.isd_annotated(rel, w2r, direction="both").item() == pytest.approx(want_l + want_v, rel=1e-5)
+    with pytest.raises(ValueError, match="per head"):
+        iais.isd_annotated(hand_relations(s_l, s_v, [[0.9, 0.1]] * 3, [[0.2, 0.3, 0.5]] * 2, [1, 2, 3], [5, 6]),
+                           w2r, direction="L")
     # Without any annotation the pair has no ISDa rows: 0, whatever the matrices.
     assert iais.isd_annotated(rel, torch.full((1, 8), -1), direction="both").item() == 0.0

@@ -325,6 +325,23 @@ def test_group_kinds_alternate_with_the_step_parity(setup, monkeypatch, group_ki
             assert calls == kinds, (step, direction)
 
 
+@pytest.mark.parametrize("group_anchors", ["shared", "separate"])
+def test_group_anchors_shared_or_separate(setup, group_anchors):
+    """separate (the authors' two loaders): the image-anchored groups are anchored at the next
+    anchors_per_batch pairs, independent of the text-anchored ones; their candidates never hold
+    their own positive. shared: both kinds anchored at the first pairs."""
+    model, batch = setup
+    cfg = ObjectiveConfig(mlm_weight=0.0, num_candidates=4, num_hard=2, anchors_per_batch=2, group_kinds="both",
+                          group_anchors=group_anchors)
+    text, image = ob.mine_negatives(model, batch, cfg, ["text", "image"], None, None, torch.Generator().manual_seed(0))
+    first = 2 if group_anchors == "separate" else 0
+    assert torch.equal(text.anchors, torch.arange(2)) and torch.equal(image.anchors, torch.arange(first, first + 2))
+    assert not (image.negatives == image.anchors[:, None]).any() and not (text.negatives == text.anchors[:, None]).any()
+    loss, parts = ob.training_loss(model, batch, cfg, step=0, total_steps=10, mask_id=1,
+                                   generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and parts["itm_rank"] > 0
+
+
 # --------------------------------------------------------------------------- MLM, MRFR, task mixing
 
 

@@ -181,13 +181,16 @@ def test_released_assets_to_a_report_with_isd_and_isda(released, tmp_path):
     assert "8 ranking groups per step = 2 micro-step(s) x 2 ranking groups x 2 rank(s)" in log, log[-3000:]
     assert "initialised from uniter:" in log
     report = json.loads((out / "eval.json").read_text())
-    assert report["split"] == "test" and report["images"] == 4 and report["selected_by"]["split"] == "val"
+    # The authors' choice (eval.report: final): the last step's model on test, validation only logged.
+    assert report["split"] == "test" and report["images"] == 4 and "selected_by" not in report
+    assert report["reported"] == {"checkpoint": "final", "step": 4, "eval.report": "final"}
+    assert "Reported checkpoint: step 4, the final step (eval.report: final)" in (out / "eval.md").read_text()
     rel = report["relations"]
     for key in ("layer1/isd_L/singular", "layer1/isd_V/singular", "layer1/isda_L", "layer1/isda_V"):
         assert rel[key]["n"] > 0 and np.isfinite(rel[key]["mean"]), (key, rel.get(key))
     assert "isda" not in report or not isinstance(report["isda"], str)
     history = [json.loads(line) for line in (out / "eval_history.jsonl").read_text().splitlines()]
-    assert [r["split"] for r in history] == ["val", "val", "test"]
+    assert [r["split"] for r in history] == ["val", "test"]  # (no selection: the last step is not validated)
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert all("itm_rank" in r and "iais" in r for r in records)
 
@@ -238,6 +241,9 @@ def test_recipes_hold_the_authors_values(name):
     assert (cfg.model.dropout, cfg.model.uniter_itm_init) == (0.1, "row1")
     assert (cfg.data.max_text_len, cfg.data.max_train_caption_tokens, cfg.data.max_regions) == (62, 60, 100)
     assert cfg.data.tokenizer.endswith("-cased") and cfg.data.val_split == "val" and cfg.data.eval_split == "test"
+    # What the authors' code does where torch's AdamW and DeepSpeed differ (docs/reproduce.md).
+    assert (opt.no_decay, opt.eps_mode, opt.schedule_steps, cfg.eval.report) == ("uniter", "uniter", "all", "final")
+    assert o.group_anchors == "separate"  # the authors' two independently shuffled loaders
     assert json.loads((ROOT / t.deepspeed_config).read_text())["fp16"]["enabled"] is True
     # 8 iterations x 2 groups on each of 8 GPUs per step, on any world size that divides it.
     for world, accum in ((1, 64), (2, 32), (8, 8), (64, 1)):
@@ -247,3 +253,53 @@ def test_recipes_hold_the_authors_values(name):
     baseline = load_config(ROOT / "configs" / f"{name.replace('_iais', '_baseline')}.yaml")
     assert baseline.objectives.iais.enabled is False
     assert {k: v for k, v in vars(baseline.optim).items()} == {k: v for k, v in vars(opt).items()}
+
+
+def test_uniter_weight_decay_rule_decays_the_region_norms_only():
+    """UNITER's build_optimizer: no decay where the name holds bias, LayerNorm.weight or LayerNorm.bias;
+    its img_layer_norm / pos_layer_norm (here feature_norm / box_norm) weights therefore decay."""
+    from iais_scale.engine import decays
+    from iais_scale.model import CrossModalConfig, CrossModalModel
+
+    model = CrossModalModel(CrossModalConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, region_feature_dim=16, iais_layers=[-1]))
+    differ = {n for n, p in model.named_parameters() if decays(n, p.dim(), "uniter") != decays(n, p.dim(), "vectors")}
+    # (UNITER's MRFR head names its LayerNorm by index, net.2: decayed there too; fine-tuning never uses it)
+    assert differ == {"region_embeddings.feature_norm.weight", "region_embeddings.box_norm.weight", "mrfr.net.2.weight"}
+    assert not decays("layers.0.attention.output.LayerNorm.weight", 1, "uniter")
+    assert not decays("region_embeddings.norm.weight", 1, "uniter")  # UNITER's img_embeddings.LayerNorm
+    assert decays("layers.0.attention.self.query.weight", 2, "uniter")
+
+
+def test_uniter_eps_gives_the_authors_adamw_step():
+    """torch's AdamW with set_uniter_eps before each update takes the step of UNITER's optim/adamw.py
+    (eps added to sqrt(v) before the bias correction), written out below; plain torch eps does not."""
+    from iais_scale.engine import set_uniter_eps
+
+    lr, betas, eps = 5e-5, (0.9, 0.98), 1e-6
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(64, generator=g, dtype=torch.float64)
+    grads = [torch.randn(64, generator=g, dtype=torch.float64) * 1e-5 for _ in range(4)]  # small: eps matters
+
+    def authors():  # UNITER's AdamW.step, weight decay 0
+        p, m, v = start.clone(), torch.zeros(64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64)
+        for t, grad in enumerate(grads, 1):
+            m = m * betas[0] + (1 - betas[0]) * grad
+            v = v * betas[1] + (1 - betas[1]) * grad * grad
+            step_size = lr * (1 - betas[1] ** t) ** 0.5 / (1 - betas[0] ** t)
+            p = p - step_size * m / (v.sqrt() + eps)
+        return p
+
+    def torch_adamw(uniter: bool):
+        p = torch.nn.Parameter(start.clone())
+        opt = torch.optim.AdamW([p], lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        for grad in grads:
+            p.grad = grad.clone()
+            if uniter:
+                set_uniter_eps(opt, eps, betas[1])
+            opt.step()
+        return p.detach()
+
+    want = authors()
+    torch.testing.assert_close(torch_adamw(True), want, rtol=0, atol=1e-15)
+    assert (torch_adamw(False) - want).abs().max() > 1e-7

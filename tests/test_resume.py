@@ -168,7 +168,7 @@ def test_sigusr1_saves_a_checkpoint_that_resumes_to_the_same_weights(whole_zero2
 
 
 NAN_SCRIPT = r"""
-import math, sys, torch, torch.distributed as dist
+import math, sys, pytest, torch, torch.distributed as dist
 from iais_scale import engine, objectives
 from iais_scale.config import load_config
 from iais_scale.data.pipeline import make_train_stream, train_loader
@@ -233,6 +233,18 @@ assert t.overflow_total == 4 and t.nonfinite_total == before and t.nonfinite_in_
 parts = t.train_step(batches)
 assert t.overflow_total == 4 and math.isfinite(parts["grad_norm"]), parts  # applied again
 print(f"rank {rank}: OVERFLOWS COUNTED OK", flush=True)
+
+# 4. The schedule's step: DeepSpeed steps it with applied updates only (optim.schedule_steps=applied);
+# with "all" a skipped step moves it too, as the authors' global_step.
+t.nonfinite_in_row = 0
+for mode, moves in (("applied", 0), ("all", 1)):
+    t.cfg.optim.schedule_steps = mode
+    POISON.update({t.step: (1,)})
+    before = t.scheduler.last_epoch
+    t.train_step(batches)
+    assert not t.engine.was_step_applied() and t.scheduler.last_epoch == before + moves, (mode, before, t.scheduler.last_epoch)
+    assert t.scheduler.get_last_lr()[0] == pytest.approx(cfg.optim.lr * engine.lr_lambda(cfg.optim.warmup_steps, cfg.train.steps)(before + moves))
+print(f"rank {rank}: SCHEDULE STEPS OK", flush=True)
 """
 
 
@@ -251,7 +263,7 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_both_and_too_many_abort(tiny_d
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert out.count("ONE RANK POISONED OK") == 2 and out.count("ABORTED OK") == 2, out[-4000:]
-    assert out.count("OVERFLOWS COUNTED OK") == 2, out[-4000:]
+    assert out.count("OVERFLOWS COUNTED OK") == 2 and out.count("SCHEDULE STEPS OK") == 2, out[-4000:]
 
 
 # --------------------------------------------------------------------------- one rank, no launcher

@@ -69,6 +69,7 @@ class IaisRequest:
     rows: Tensor  # [M] long, row indices into the batch
     alignment: str | None = "singular"  # None: relations only, no loss (evaluation)
     direction: str = "L"
+    per_head: bool = False  # also each head's S_L and S_V (ISDa restricts them per head)
 
 
 class CrossModalModel(BertPreTrainedModel):
@@ -194,6 +195,7 @@ class CrossModalModel(BertPreTrainedModel):
                 region_mask.index_select(0, request.rows),
                 max_words=max(n_text - 2, 1),  # the text part holds [CLS] and [SEP] besides the words
                 max_regions=n - n_text,
+                per_head=request.per_head,
             )
         return layer(hidden, attention), rel
 
