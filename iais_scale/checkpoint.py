@@ -15,12 +15,14 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -38,6 +40,8 @@ MODEL_DIR = "model"  # config.json + tokenizer files, written once at the start 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 STEP_TAG = re.compile(r"^step(\d+)$")
 UNIVERSAL_SUFFIX = "_universal"
+HF_DIR = "hf_model"  # the run's consolidated Hugging Face export
+SAMPLE_KEYS_DIR = "sample_keys"  # train.log_sample_keys: what each step trained on, one file per rank
 
 
 class CheckpointError(RuntimeError):
@@ -115,6 +119,37 @@ def read_state(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 def state_file(folder: Path, rank: int) -> Path:
     return folder / f"rank{rank:05d}_state.safetensors"
+
+
+def flatten_state(state: dict, prefix: str = "") -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Nested state -> (JSON scalars, tensors keyed by dotted path; numpy arrays become tensors)."""
+    scalars: dict[str, Any] = {}
+    tensors: dict[str, Tensor] = {}
+    for k, v in state.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            s, t = flatten_state(v, key + ".")
+            scalars.update(s)
+            tensors.update(t)
+        elif isinstance(v, Tensor):
+            tensors[key] = v
+        elif isinstance(v, np.ndarray):
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(v))
+        else:
+            scalars[key] = v
+    return scalars, tensors
+
+
+def unflatten_state(scalars: dict[str, Any], tensors: dict[str, Tensor]) -> dict:
+    """Inverse of :func:`flatten_state` (tensors stay tensors)."""
+    out: dict = {}
+    for key, v in {**scalars, **tensors}.items():
+        *path, leaf = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = v
+    return out
 
 
 # --------------------------------------------------------------------------- integrity
@@ -338,19 +373,57 @@ def fetch_remote(url: str, out_dir: Path) -> Path:
 
 
 class Checkpointer:
-    """Save, verify, prune and sync the checkpoints of one run (every rank holds one)."""
+    """The run folder of one training run and its checkpoints: where each file goes, and save,
+    verify, choose, reshard, prune and sync (every rank holds one)."""
 
     def __init__(self, out_dir: Path, *, rank: int, world: int, keep: int, remote_sync: str | None = None):
         self.out_dir, self.rank, self.world, self.keep = out_dir, rank, world, keep
         self.ckpt_dir = out_dir / CHECKPOINTS
         self.remote_sync = remote_sync
 
-    def save(self, engine, tag: str, scalars: dict[str, Any], tensors: dict[str, Tensor],
-             client_state: dict[str, Any] | None = None) -> Path:
-        """DeepSpeed's files, then this rank's state; once every rank is done, rank 0 records every
-        file's size and checksum in ``COMPLETE`` (last: a save cut short leaves no marker)."""
+    # ------------------------------------------------------------------ the run folder
+
+    def folder(self, tag: str) -> Path:
+        return self.ckpt_dir / tag
+
+    def is_complete(self, tag: str) -> bool:
+        return (self.ckpt_dir / tag / COMPLETE).is_file()
+
+    @property
+    def hf_dir(self) -> Path:
+        return self.out_dir / HF_DIR
+
+    def write_run_files(self, config: dict, model_config, tokenizer) -> None:
+        """Rank 0, at the start: the experiment's ``config.json``, and in ``model/`` the model's config
+        and tokenizer (what evaluation and export need beside the weights), each replaced whole."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        storage.write_bytes_atomic(str(self.out_dir / "config.json"), json.dumps(config, indent=2).encode())
+        staging = Path(tempfile.mkdtemp(prefix=".model-", dir=self.out_dir))
+        model_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(self.out_dir / MODEL_DIR, ignore_errors=True)
+        os.replace(staging, self.out_dir / MODEL_DIR)
+
+    def log_sample_keys(self, record: dict) -> None:
+        """Append ``record`` (a step's sample keys) to this rank's audit file."""
+        folder = self.out_dir / SAMPLE_KEYS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"rank{self.rank:05d}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def outputs(self) -> list[str]:
+        """The run's result files that exist now, for the closing log line."""
+        return [n for n in ("train_log.jsonl", "eval.json", "eval.md", HF_DIR, "tensorboard") if (self.out_dir / n).exists()]
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save(self, engine, tag: str, state: dict, client_state: dict[str, Any] | None = None) -> Path:
+        """DeepSpeed's files, then this rank's ``state`` (nested; tensors and arrays in safetensors);
+        once every rank is done, rank 0 records every file's size and checksum in ``COMPLETE`` (last:
+        a save cut short leaves no marker)."""
         import torch.distributed as dist
 
+        scalars, tensors = flatten_state(state)
         folder = self.ckpt_dir / tag
         if self.rank == 0 and folder.exists():
             (folder / COMPLETE).unlink(missing_ok=True)  # overwriting: incomplete until done again
@@ -371,6 +444,56 @@ class Checkpointer:
                 log.info("checkpoint %s copied to %s", folder, sync_to_remote(folder, self.remote_sync))
         dist.barrier()
         return folder
+
+    def load_states(self, folder: Path) -> tuple[dict, list[dict]]:
+        """(this rank's saved state, every saved rank's), as :meth:`save` was given them: the states of
+        all ranks serve a continuation on another layout."""
+        saved_world = (read_marker(folder) or {}).get("world_size", self.world)
+        peers = [unflatten_state(*read_state(state_file(folder, r))) for r in range(saved_world)]
+        return (peers[self.rank] if saved_world == self.world else peers[0]), peers
+
+    def resume_from(self, resume: str, zero_stage: int, beat=lambda what: None) -> tuple[Path | None, Path | None]:
+        """(the checkpoint ``--resume`` names, the folder DeepSpeed loads it from): ``auto`` = the
+        newest intact step checkpoint (a damaged one falls back to an older); a folder or URL as named
+        (a remote one fetched by rank 0 first; a damaged one refused). Saved on another world size or
+        ZeRO stage, it loads from DeepSpeed's universal format, converted once by rank 0 and kept."""
+        import torch.distributed as dist
+
+        if resume not in ("none", "auto") and storage.scheme(resume) != "file":
+            fetched = [str(fetch_remote(resume, self.out_dir)) if self.rank == 0 else None]
+            if dist.is_initialized() and self.world > 1:
+                dist.broadcast_object_list(fetched, src=0)
+            resume = fetched[0]
+        candidates = resume_candidates(resume, self.out_dir)
+        chosen = self.choose(candidates, explicit=resume not in ("none", "auto") and len(candidates) == 1)
+        if chosen is None and resume != "none" and self.rank == 0:
+            log.info("--resume %s: no complete checkpoint in %s, starting at step 0", resume, self.ckpt_dir)
+        if chosen is None or not needs_universal(chosen, self.world, zero_stage):
+            return chosen, chosen
+        return chosen, self._universal(chosen, beat)
+
+    def _universal(self, folder: Path, beat) -> Path:
+        """Rank 0 converts (once; kept beside the original), the others wait for it. A refused
+        folder (a planted pickle) is refused on every rank."""
+        import torch.distributed as dist
+
+        out = folder.with_name(folder.name + UNIVERSAL_SUFFIX)
+        refused: list[str | None] = [None]
+        if self.rank == 0:
+            marker = read_marker(folder) or {}
+            log.warning("checkpoint %s was saved by %s ranks with ZeRO stage %s; this run has %d ranks: converting"
+                        " it to DeepSpeed's universal format in %s (kept for later resumes)", folder,
+                        marker.get("world_size"), marker.get("zero_stage"), self.world, out)
+            beat(f"converting {folder} to a universal checkpoint")
+            try:
+                to_universal(folder, workers=max(1, min(4, os.cpu_count() or 1)))
+            except CheckpointError as e:
+                refused = [str(e)]
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast_object_list(refused, src=0)
+        if refused[0]:
+            raise CheckpointError(refused[0])
+        return out
 
     def prune(self) -> None:
         """Keep the newest ``keep`` complete step checkpoints (the best one lives apart)."""
@@ -432,7 +555,7 @@ def newest_intact(ckpt_dir: Path, exclude: Path | None = None) -> Path | None:
 # --------------------------------------------------------------------------- the run folder
 
 # What a run writes at the top of train.output_dir; any of them marks the folder as a run's.
-RUN_FILES = ("train_log.jsonl", "config.json", CHECKPOINTS, MODEL_DIR, "eval.json", "hf_model")
+RUN_FILES = ("train_log.jsonl", "config.json", CHECKPOINTS, MODEL_DIR, "eval.json", HF_DIR)
 
 
 def run_folder_problem(out_dir: Path, resume: str) -> str | None:

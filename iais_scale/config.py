@@ -508,14 +508,13 @@ REPORT_TARGETS = ("tensorboard", "wandb")
 
 
 def _local_manifest(root: str) -> Manifest | None:
-    """``root/manifest.json`` of a local data set, or None (missing, remote or unreadable)."""
+    """``root/manifest.json`` of a local data set, or None (missing, remote or not JSON)."""
     if not storage.is_local(root):
         return None
     try:
-        manifest, problems = Manifest.load(root)
+        return Manifest.load(root)[0]  # (the fields that pass; the data checks report the rest)
     except OSError:
         return None
-    return None if problems else manifest
 
 
 

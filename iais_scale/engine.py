@@ -13,15 +13,10 @@ import logging
 import math
 import os
 import random
-import shutil
-import signal
-import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,9 +24,9 @@ from . import checkpoint as ckpt, evaluate as ev
 from .config import ConfigError, ExperimentConfig, batch_plan, to_dict
 from .data import storage
 from .data.collate import Collator
-from .data.demo import make_demo
+from .data.demo import ensure_demo
 from .data.format import TOKENIZER_DIR, Manifest, relation_data_reason
-from .data.pipeline import Consumed, StreamStart, make_train_stream, train_loader
+from .data.pipeline import StreamProgress, make_train_stream, train_loader
 from .data.samples import BadSampleCounter
 from .data.shards import resolve_split
 from .data.tokenizer import load_tokenizer
@@ -42,36 +37,18 @@ from .model.backbone_source import backbone_fields, load_backbone_weights
 from .model.loading import checkpoint_vocab_size, import_uniter, init_from_bert
 from .objectives import training_loss
 from .preemption import (
-    EXIT_INTERRUPTED,
     Preemption,
     StopTraining,
     Watchdog,
     ignore_while_exiting,
-    requeue,
     shield_data_worker,
+    stop_code,
 )
 
 log = logging.getLogger("iais_scale")
 
 
 # --------------------------------------------------------------------------- set-up
-
-
-def prepare_data(cfg: ExperimentConfig) -> None:
-    """Generate the demo data when asked and missing: global rank 0 writes it (atomically, see
-    ``make_demo``); every other rank, on any node of a shared file system, waits for it."""
-    root = Path(cfg.data.root)
-    if not cfg.data.make_demo or not storage.is_local(cfg.data.root) or (root / "manifest.json").is_file():
-        return
-    if int(os.environ.get("RANK", "0")) == 0:
-        log.info("demo shards missing under %s: generating them", root)
-        make_demo(root)
-        return
-    deadline = time.time() + 600
-    while not (root / "manifest.json").is_file():
-        if time.time() > deadline:
-            raise TimeoutError(f"waited 10 minutes for rank 0 to write the demo data into {root}")
-        time.sleep(1)
 
 
 def _manifest(cfg: ExperimentConfig) -> Manifest | None:
@@ -311,26 +288,7 @@ def set_uniter_eps(optimizer: torch.optim.Optimizer, eps: float, beta2: float) -
         group["eps"] = eps / math.sqrt(1.0 - beta2 ** t)
 
 
-# --------------------------------------------------------------------------- state helpers
-
-
-def _flatten(state: dict, prefix: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Nested state -> (JSON scalars, tensors keyed by dotted path)."""
-    scalars: dict[str, Any] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            s, t = _flatten(v, key + ".")
-            scalars.update(s)
-            tensors.update(t)
-        elif isinstance(v, torch.Tensor):
-            tensors[key] = v
-        elif isinstance(v, np.ndarray):
-            tensors[key] = torch.from_numpy(np.ascontiguousarray(v))
-        else:
-            scalars[key] = v
-    return scalars, tensors
+# --------------------------------------------------------------------------- the trainer's own state
 
 
 def _rng_state() -> dict[str, Any]:
@@ -339,35 +297,39 @@ def _rng_state() -> dict[str, Any]:
             "python_version": version, "python_gauss": gauss}
 
 
-def _set_rng_state(scalars: dict, tensors: dict) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    random.setstate((scalars["rng.python_version"], tuple(tensors["rng.python"].tolist()), scalars["rng.python_gauss"]))
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python_version"], tuple(rng["python"].tolist()), rng["python_gauss"]))
 
 
-class DataProgress:
-    """Where this rank's training stream is: batches taken since the stream's origin, the origin
-    (epoch and the positions it covers), and which positions of the current epoch were taken."""
+def build_collator(cfg: ExperimentConfig, tokenizer, manifest: Manifest | None) -> Collator:
+    """The training batches' collator: text, and region features or pixels (with the backbone's or the
+    patches' transform; a flip is refused for relational captions)."""
+    transform = None
+    if cfg.model.image_input != "regions":
+        why = cfg.data.augment.hflip and relation_data_reason(cfg.data.relation_captions, manifest)
+        if why:
+            raise ConfigError([f"data.augment.hflip: a horizontal flip swaps left and right, and {why}"])
+        # The backbone's data config (size, interpolation, crop, mean/std); patches: the explicit default.
+        transform = experiment_transform(
+            cfg, backbone_fields(cfg.model.backbone) if cfg.model.image_input == "backbone" else None)
+    return Collator(tokenizer, cfg.data.max_text_len, cfg.data.max_regions, image_input=cfg.model.image_input,
+                    image_size=cfg.model.image_size, feature_dim=feature_dim(cfg, manifest), transform=transform)
 
-    def __init__(self) -> None:
-        self.batches = 0
-        self.origin_epoch = 0
-        self.plan: np.ndarray | None = None
-        self.consumed = Consumed()
 
-    def start(self) -> StreamStart:
-        return StreamStart(self.origin_epoch, self.plan, self.batches)
-
-    def take(self, batch: dict, num_samples: int | None) -> None:
-        self.batches += 1
-        if num_samples is not None and batch.get("positions") and batch["positions"][0] >= 0:
-            self.consumed.add(batch["epoch"], batch["positions"], num_samples)
-
-    def state_dict(self) -> dict:
-        return {"batches": self.batches, "origin_epoch": self.origin_epoch,
-                "has_plan": self.plan is not None,
-                "plan": self.plan if self.plan is not None else np.zeros(0, np.int64),
-                "consumed_epoch": self.consumed.epoch,
-                "consumed": np.packbits(self.consumed.bits), "consumed_len": int(self.consumed.bits.size)}
+def _before_the_process_group(cfg: ExperimentConfig, resume: str, watchdog: Watchdog) -> None:
+    """Threads per rank, logging, the demo data, and every input checked: a run that cannot work
+    stops here, before any process group exists."""
+    env_rank, env_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(env_world)))
+    torch.set_num_threads(cfg.train.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // local_world))
+    setup_logging(env_rank, cfg.train.verbose)
+    watchdog.beat("start-up: preparing the data")
+    if cfg.data.make_demo and storage.is_local(cfg.data.root):
+        ensure_demo(cfg.data.root, env_rank)
+    problems = check_inputs(cfg, env_world, resume)
+    if problems:
+        raise ConfigError(problems)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -380,21 +342,13 @@ class Trainer:
         import deepspeed
 
         self.cfg = cfg
-        env_rank, env_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        env_rank = int(os.environ.get("RANK", "0"))
         # Stop requests and hangs are handled from the start: cli.train installed the signal
         # handlers before its heavy imports; a hang in start-up (data, rendezvous) is reported too.
         self.preemption = preemption or Preemption(env_rank)
         self.watchdog = Watchdog(env_rank, cfg.train.watchdog_s)
         self.watchdog.start()
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(env_world)))
-        torch.set_num_threads(cfg.train.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // local_world))
-        setup_logging(env_rank, cfg.train.verbose)
-        self.watchdog.beat("start-up: preparing the data")
-        prepare_data(cfg)
-        problems = check_inputs(cfg, env_world, resume)
-        if problems:
-            raise ConfigError(problems)
-
+        _before_the_process_group(cfg, resume, self.watchdog)
         self.watchdog.beat("start-up: joining the process group")
         deepspeed.init_distributed(dist_backend=None, timeout=datetime.timedelta(seconds=cfg.train.dist_timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -402,73 +356,37 @@ class Trainer:
         self.watchdog.beat("start-up: building the model")
         self.grad_accum, plan_line = batch_plan(cfg, self.world)
         ds_cfg = deepspeed_config(cfg, self.world, self.grad_accum)
-        self.out_dir = Path(cfg.train.output_dir)
-        self.checkpoints = ckpt.Checkpointer(self.out_dir, rank=self.rank, world=self.world,
+        self.checkpoints = ckpt.Checkpointer(Path(cfg.train.output_dir), rank=self.rank, world=self.world,
                                              keep=cfg.train.keep_checkpoints, remote_sync=cfg.train.remote_sync)
-        if resume not in ("none", "auto") and storage.scheme(resume) != "file":
-            # A remote checkpoint: rank 0 copies it into checkpoints/, the others use that copy.
-            fetched = [str(ckpt.fetch_remote(resume, self.out_dir)) if self.rank == 0 else None]
-            dist.broadcast_object_list(fetched, src=0)
-            resume = fetched[0]
-        candidates = ckpt.resume_candidates(resume, self.out_dir)
-        # A checkpoint the user named is refused when damaged; "auto" falls back to an older one.
-        explicit = resume not in ("none", "auto") and len(candidates) == 1
-        self.resume_from = self.checkpoints.choose(candidates, explicit=explicit)
-        if self.resume_from is None and resume != "none" and self.rank == 0:
-            log.info("--resume %s: no complete checkpoint in %s, starting at step 0", resume,
-                     self.out_dir / ckpt.CHECKPOINTS)
-        self.load_from = self.resume_from
         stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
-        if self.resume_from is not None and ckpt.needs_universal(self.resume_from, self.world, stage):
-            # Saved on another world size or ZeRO stage: DeepSpeed reshards through its universal format.
-            self.load_from = self._universal(self.resume_from)
+        self.resume_from, self.load_from = self.checkpoints.resume_from(resume, stage, self.watchdog.beat)
+        if self.load_from != self.resume_from:  # another world size or stage: resharded, universal format
             ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
         self.manifest = _manifest(cfg)
         try:
             self.tokenizer = load_tokenizer(tokenizer_dir(cfg))
         except ValueError as e:
             raise ConfigError([f"data.tokenizer: {e}"]) from None
-        fdim = feature_dim(cfg, self.manifest)
-        transform = None
-        if cfg.model.image_input != "regions":
-            why = cfg.data.augment.hflip and relation_data_reason(cfg.data.relation_captions, self.manifest)
-            if why:
-                raise ConfigError([f"data.augment.hflip: a horizontal flip swaps left and right, and {why}"])
-            # The backbone's data config (size, interpolation, crop, mean/std); patches: the explicit default.
-            transform = experiment_transform(
-                cfg, backbone_fields(cfg.model.backbone) if cfg.model.image_input == "backbone" else None)
-        self.collator = Collator(self.tokenizer, cfg.data.max_text_len, cfg.data.max_regions,
-                                 image_input=cfg.model.image_input, image_size=cfg.model.image_size, feature_dim=fdim,
-                                 transform=transform)
+        self.collator = build_collator(cfg, self.tokenizer, self.manifest)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(cfg, self.tokenizer, fdim, ds_cfg)
-        optimizer = self.optimizer = _optimizer(cfg, model, ds_cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
+        model = build_model(cfg, self.tokenizer, feature_dim(cfg, self.manifest), ds_cfg)
+        self.optimizer = _optimizer(cfg, model, ds_cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
                                                     config=ds_cfg)
         self.module: CrossModalModel = self.engine.module
-        self.fp16 = bool(ds_cfg.get("fp16", {}).get("enabled"))
+        self.health = StepHealth(cfg.train.max_nonfinite_steps, fp16=bool(ds_cfg.get("fp16", {}).get("enabled")))
         if self.rank == 0:
             n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
             log.info("model: %.2fM parameters, %d ranks, ZeRO stage %d; batch: %s", n_params / 1e6, self.world,
                      self.engine.zero_optimization_stage(), plan_line)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            storage.write_bytes_atomic(str(self.out_dir / "config.json"), json.dumps(to_dict(cfg), indent=2).encode())
-            # The model's config and tokenizer: what evaluation and export need beside the weights.
-            staging = Path(tempfile.mkdtemp(prefix=".model-", dir=self.out_dir))
-            self.module.config.save_pretrained(staging)
-            self.tokenizer.save_pretrained(staging)
-            shutil.rmtree(self.out_dir / ckpt.MODEL_DIR, ignore_errors=True)
-            os.replace(staging, self.out_dir / ckpt.MODEL_DIR)
+            self.checkpoints.write_run_files(to_dict(cfg), self.module.config, self.tokenizer)
 
         self.step = 0
-        self.progress = DataProgress()
+        self.progress = StreamProgress()
         self.bad = BadSampleCounter(cfg.data.max_bad_fraction, rank=self.rank)
         self.best_rsum = -1.0
-        self.nonfinite_in_row = 0
-        self.nonfinite_total = 0
-        self.overflow_total = 0
         self.tokens_seen = 0  # text + image tokens of the matched pairs, for throughput
         self._eval_data: dict[str, ev.EvalData] = {}
         self._metrics: MetricsLogger | None = None  # while fit() runs: evaluations go to TensorBoard too
@@ -478,115 +396,55 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
+    def layout(self) -> dict:
+        """What the data stream's exact replay depends on."""
+        c = self.cfg
+        return {"world_size": self.world, "micro_batch_size": c.train.micro_batch_size,
+                "num_workers": c.data.num_workers, "mode": c.data.mode, "seed": c.train.seed}
+
     def state_dict(self) -> dict:
         """Everything of this rank that a resume needs besides DeepSpeed's weights and optimizer."""
         return {
             "step": self.step, "tokens_seen": self.tokens_seen, "best_rsum": self.best_rsum,
-            "nonfinite_total": self.nonfinite_total, "overflow_total": self.overflow_total,
-            "layout": {"world_size": self.world, "micro_batch_size": self.cfg.train.micro_batch_size,
-                       "num_workers": self.cfg.data.num_workers, "mode": self.cfg.data.mode,
-                       "seed": self.cfg.train.seed},
-            "data": self.progress.state_dict(), "bad": {"good": self.bad.good, "reasons": dict(self.bad.bad)},
-            "rng": _rng_state(),
-            "wandb_run_id": self.wandb_run_id,
+            "nonfinite_total": self.health.nonfinite_total, "overflow_total": self.health.overflow_total,
+            "layout": self.layout(), "data": self.progress.state_dict(), "bad": self.bad.state_dict(),
+            "rng": _rng_state(), "wandb_run_id": self.wandb_run_id,
         }
 
-    def load_state_dict(self, scalars: dict, tensors: dict, peers: list[tuple[dict, dict]]) -> str:
+    def load_state_dict(self, state: dict, peers: list[dict]) -> str:
         """Restore this rank's state; ``peers`` are every saved rank's states (for a continuation on
         another layout). Returns a line that says how the data stream continues."""
-        self.step, self.tokens_seen = scalars["step"], scalars["tokens_seen"]
-        self.best_rsum = scalars["best_rsum"]
-        self.nonfinite_total, self.overflow_total = scalars["nonfinite_total"], scalars.get("overflow_total", 0)
-        self.wandb_run_id = scalars.get("wandb_run_id") or self.wandb_run_id  # the same wandb run continues
-        layout = {k[len("layout."):]: v for k, v in scalars.items() if k.startswith("layout.")}
-        here = self.state_dict()["layout"]
-        same = layout == here
-        p = self.progress
-        if same:
-            p.batches, p.origin_epoch = scalars["data.batches"], scalars["data.origin_epoch"]
-            p.plan = tensors["data.plan"].numpy() if scalars["data.has_plan"] else None
-            p.consumed = _unpack_consumed(scalars, tensors)
-            self.bad.good, self.bad.bad = scalars["bad.good"] if "bad.good" in scalars else 0, Counter(
-                {k[len("bad.reasons."):]: v for k, v in scalars.items() if k.startswith("bad.reasons.")})
-            self._rng_to_restore = (scalars, tensors)
-            return f"the data stream replays exactly (same layout: {here})"
-        return self._continue_elsewhere(layout, here, peers)
-
-    def _continue_elsewhere(self, old: dict, new: dict, peers: list[tuple[dict, dict]]) -> str:
-        """Another world size, micro-batch or worker count: continue the interrupted epoch with the
-        samples no rank had taken, split over the ranks of this run (docs/data-format.md)."""
+        self.step, self.tokens_seen, self.best_rsum = state["step"], state["tokens_seen"], state["best_rsum"]
+        self.health.nonfinite_total, self.health.overflow_total = state["nonfinite_total"], state.get("overflow_total", 0)
+        self.wandb_run_id = state.get("wandb_run_id") or self.wandb_run_id  # the same wandb run continues
+        old, new = state["layout"], self.layout()
+        if old == new:
+            self.progress.load_state_dict(state["data"])
+            self.bad.load_state_dict(state.get("bad", {}))
+            self._rng_to_restore = state["rng"]
+            return f"the data stream replays exactly (same layout: {new})"
         if old.get("seed") != new["seed"] or old.get("mode") != new["mode"]:
             raise ConfigError([f"--resume: the checkpoint's data stream (seed {old.get('seed')}, mode"
                                f" {old.get('mode')}) differs from this run's ({new['seed']}, {new['mode']})"])
-        good = sum(s.get("bad.good", 0) for s, _ in peers)
-        reasons: Counter = Counter()
-        for s, _ in peers:
-            reasons.update({k[len("bad.reasons."):]: v for k, v in s.items() if k.startswith("bad.reasons.")})
-        # The job's counters are kept once (on rank 0), so that their sum over ranks stays right.
+        # The job's bad-sample counts are kept once (on rank 0), so that their sum over ranks stays right.
         if self.rank == 0:
-            self.bad.good, self.bad.bad = good, reasons
-        epoch = max(s["data.consumed_epoch"] for s, _ in peers)
-        p = self.progress
-        p.batches, p.consumed = 0, Consumed()
-        if self.cfg.data.mode == "resampled" or epoch < 0:
-            p.origin_epoch, p.plan = max(epoch, 0), None
-            return f"layout {old} -> {new}: the stream restarts its nominal epoch {p.origin_epoch} on the new layout"
-        taken = None
-        for s, t in peers:
-            bits = _unpack_consumed(s, t)
-            if bits.epoch == epoch:
-                taken = bits.bits if taken is None else taken | bits.bits
-        s0, t0 = peers[0]
-        if s0["data.has_plan"] and s0["data.origin_epoch"] == epoch:
-            planned = t0["data.plan"].numpy()
-        else:
-            planned = np.arange(taken.size if taken is not None else 0, dtype=np.int64)
-        remaining = planned[~taken[planned]] if taken is not None else planned
-        p.origin_epoch, p.plan = epoch, remaining.astype(np.int64)
-        return (f"layout {old} -> {new}: epoch {epoch} continues with the {len(remaining)} of its samples no rank had"
-                " taken, split over the new ranks; later epochs follow the new layout")
-
-    # ------------------------------------------------------------------ checkpoints
+            self.bad.load_state_dict(BadSampleCounter.merged([s.get("bad", {}) for s in peers]))
+        self.progress, how = StreamProgress.continuation([s["data"] for s in peers], self.cfg.data.mode == "resampled")
+        return f"layout {old} -> {new}: {how}"
 
     def save(self, tag: str) -> Path:
         self.watchdog.beat(f"saving {tag}")
-        scalars, tensors = _flatten(self.state_dict())
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-        folder = self.checkpoints.save(self.engine, tag, scalars, tensors,
-                                       client_state={"step": self.step, UNIVERSAL_CHECKPOINT_INFO: {}})
-        return folder
+        return self.checkpoints.save(self.engine, tag, self.state_dict(),
+                                     client_state={"step": self.step, UNIVERSAL_CHECKPOINT_INFO: {}})
 
     def load(self, folder: Path) -> None:
         """Weights, optimizer and schedule through DeepSpeed (resharded when needed), then our state."""
-        saved_world = (ckpt.read_marker(folder) or {}).get("world_size", self.world)
         self.engine.load_checkpoint(str(self.load_from.parent), tag=self.load_from.name, load_module_strict=True)
-        peers = [ckpt.read_state(ckpt.state_file(folder, r)) for r in range(saved_world)]
-        mine = peers[self.rank] if saved_world == self.world else peers[0]
-        how = self.load_state_dict(*mine, peers)
+        how = self.load_state_dict(*self.checkpoints.load_states(folder))
         if self.rank == 0:
             log.info("resumed from step %d (%s); %s", self.step, self.load_from, how)
-
-    def _universal(self, folder: Path) -> Path:
-        """Rank 0 converts (once; kept beside the original), the others wait for it. A refused
-        folder (a planted pickle) is refused on every rank."""
-        out = folder.with_name(folder.name + ckpt.UNIVERSAL_SUFFIX)
-        refused: list[str | None] = [None]
-        if self.rank == 0:
-            marker = ckpt.read_marker(folder) or {}
-            log.warning("checkpoint %s was saved by %s ranks with ZeRO stage %s; this run has %d ranks: converting"
-                        " it to DeepSpeed's universal format in %s (kept for later resumes)", folder,
-                        marker.get("world_size"), marker.get("zero_stage"), self.world, out)
-            self.watchdog.beat(f"converting {folder} to a universal checkpoint")
-            try:
-                ckpt.to_universal(folder, workers=max(1, min(4, os.cpu_count() or 1)))
-            except ckpt.CheckpointError as e:
-                refused = [str(e)]
-        if self.world > 1:
-            dist.broadcast_object_list(refused, src=0)
-        if refused[0]:
-            raise ckpt.CheckpointError(refused[0])
-        return out
 
     # ------------------------------------------------------------------ one step
 
@@ -607,13 +465,10 @@ class Trainer:
         for micro in range(self.grad_accum):
             self.watchdog.beat(f"step {self.step}: reading micro-batch {micro}")
             batch = next(batches)
-            self.progress.take(batch, getattr(self._stream, "num_samples", None))
+            self.progress.take(batch, getattr(self._stream, "num_samples", None))  # (its bookkeeping keys go)
             self.bad.merge(*batch.pop("sample_counts"))
-            batch.pop("positions", None), batch.pop("epoch", None)
             keys += batch["keys"]
-            image_tokens = batch["region_attention"].sum() if "region_attention" in batch else (
-                batch["pixel_values"].shape[0] * self.module.image_tokens_per_image())
-            tokens += batch["text_attention"].sum() + image_tokens  # CPU tensors: no device sync
+            tokens += _pair_tokens(batch, self.module)
             batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             # Mining and masking draw from a generator seeded by (seed, rank, step, micro-step).
             generator.manual_seed(hash((cfg.train.seed, self.rank, self.step, micro)) % (1 << 62))
@@ -641,26 +496,12 @@ class Trainer:
         applied = self.engine.was_step_applied()
         if not applied and cfg.optim.schedule_steps == "all":  # DeepSpeed moved it with applied updates only
             self.scheduler.step()
-        kind = classify_step(bool(bad_loss.item()), applied, grad_norm, self.fp16)
-        if kind == "nonfinite":
-            self.nonfinite_in_row += 1
-            self.nonfinite_total += 1
-            log.warning("step %d: non-finite loss or gradient on some rank; DeepSpeed skipped the update", self.step)
-            if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
-                raise RuntimeError(f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}: aborting")
-        else:
-            self.nonfinite_in_row = 0
-        if kind == "overflow":  # fp16 loss-scale overflow: the scaler lowers its scale and goes on
-            self.overflow_total += 1
-            log.info("step %d: fp16 loss-scale overflow, update skipped (scale now %s)", self.step,
-                     getattr(self.engine.optimizer, "cur_scale", "?"))
+        self.health.record(self.step, bool(bad_loss.item()), applied, grad_norm,
+                           getattr(self.engine.optimizer, "cur_scale", "?"))
         parts_out = {k: float(v) for k, v in parts_sum.items()}  # one host sync per step
         parts_out["grad_norm"] = grad_norm if applied else float("nan")
-        if cfg.train.log_sample_keys:  # an audit trail of what each step trained on (one file per rank)
-            folder = self.out_dir / "sample_keys"
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / f"rank{self.rank:05d}.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step + 1, "world_size": self.world, "keys": keys}) + "\n")
+        if cfg.train.log_sample_keys:  # an audit trail of what each step trained on
+            self.checkpoints.log_sample_keys({"step": self.step + 1, "world_size": self.world, "keys": keys})
         self.step += 1
         return parts_out
 
@@ -680,11 +521,10 @@ class Trainer:
                              isd_alignments=cfg.eval.isd_alignments)
         report["split"] = split
         report["bad_samples"] = _sum_counts(dict(self.bad.bad), self.world)  # the job's, not rank 0's
-        report["nonfinite_steps"] = self.nonfinite_total
-        report["overflow_steps"] = self.overflow_total
+        report["nonfinite_steps"], report["overflow_steps"] = self.health.nonfinite_total, self.health.overflow_total
         report.update(extra)
         if self.rank == 0:
-            ev.write_report(report, self.out_dir, step=self.step, history_only=not final)
+            ev.write_report(report, self.checkpoints.out_dir, step=self.step, history_only=not final)
             if self._metrics is not None:
                 self._metrics.log_eval(report, "eval" if final else "val", self.step)
             if not final:  # (the final report is printed whole)
@@ -709,9 +549,11 @@ class Trainer:
                                          cfg.train.seed, self.progress.start())
         batches = iter(train_loader(self._stream, cfg.data.num_workers, worker_init_fn=shield_data_worker))
         if self._rng_to_restore is not None:  # after the loader exists: creating it draws from the torch RNG
-            _set_rng_state(*self._rng_to_restore)
-        logger = self._metrics = MetricsLogger(self.out_dir, self.rank, cfg.train.steps, initial=self.step,
-                                               wandb_run=self._wandb())
+            _set_rng_state(self._rng_to_restore)
+        wandb = dict(project=cfg.train.wandb_project, name=cfg.name, run_id=self.wandb_run_id, config=to_dict(cfg))
+        logger = self._metrics = MetricsLogger(self.checkpoints.out_dir, self.rank, cfg.train.steps, initial=self.step,
+                                               wandb=wandb if "wandb" in cfg.train.report_to else None)
+        self.wandb_run_id = logger.wandb_run_id or self.wandb_run_id
         self.engine.train()
         window = Window()
         window.reset(self.tokens_seen)
@@ -723,7 +565,7 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     record = window.record(step=self.step, pairs_per_step=pairs_per_step, tokens=self.tokens_seen)
                     record.update(lr=self.scheduler.get_last_lr()[0], bad_samples=self.bad.bad_samples,
-                                  nonfinite_steps=self.nonfinite_total, overflow_steps=self.overflow_total)
+                                  nonfinite_steps=self.health.nonfinite_total, overflow_steps=self.health.overflow_total)
                     logger.log(all_reduce_record(record, self.world))
                     window.reset(self.tokens_seen)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
@@ -742,31 +584,13 @@ class Trainer:
         finally:
             logger.close()
 
-        if not (self.out_dir / ckpt.CHECKPOINTS / f"step{self.step}" / ckpt.COMPLETE).is_file():
+        if not self.checkpoints.is_complete(f"step{self.step}"):
             self.save(f"step{self.step}")
-        final = self.out_dir / ckpt.CHECKPOINTS / f"step{self.step}"
-        extra = {"reported": {"checkpoint": "final", "step": self.step, "eval.report": cfg.eval.report}}
-        best = self.out_dir / ckpt.CHECKPOINTS / "best"
-        selecting = cfg.eval.report == "best" and cfg.data.val_split and (best / ckpt.COMPLETE).is_file()
-        if selecting and self.checkpoints.choose([best]) is None:
-            log.warning("reporting the final step %d instead of the damaged best checkpoint", self.step)
-        elif selecting:
-            # Model selection: the weights with the best RSUM on the validation split are reported.
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                rsum = self.evaluate(cfg.data.val_split, final=False)["rsum"]  # the last step competes too
-                if rsum > self.best_rsum:
-                    self.best_rsum = rsum
-                    self.save("best")
-            self.engine.load_checkpoint(str(best.parent), tag="best", load_module_only=True,
-                                        load_optimizer_states=False, load_lr_scheduler_states=False)
-            final = best
-            best_step = ckpt.read_state(ckpt.state_file(best, self.rank))[0]["step"]
-            extra = {"selected_by": {"split": cfg.data.val_split, "rsum": self.best_rsum, "step": best_step},
-                     "reported": {"checkpoint": "best", "step": best_step, "eval.report": cfg.eval.report}}
+        final, extra = self._reported_checkpoint()
         if self.rank == 0:  # a consolidated Hugging Face folder, whatever the ZeRO stage
             self.watchdog.beat("exporting hf_model")
             try:
-                ckpt.export_hf(final, self.out_dir / "hf_model")
+                ckpt.export_hf(final, self.checkpoints.hf_dir)
             except ValueError as e:  # hf_model/ holds files of the user's: theirs, kept; the checkpoint is saved
                 log.error("%s; the checkpoint %s is complete: export it elsewhere with"
                           " `python -m iais_scale.checkpoint export %s OUT`", e, final, final)
@@ -774,59 +598,39 @@ class Trainer:
         report = self.evaluate(**extra)
         dist.barrier()
         self.watchdog.stop()
-        self._finish_wandb(report)
+        logger.finish_wandb(report, self.step)
         logger.close()  # (again: the final evaluation reopened its TensorBoard writer)
         if self.rank == 0:
-            written = [self.out_dir / n for n in ("train_log.jsonl", "eval.json", "eval.md", "hf_model", "tensorboard")]
-            log.info("outputs in %s: %s; checkpoint %s", self.out_dir,
-                     ", ".join(p.name for p in written if p.exists()), final)
+            log.info("outputs in %s: %s; checkpoint %s", self.checkpoints.out_dir,
+                     ", ".join(self.checkpoints.outputs()), final)
         return report
 
-    # ------------------------------------------------------------------ wandb
-
-    def _wandb(self):
-        """Rank 0's wandb run when ``train.report_to`` names wandb: the checkpoint's run resumed
-        (``resume="allow"``: a requeued job continues its curves), else a new one."""
-        if self.rank != 0 or "wandb" not in self.cfg.train.report_to:
-            return None
-        if getattr(self, "_wandb_run", None) is None:
-            import wandb
-
-            kw = {} if os.environ.get("WANDB_DIR") else {"dir": str(self.out_dir)}
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
-            try:  # wandb draws nothing from the training's random streams
-                self._wandb_run = wandb.init(project=self.cfg.train.wandb_project, name=self.cfg.name,
-                                             id=self.wandb_run_id or None, resume="allow", config=to_dict(self.cfg),
-                                             job_type="train", **kw)
-            finally:
-                random.setstate(rng[0])
-                np.random.set_state(rng[1])
-                torch.set_rng_state(rng[2])
-            self.wandb_run_id = self._wandb_run.id
-            log.info("wandb run %s (%s)", self.wandb_run_id, "resumed" if self.step else "new")
-        return self._wandb_run
-
-    def _finish_wandb(self, report: dict) -> None:
-        run = getattr(self, "_wandb_run", None)
-        if run is None:
-            return
-        run.log({f"eval/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                step=self.step)
-        run.finish()
-        self._wandb_run = None
+    def _reported_checkpoint(self) -> tuple[Path, dict]:
+        """The checkpoint the final report evaluates (``eval.report``), loaded, and what the report says
+        of it: the last step, or the best validation RSUM of the run (the last step competing too)."""
+        cfg, best = self.cfg, self.checkpoints.folder("best")
+        final = self.checkpoints.folder(f"step{self.step}")
+        extra = {"reported": {"checkpoint": "final", "step": self.step, "eval.report": cfg.eval.report}}
+        if not (cfg.eval.report == "best" and cfg.data.val_split and self.checkpoints.is_complete("best")):
+            return final, extra
+        if self.checkpoints.choose([best]) is None:
+            log.warning("reporting the final step %d instead of the damaged best checkpoint", self.step)
+            return final, extra
+        if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+            rsum = self.evaluate(cfg.data.val_split, final=False)["rsum"]  # the last step competes too
+            if rsum > self.best_rsum:
+                self.best_rsum = rsum
+                self.save("best")
+        self.engine.load_checkpoint(str(best.parent), tag="best", load_module_only=True,
+                                    load_optimizer_states=False, load_lr_scheduler_states=False)
+        best_step = self.checkpoints.load_states(best)[0]["step"]
+        return best, {"selected_by": {"split": cfg.data.val_split, "rsum": self.best_rsum, "step": best_step},
+                      "reported": {"checkpoint": "best", "step": best_step, "eval.report": cfg.eval.report}}
 
     def _stop_on_signal(self, signum: int, save: bool = True) -> None:
         """Save ``step{N}`` (with ``save``; a stop during start-up has nothing new) and stop."""
-        folder = self.save(f"step{self.step}") if save else self.resume_from
-        code = EXIT_INTERRUPTED
-        if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID"):
-            code = 0 if requeue(self.rank, str(folder or "(none new)")) else EXIT_INTERRUPTED
-        elif self.rank == 0 and save:
-            log.warning("checkpoint %s saved; stopping (exit code %d)", folder, code)
-        elif self.rank == 0:
-            log.warning("stop requested during start-up; stopping before step %d, nothing to save (exit code %d)",
-                        self.step + 1, code)
+        saved = str(self.save(f"step{self.step}")) if save else None
+        code = stop_code(signum, self.rank, saved, self.step)
         dist.barrier()
         self.watchdog.stop()
         raise StopTraining(code)
@@ -868,6 +672,29 @@ def _release_shm_name(rank: int) -> None:
         pass
 
 
+class StepHealth:
+    """The optimizer steps DeepSpeed skipped: non-finite ones (counted; ``max_in_row`` in a row abort)
+    and fp16 loss-scale overflows (counted apart; the scaler's normal warm-up, never an abort)."""
+
+    def __init__(self, max_in_row: int, *, fp16: bool):
+        self.max_in_row, self.fp16 = max_in_row, fp16
+        self.nonfinite_in_row = self.nonfinite_total = self.overflow_total = 0
+
+    def record(self, step: int, loss_nonfinite: bool, applied: bool, grad_norm: float, scale) -> None:
+        kind = classify_step(loss_nonfinite, applied, grad_norm, self.fp16)
+        if kind == "nonfinite":
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            log.warning("step %d: non-finite loss or gradient on some rank; DeepSpeed skipped the update", step)
+            if self.nonfinite_in_row >= self.max_in_row:
+                raise RuntimeError(f"{self.nonfinite_in_row} non-finite steps in a row at step {step}: aborting")
+        else:
+            self.nonfinite_in_row = 0
+        if kind == "overflow":  # the scaler lowers its scale and goes on
+            self.overflow_total += 1
+            log.info("step %d: fp16 loss-scale overflow, update skipped (scale now %s)", step, scale)
+
+
 def classify_step(loss_nonfinite: bool, applied: bool, grad_norm: float, fp16: bool) -> str:
     """What a finished optimizer step was: "ok", "overflow" (fp16: DeepSpeed's loss scaler found
     inf/NaN gradients of a finite loss and skipped the update while lowering its scale: the normal
@@ -880,11 +707,6 @@ def classify_step(loss_nonfinite: bool, applied: bool, grad_norm: float, fp16: b
     return "ok" if math.isfinite(grad_norm) else "nonfinite"
 
 
-def _unpack_consumed(scalars: dict, tensors: dict) -> Consumed:
-    n = scalars["data.consumed_len"]
-    return Consumed(scalars["data.consumed_epoch"], np.unpackbits(tensors["data.consumed"].numpy(), count=n).astype(bool))
-
-
 def _sum_counts(counts: dict[str, int], world: int) -> dict[str, int]:
     """{reason: count} summed over ranks."""
     if world == 1:
@@ -895,6 +717,13 @@ def _sum_counts(counts: dict[str, int], world: int) -> dict[str, int]:
     for p in parts:
         total.update(p)
     return dict(total)
+
+
+def _pair_tokens(batch: dict, module: CrossModalModel) -> torch.Tensor:
+    """Text and image tokens of a batch's pairs (CPU tensors: no device sync)."""
+    image_tokens = batch["region_attention"].sum() if "region_attention" in batch else (
+        batch["pixel_values"].shape[0] * module.image_tokens_per_image())
+    return batch["text_attention"].sum() + image_tokens
 
 
 def _grad_norm(engine) -> float:

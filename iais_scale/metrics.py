@@ -7,11 +7,14 @@ import contextlib
 import json
 import logging
 import math
+import os
+import random
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -142,10 +145,13 @@ class MetricsLogger:
 
     MAIN = ("loss", "mlm", "itm_rank", "iais", "iais_weight", "entropy_S_L", "entropy_S_V")
 
-    def __init__(self, out_dir: Path, rank: int, total_steps: int, initial: int = 0, wandb_run=None):
+    def __init__(self, out_dir: Path, rank: int, total_steps: int, initial: int = 0, wandb: dict | None = None):
+        """``wandb``: ``open_wandb``'s arguments but the folder (project, name, run_id, config), to log
+        there too; rank 0 opens the run (``wandb_run_id``)."""
         self.rank = rank
         self.jsonl = self.tb = self.bar = None
-        self.wandb = wandb_run
+        self.wandb = open_wandb(**wandb, out_dir=out_dir) if wandb is not None and rank == 0 else None
+        self.wandb_run_id = self.wandb.id if self.wandb is not None else None
         self.total, self.initial, self.started = total_steps, initial, time.monotonic()
         self._redirect = contextlib.ExitStack()
         if rank == 0:
@@ -203,3 +209,30 @@ class MetricsLogger:
             self.bar.close()
             self.jsonl.close()
             self.tb.close()
+
+    def finish_wandb(self, report: dict, step: int) -> None:
+        """The final report's numbers under ``eval/``, then close the wandb run."""
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in report.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
+            self.wandb.finish()
+            self.wandb = None
+
+
+def open_wandb(project: str, name: str, run_id: str, config: dict, out_dir: Path):
+    """A wandb run: the checkpoint's ``run_id`` resumed (``resume="allow"``: a requeued job continues
+    its curves), else a new one. wandb draws nothing from the training's random streams."""
+    import wandb  # (an optional dependency: the wandb extra)
+
+    kw = {} if os.environ.get("WANDB_DIR") else {"dir": str(out_dir)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        run = wandb.init(project=project, name=name, id=run_id or None, resume="allow", config=config,
+                         job_type="train", **kw)
+    finally:
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+    log.info("wandb run %s (%s)", run.id, "resumed" if run_id else "new")
+    return run

@@ -221,3 +221,17 @@ class Watchdog:
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
                 os._exit(EXIT_HUNG)
+
+
+def stop_code(signum: int, rank: int, saved: str | None, step: int) -> int:
+    """The exit code of a run stopped by an agreed ``signum`` after saving ``saved`` (None: asked during
+    start-up, nothing new to save): 0 once SLURM requeued the job (SIGUSR1 under SLURM), else
+    ``EXIT_INTERRUPTED``. Rank 0 says what happened."""
+    if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID"):
+        return 0 if requeue(rank, saved or "(none new)") else EXIT_INTERRUPTED
+    if rank == 0 and saved:
+        log.warning("checkpoint %s saved; stopping (exit code %d)", saved, EXIT_INTERRUPTED)
+    elif rank == 0:
+        log.warning("stop requested during start-up; stopping before step %d, nothing to save (exit code %d)",
+                    step + 1, EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED

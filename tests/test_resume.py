@@ -200,7 +200,7 @@ for _ in range(6):
     assert same, f"rank {rank}: the ranks' weights differ after step {t.step}"
     changed.append(not torch.equal(before, after))
 assert changed == [True, True, False, False, True, True], changed
-assert t.nonfinite_total == 2 and t.nonfinite_in_row == 0 and t.step == 6, (t.nonfinite_total, t.step)
+assert t.health.nonfinite_total == 2 and t.health.nonfinite_in_row == 0 and t.step == 6, (t.health.nonfinite_total, t.step)
 assert all(torch.isfinite(p).all() for p in t.module.parameters())
 print(f"rank {rank}: ONE RANK POISONED OK", norms, flush=True)
 
@@ -213,7 +213,7 @@ try:
         t.train_step(batches)
 except RuntimeError as e:
     assert "3 non-finite steps in a row at step 9" in str(e), e
-    assert t.nonfinite_total == 5, t.nonfinite_total
+    assert t.health.nonfinite_total == 5, t.health.nonfinite_total
     print(f"rank {rank}: ABORTED OK: {e}", flush=True)
 else:
     raise AssertionError("no abort")
@@ -223,20 +223,20 @@ else:
 # stands in for the scaler: fp16 kernels are missing on some CPUs (test_train runs the real scaler
 # where they exist); the trainer's accounting is tested here on every machine.
 POISON.clear()
-t.fp16, t.nonfinite_in_row, before = True, 0, t.nonfinite_total
+t.health.fp16, t.health.nonfinite_in_row, before = True, 0, t.health.nonfinite_total
 applied = t.engine.was_step_applied
 t.engine.was_step_applied = lambda: False
 for _ in range(4):  # a skipped update has no gradient norm to log
     assert math.isnan(t.train_step(batches)["grad_norm"])
 t.engine.was_step_applied = applied
-assert t.overflow_total == 4 and t.nonfinite_total == before and t.nonfinite_in_row == 0, (t.overflow_total, t.nonfinite_total)
+assert t.health.overflow_total == 4 and t.health.nonfinite_total == before and t.health.nonfinite_in_row == 0, (t.health.overflow_total, t.health.nonfinite_total)
 parts = t.train_step(batches)
-assert t.overflow_total == 4 and math.isfinite(parts["grad_norm"]), parts  # applied again
+assert t.health.overflow_total == 4 and math.isfinite(parts["grad_norm"]), parts  # applied again
 print(f"rank {rank}: OVERFLOWS COUNTED OK", flush=True)
 
 # 4. The schedule's step: DeepSpeed steps it with applied updates only (optim.schedule_steps=applied);
 # with "all" a skipped step moves it too, as the authors' global_step.
-t.nonfinite_in_row = 0
+t.health.nonfinite_in_row = 0
 for mode, moves in (("applied", 0), ("all", 1)):
     t.cfg.optim.schedule_steps = mode
     POISON.update({t.step: (1,)})

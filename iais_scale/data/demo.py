@@ -7,7 +7,9 @@ byte-identical shards, and changing one split's size leaves the others unchanged
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from . import scenes as sc
-from .format import sample_key
+from .format import MANIFEST_FILE, sample_key
+
+log = logging.getLogger(__name__)
 
 # Bump when the generated data changes, so cached demo sets are regenerated.
 DEMO_VERSION = 1
@@ -131,3 +135,20 @@ def make_demo(
                      params=params)
 
     return sc.generate(out_dir, GENERATOR, params, write, overwrite=overwrite)
+
+
+def ensure_demo(root: str | os.PathLike[str], rank: int, timeout_s: float = 600.0) -> None:
+    """The demo data set at ``root``, made when missing: global rank 0 writes it (atomically, see
+    ``make_demo``); every other rank, on any node of a shared file system, waits for its manifest."""
+    root = Path(root)
+    if (root / MANIFEST_FILE).is_file():
+        return
+    if rank == 0:
+        log.info("demo shards missing under %s: generating them", root)
+        make_demo(root)
+        return
+    deadline = time.time() + timeout_s
+    while not (root / MANIFEST_FILE).is_file():
+        if time.time() > deadline:
+            raise TimeoutError(f"waited {timeout_s / 60:.0f} minutes for rank 0 to write the demo data into {root}")
+        time.sleep(1)

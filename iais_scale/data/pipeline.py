@@ -524,3 +524,63 @@ class Consumed:
             self.epoch, self.bits = epoch, np.zeros(num_samples, np.bool_)
         if positions:
             self.bits[np.asarray(positions, np.int64)] = True
+
+
+class StreamProgress:
+    """Where this rank's training stream is, as the trainer saves and restores it: batches taken
+    since the stream's origin, the origin (epoch and the positions it covers), and which positions
+    of the current epoch were taken (for a continuation on another layout)."""
+
+    def __init__(self, batches: int = 0, origin_epoch: int = 0, plan: np.ndarray | None = None) -> None:
+        self.batches, self.origin_epoch, self.plan = batches, origin_epoch, plan
+        self.consumed = Consumed()
+
+    def start(self) -> StreamStart:
+        return StreamStart(self.origin_epoch, self.plan, self.batches)
+
+    def take(self, batch: dict, num_samples: int | None) -> None:
+        """Count one batch of the stream; its bookkeeping keys (``positions``, ``epoch``) are removed."""
+        self.batches += 1
+        positions, epoch = batch.pop("positions", None), batch.pop("epoch", None)
+        if num_samples is not None and positions and positions[0] >= 0:
+            self.consumed.add(epoch, positions, num_samples)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "origin_epoch": self.origin_epoch, "has_plan": self.plan is not None,
+                "plan": self.plan if self.plan is not None else np.zeros(0, np.int64),
+                "consumed_epoch": self.consumed.epoch,
+                "consumed": np.packbits(self.consumed.bits), "consumed_len": int(self.consumed.bits.size)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The same layout (world size, micro-batch, workers): the stream replays exactly."""
+        self.batches, self.origin_epoch = state["batches"], state["origin_epoch"]
+        self.plan = np.asarray(state["plan"], np.int64) if state["has_plan"] else None
+        self.consumed = _consumed(state)
+
+    @classmethod
+    def continuation(cls, saved: list[dict], resampled: bool) -> tuple[StreamProgress, str]:
+        """The stream of a run on another layout, from every saved rank's state: the interrupted epoch
+        continues with the samples no rank had taken, split over the new ranks (docs/data-format.md);
+        a resampled stream restarts its nominal epoch. Returns it and a line that says so."""
+        epoch = max(s["consumed_epoch"] for s in saved)
+        if resampled or epoch < 0:
+            return cls(origin_epoch=max(epoch, 0)), f"the stream restarts its nominal epoch {max(epoch, 0)} on the new layout"
+        taken = None
+        for s in saved:
+            bits = _consumed(s)
+            if bits.epoch == epoch:
+                taken = bits.bits if taken is None else taken | bits.bits
+        first = saved[0]
+        if first["has_plan"] and first["origin_epoch"] == epoch:
+            planned = np.asarray(first["plan"], np.int64)
+        else:
+            planned = np.arange(taken.size if taken is not None else 0, dtype=np.int64)
+        remaining = planned[~taken[planned]] if taken is not None else planned
+        return cls(origin_epoch=epoch, plan=remaining.astype(np.int64)), (
+            f"epoch {epoch} continues with the {len(remaining)} of its samples no rank had taken, split over the"
+            " new ranks; later epochs follow the new layout")
+
+
+def _consumed(state: dict) -> Consumed:
+    bits = np.unpackbits(np.asarray(state["consumed"], np.uint8), count=state["consumed_len"]).astype(bool)
+    return Consumed(state["consumed_epoch"], bits)

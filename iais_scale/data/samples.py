@@ -292,6 +292,20 @@ class BadSampleCounter:
         self.bad.update(bad)
         self.check()
 
+    def state_dict(self) -> dict:
+        return {"good": self.good, "reasons": dict(self.bad)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.good, self.bad = state.get("good", 0), Counter(state.get("reasons", {}))
+
+    @staticmethod
+    def merged(states: list[dict]) -> dict:
+        """One state holding the counts of ``states`` (every rank's of a job) together."""
+        reasons: Counter[str] = Counter()
+        for s in states:
+            reasons.update(s.get("reasons", {}))
+        return {"good": sum(s.get("good", 0) for s in states), "reasons": dict(reasons)}
+
     @property
     def bad_samples(self) -> int:
         return sum(n for reason, n in self.bad.items() if reason not in NOT_SAMPLES)
