@@ -54,6 +54,7 @@ def run(python: Path, *args: str, env: dict | None = None, timeout: int = 900) -
     return proc
 
 
+@pytest.mark.slow  # (its venv takes a minute to build)
 def test_the_vision_extra_never_breaks_the_import_on_the_cpu_setup(vision_python):
     versions = json.loads(run(vision_python, "-c", (
         "import json, torch, torchvision, timm, iais_scale.model, data_tools.features;"
