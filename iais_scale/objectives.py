@@ -1,21 +1,16 @@
-"""Training objectives: ranking with hard-negative groups plus IAIS (spec section 5), and MLM.
+"""Training objectives: ranking with hard-negative groups plus IAIS (spec section 5), MLM, MRFR, ITC.
 
-A batch holds B matched pairs (text i belongs to image i). Ranking builds, for every anchor, a group
-of its positive and its hardest negatives: the cross-encoder scores candidates without gradient and
-keeps the highest. The candidates are random pairs of the micro-batch (``mining: cross``, the
-reference) or the pairs of the whole global batch most similar under the contrastive (ITC) embeddings
-of unimodal passes (``mining: itc``; with ``num_hard == num_candidates`` they are the negatives and
-the cross-encoder scores nothing). Text-anchored groups (negative images) carry IAIS direction L,
-image-anchored groups
-(negative texts) direction V, as the reference fine-tuning alternates them. IAIS is computed on the
-positive row of each group only.
+A batch holds B matched pairs (text i belongs to image i). Each anchor gets a group: its positive and
+its hardest negatives, which the cross-encoder picks from candidates scored without gradient. The
+candidates are random pairs of the micro-batch (``mining: cross``, the reference) or the global
+batch's most similar pairs under the ITC embeddings (``mining: itc``). Text-anchored groups (negative
+images) carry IAIS direction L, image-anchored ones (negative texts) direction V; IAIS is computed on
+each group's positive row only.
 
-ITC mining across ranks moves embeddings, not inputs: the ITC embeddings of the global batch (which
-the ITC loss gathers anyway) choose each anchor's candidates as global row ids, and one all-to-all
-exchange (``fetch_rows``) brings this rank only those rows' inputs (the images of the candidates of
-text-anchored groups, the texts of image-anchored ones), so the bytes a rank receives do not grow
-with the world size. ``gather_pool`` (every rank's inputs to every rank) is the reference it is
-tested and benchmarked against (``pool_exchange="all_gather"``).
+ITC mining across ranks moves embeddings, not inputs: the gathered embeddings choose each anchor's
+candidates as global row ids, and one all-to-all (``fetch_rows``) brings only those rows' inputs, so
+what a rank receives does not grow with the world size. ``gather_pool`` (every rank's inputs to every
+rank) is the reference it is tested against.
 """
 
 from __future__ import annotations
