@@ -363,7 +363,7 @@ class ExperimentConfig:
                      f" or null for no guard (got {o.iais.entropy_ceiling})")
         if not (o.iais.entropy_guard_weight >= 0 and math.isfinite(o.iais.entropy_guard_weight)):
             p.append(f"objectives.iais.entropy_guard_weight: must be >= 0 and finite (got {o.iais.entropy_guard_weight})")
-        if self.optim.eps_mode == "uniter" and _offloads_optimizer(self.train.deepspeed_config):
+        if self.optim.eps_mode == "uniter" and offloads_optimizer(_read_json(self.train.deepspeed_config)):
             p.append("optim.eps_mode: uniter sets torch AdamW's eps per step; ZeRO-Offload's DeepSpeedCPUAdam"
                      " keeps its own (use eps_mode: torch there)")
         for a in self.eval.isd_alignments:
@@ -468,15 +468,19 @@ def batch_plan(cfg: ExperimentConfig, world: int) -> tuple[int, str]:
     return accum, f"{total} {unit} per step = {accum} micro-step(s) x {per // world} {unit} x {world} rank(s)"
 
 
-def _offloads_optimizer(path: str) -> bool:
-    """Whether a DeepSpeed JSON steps the optimizer on the CPU (ZeRO-Offload); False when unreadable."""
-    try:
-        ds = json.loads(Path(path).read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
+def offloads_optimizer(ds: Any) -> bool:
+    """Whether a DeepSpeed config steps the optimizer on the CPU (ZeRO-Offload's DeepSpeedCPUAdam)."""
     zero = ds.get("zero_optimization") if isinstance(ds, dict) else None
     offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
     return isinstance(offload, dict) and offload.get("device") == "cpu"
+
+
+def _read_json(path: str) -> Any:
+    """A JSON file's content, or None when unreadable (``deepspeed_file_problems`` says why)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def deepspeed_file_problems(path: str) -> list[str]:
@@ -515,8 +519,6 @@ def _local_manifest(root: str) -> Manifest | None:
         return Manifest.load(root)[0]  # (the fields that pass; the data checks report the rest)
     except OSError:
         return None
-
-
 
 
 # --------------------------------------------------------------------------- YAML -> dataclasses

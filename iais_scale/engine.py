@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt, evaluate as ev
-from .config import ConfigError, ExperimentConfig, batch_plan, to_dict
+from .config import ConfigError, ExperimentConfig, batch_plan, offloads_optimizer, to_dict
 from .data import storage
 from .data.collate import Collator
 from .data.demo import ensure_demo
@@ -269,7 +269,7 @@ def _optimizer(cfg: ExperimentConfig, model: torch.nn.Module, ds_cfg: dict):
             if backbone:
                 group["lr"] = cfg.model.backbone_lr or o.lr
             groups.append(group)
-    if ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+    if offloads_optimizer(ds_cfg):
         # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's vectorised Adam (compiled once).
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -550,9 +550,10 @@ class Trainer:
         batches = iter(train_loader(self._stream, cfg.data.num_workers, worker_init_fn=shield_data_worker))
         if self._rng_to_restore is not None:  # after the loader exists: creating it draws from the torch RNG
             _set_rng_state(self._rng_to_restore)
-        wandb = dict(project=cfg.train.wandb_project, name=cfg.name, run_id=self.wandb_run_id, config=to_dict(cfg))
+        wandb = (dict(project=cfg.train.wandb_project, name=cfg.name, run_id=self.wandb_run_id, config=to_dict(cfg))
+                 if "wandb" in cfg.train.report_to else None)
         logger = self._metrics = MetricsLogger(self.checkpoints.out_dir, self.rank, cfg.train.steps, initial=self.step,
-                                               wandb=wandb if "wandb" in cfg.train.report_to else None)
+                                               wandb=wandb)
         self.wandb_run_id = logger.wandb_run_id or self.wandb_run_id
         self.engine.train()
         window = Window()
@@ -623,7 +624,7 @@ class Trainer:
                 self.save("best")
         self.engine.load_checkpoint(str(best.parent), tag="best", load_module_only=True,
                                     load_optimizer_states=False, load_lr_scheduler_states=False)
-        best_step = self.checkpoints.load_states(best)[0]["step"]
+        best_step = (ckpt.read_marker(best) or {}).get("step")
         return best, {"selected_by": {"split": cfg.data.val_split, "rsum": self.best_rsum, "step": best_step},
                       "reported": {"checkpoint": "best", "step": best_step, "eval.report": cfg.eval.report}}
 

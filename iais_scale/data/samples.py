@@ -88,8 +88,6 @@ class ImageSample:
         return self.boxes / np.array([self.width, self.height, self.width, self.height], np.float32)
 
 
-
-
 def _jpeg_scan_start(data: bytes) -> int:
     """Offset of the entropy-coded data after the first SOS marker (ValueError when malformed)."""
     i, n = 2, len(data)
