@@ -700,7 +700,8 @@ def markdown_table(report: dict) -> str:
         rep, sel = r["reported"], r.get("selected_by")
         lines += ["", f"Reported checkpoint: step {rep['step']}, "
                       + (f"the best RSUM on {sel['split']} ({sel['rsum']:.2f}; eval.report: {rep['eval.report']})" if sel else
-                         f"the final step (eval.report: {rep['eval.report']})")]
+                         f"the final step (eval.report: {rep['eval.report']}"
+                         + (", no validation selection in this run)" if rep["eval.report"] == "best" else ")"))]
     if "authors_ir" in r:
         a = r["authors_ir"]
         lines += ["", f"IR recall as UNITER's and the IAIS authors' itm_eval.py counts it (fp16 scores, both columns of"
