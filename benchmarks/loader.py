@@ -47,8 +47,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from iais_scale.data.collate import Collator  # noqa: E402
 from iais_scale.data.demo import make_demo  # noqa: E402
 from iais_scale.data.format import ShardWriter  # noqa: E402
+from iais_scale.data.image_fields import PixelFields, RegionFields
 from iais_scale.data.pipeline import DEFAULT_IO, PairStream  # noqa: E402
 from iais_scale.data.tokenizer import load_tokenizer  # noqa: E402
+from iais_scale.data.transforms import ImageTransform
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +166,7 @@ def prefetch_gain(tmp: Path, tokenizer, latency_s: float, repeats: int, samples:
     """Shards of 250 region samples (about the time of one round trip to read) from a server with a
     first-byte latency: prefetch on vs off."""
     root = make_demo(tmp / "small", n_train=samples, n_val=1, n_test=1, n_swap_groups=0, shard_size=250)
-    regions = Collator(tokenizer, max_text_len=40, max_regions=36)
+    regions = Collator(tokenizer, 40, RegionFields(36))
     n_shards = len(list((root / "train").glob("shard-*.tar")))
     with http_server(tmp, latency_s) as url:
         spec = shard_list(f"{url}/small/train", n_shards)
@@ -193,7 +195,7 @@ def main() -> None:
         root = make_demo(Path(tmp) / "demo", n_train=args.region_samples, n_val=1, n_test=1, n_swap_groups=0,
                          shard_size=1000)
         tokenizer = load_tokenizer(root / "tokenizer")
-        regions = Collator(tokenizer, max_text_len=40, max_regions=36)
+        regions = Collator(tokenizer, 40, RegionFields(36))
         stream = PairStream(root / "train", regions, args.batch_size, shuffle_buffer=1000)
         n = min(stream.batches_per_epoch - 1, 2000 // args.batch_size)
         region = stream_rate(stream, n, args.repeats)
@@ -204,8 +206,7 @@ def main() -> None:
                 w.write(f"train-{i:06d}", {"image_id": str(i), "split": "train", "width": 640, "height": 480,
                                            "captions": [f"a photo of a scene with {i % 7} soft blobs"]},
                         image=data, image_ext="jpg")
-        patches = Collator(tokenizer, max_text_len=40, max_regions=36, image_input="patches",
-                           image_size=args.image_size)
+        patches = Collator(tokenizer, 40, PixelFields(ImageTransform(args.image_size)))
         bs = min(args.batch_size, 16)
         stream = PairStream(Path(tmp) / "jpeg" / "train", patches, bs, shuffle_buffer=1000)
         jpeg = stream_rate(stream, stream.batches_per_epoch - 1, args.repeats)

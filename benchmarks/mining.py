@@ -35,10 +35,11 @@ from iais_scale import evaluate as ev, objectives as ob
 from iais_scale.config import load_config
 from iais_scale.data.collate import Collator
 from iais_scale.data.demo import make_demo
+from iais_scale.data.image_fields import RegionFields
 from iais_scale.data.pipeline import PairStream
 from iais_scale.data.retrieval import RetrievalSet, read_split
 from iais_scale.data.tokenizer import load_tokenizer
-from iais_scale.engine import build_model, lr_lambda
+from iais_scale.engine import build_model, lr_lambda, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +70,7 @@ def pretrain(args, tok, collator) -> torch.nn.Module:
         "objectives.num_hard=3", "objectives.itc_weight=0.5", "model.itc_dim=64",
     ])
     torch.manual_seed(0)
-    model = build_model(cfg, tok, 16)
+    model = build_model(cfg, model_config(cfg, tok, 16))
     if cache.is_file():  # made by an earlier run with the same settings
         model.load_state_dict(torch.load(cache))
         return model
@@ -177,7 +178,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     make_demo(args.data, n_train=args.train_images, n_test=args.test_images)  # 100 test images leave R@1 noise of about 5 points
     tok = load_tokenizer(Path(args.data) / "tokenizer")
-    collator = Collator(tok, 24, 8)
+    collator = Collator(tok, 24, RegionFields(8))
     rset = RetrievalSet.from_samples(read_split(Path(args.data) / "test"))
     start = pretrain(args, tok, collator)
     report = ev.evaluate(start, ev.EvalData(collator, rset), batch_size=2048, isd_alignments=["singular"])

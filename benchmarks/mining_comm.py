@@ -35,6 +35,8 @@ import torch.multiprocessing as mp
 from iais_scale import objectives as ob
 from iais_scale.config import ObjectiveConfig
 from iais_scale.data.collate import Collator
+from iais_scale.data.image_fields import PixelFields
+from iais_scale.data.transforms import ImageTransform
 from iais_scale.model import CrossModalConfig, CrossModalModel
 
 MAX_TEXT, REGIONS, AT_SCALE_FEATURES, AT_SCALE_PIXELS = 40, 36, 2048, 384
@@ -70,9 +72,9 @@ def make_batch(args, image_input: str, rank: int) -> dict:
         batch["region_geometry"] = torch.rand(b, REGIONS, 7, generator=g)
         batch["region_attention"] = torch.ones(b, REGIONS, dtype=torch.bool)
     else:
-        collator = Collator(None, MAX_TEXT, REGIONS, image_input="patches", image_size=args.pixels)
+        collator = Collator(None, MAX_TEXT, PixelFields(ImageTransform(args.pixels)))
         pixels = torch.randint(0, 256, (b, args.pixels, args.pixels, 3), generator=g, dtype=torch.uint8)
-        batch["pixel_values"] = collator.pixel_values([_Pixels(np.asarray(p)) for p in pixels])
+        batch["pixel_values"] = collator.images([_Pixels(np.asarray(p)) for p in pixels])["pixel_values"]
     return batch
 
 

@@ -157,11 +157,12 @@ def load_data(args) -> Data:
 @functools.lru_cache(maxsize=1)  # once per process: the grid's runs (and each pool worker's) share it
 def _load_data(root: str, retrieval_images: int) -> Data:
     from iais_scale.data.collate import Collator
+    from iais_scale.data.image_fields import RegionFields
     from iais_scale.data.retrieval import RetrievalSet, read_split, swap_groups
     from iais_scale.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(Path(root) / "tokenizer")
-    collator = Collator(tok, 24, 8)
+    collator = Collator(tok, 24, RegionFields(8))
     train = read_split(Path(root) / "train")
     by_group: dict[int, list] = {}
     for s in train:
@@ -310,7 +311,7 @@ def start_path(args) -> Path:
 
 def shared_start(args) -> tuple[dict, dict]:
     """(state dict, info) of the shared pre-trained start, cached under ``--out``."""
-    from iais_scale.engine import build_model
+    from iais_scale.engine import build_model, model_config
 
     cache = start_path(args)
     if cache.is_file() and not args.no_cache:
@@ -319,7 +320,7 @@ def shared_start(args) -> tuple[dict, dict]:
     data = load_data(args)
     cfg = experiment(args, pretrain_overrides(args), args.pretrain_steps, args.pretrain_batch)
     torch.manual_seed(args.pretrain_seed)
-    model = build_model(cfg, data.tokenizer, data.train[0].features.shape[1])
+    model = build_model(cfg, model_config(cfg, data.tokenizer, data.train[0].features.shape[1]))
     reinitialise(model, args.init_range)
     t0 = time.perf_counter()
     log = []
@@ -357,11 +358,11 @@ def reinitialise(model, std: float) -> None:
 
 
 def fine_tune(args, name: str, seed: int, start: dict) -> dict:
-    from iais_scale.engine import build_model
+    from iais_scale.engine import build_model, model_config
 
     data = load_data(args)
     cfg = experiment(args, [*fine_tune_overrides(args), *CONFIGS[name]], args.steps, args.batch)
-    model = build_model(cfg, data.tokenizer, data.train[0].features.shape[1])
+    model = build_model(cfg, model_config(cfg, data.tokenizer, data.train[0].features.shape[1]))
     model.load_state_dict(start)
     t0 = time.perf_counter()
     log = train(model, data, cfg, seed=seed, keep_pairs=True)

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               " re-ranking needs a model trained with ITC (config.itc_dim > 0). Rerun with --checkpoint of one.")
         return PENDING
     data_cfg = ev.experiment_data_config(info.run_dir)
-    collator = ev.eval_collator(tokenizer, model.config, max_text_len=ev.text_length(None, data_cfg, tokenizer, model.config),
+    collator = ev.model_collator(tokenizer, model.config, max_text_len=ev.text_length(None, data_cfg, tokenizer, model.config),
                                 max_regions=data_cfg.get("max_regions"))
     rset = ev.build_eval_data(collator, os.path.join(args.data, args.split), max_images=args.max_images).rset
     n_img, n_txt = len(rset.images), len(rset.captions)

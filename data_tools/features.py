@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from iais_scale.data.format import MANIFEST_FILE, TOKENIZER_DIR, Manifest, normalised_geometry, relation_data_reason
+from iais_scale.data.image_fields import PixelFields
 from iais_scale.data.samples import decode_sample
 from iais_scale.data.shards import read_shard, resolve_split
 
@@ -313,7 +314,7 @@ class _Extraction:
         if raw is None:
             return index, None, None, issue("unreadable_image", None, where, "the shard ended or broke before it")
         try:
-            sample = decode_sample(raw, image_input="patches")
+            sample = decode_sample(raw, PixelFields(self.transform))
             return index, sample, self.transform.pixels(sample.image, key=sample.key), None
         except Exception as e:  # BadSample, BadImage
             kind = "missing_image" if getattr(e, "reason", "") == "missing_image" else "unreadable_image"

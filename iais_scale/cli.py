@@ -172,7 +172,7 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
         model, tokenizer, info = checkpoint.load_model(args.checkpoint, args.model_dir, device=device,
                                             trust_pickles=args.trust_pickles)
         run_data = ev.experiment_data_config(info.run_dir)
-        collator = ev.eval_collator(
+        collator = ev.model_collator(
             tokenizer, model.config, max_text_len=ev.text_length(args.max_text_len, run_data, tokenizer, model.config),
             max_regions=args.max_regions or run_data.get("max_regions"))
         swap = None

@@ -22,6 +22,7 @@ from .data import storage
 from .data.format import Manifest, relation_data_reason
 from .model.backbone_source import backbone_problems
 from .model.configuration import MODEL_SIZES
+from .model.image_inputs import IMAGE_INPUTS
 
 
 class ConfigError(ValueError):
@@ -116,7 +117,7 @@ class ModelConfig:
     # uniter: how the ranking head starts from UNITER's 2-way itm_output: "row1" copies row 1 (the
     # authors' init_output), "difference" uses row 1 - row 0 (the pretrained match probability).
     uniter_itm_init: Literal["row1", "difference"] = "row1"
-    image_input: Literal["regions", "patches", "backbone"] = "regions"
+    image_input: str = "regions"  # one of model/image_inputs.py's IMAGE_INPUTS: regions, patches, backbone
     image_size: int = 384  # patches: input side in pixels (backbone: the backbone's own)
     patch_size: int = 32
     # image_input "backbone": a pretrained vision backbone's grid cells as image tokens (docs/models.md).
@@ -346,8 +347,10 @@ class ExperimentConfig:
         if o.mining == "itc" and o.itc_weight <= 0 and not o.task_mix.get("itc"):
             p.append("objectives.mining: 'itc' ranks by embeddings that only the ITC loss trains;"
                      " set objectives.itc_weight > 0 (or an 'itc' share in objectives.task_mix)")
-        if (o.mrfr_weight > 0 or o.task_mix.get("mrfr")) and m.image_input != "regions":
-            p.append("objectives.mrfr_weight: masked region regression needs model.image_input 'regions'")
+        kind = IMAGE_INPUTS.get(m.image_input)
+        if (o.mrfr_weight > 0 or o.task_mix.get("mrfr")) and kind is not None and not kind.mrfr_head:
+            p.append(f"objectives.mrfr_weight: masked region regression needs region features; model.image_input"
+                     f" {m.image_input!r} has no regression head")
         if not o.iais.layers:
             p.append("objectives.iais.layers: name at least one layer")
         n_layers = m.num_layers or MODEL_SIZES.get(m.size, (None, None))[1]
@@ -398,10 +401,13 @@ class ExperimentConfig:
         """Backbone, augmentation, relation-data and tracking checks."""
         p: list[str] = []
         d, m, t = self.data, self.model, self.train
-        if m.image_input == "backbone":
+        kind = IMAGE_INPUTS.get(m.image_input)
+        if kind is None:
+            p.append(f"model.image_input: one of {', '.join(IMAGE_INPUTS)} (got {m.image_input!r})")
+        elif kind.uses_backbone:
             p += backbone_problems(m.backbone, m.backbone_weights)
         elif m.backbone is not None:
-            p.append(f"model.backbone: only used with model.image_input 'backbone' (got {m.image_input!r})")
+            p.append(f"model.backbone: only used with a backbone image input (model.image_input is {m.image_input!r})")
         if m.backbone_trainable_blocks < -1:
             p.append(f"model.backbone_trainable_blocks: 0 (frozen), N > 0 (the last N blocks) or -1 (all);"
                      f" got {m.backbone_trainable_blocks}")
@@ -419,8 +425,8 @@ class ExperimentConfig:
             p.append(f"data.augment.ratio: need 0 < min <= max (got {list(a.ratio)})")
         if not 0 <= a.color_jitter < 1:
             p.append(f"data.augment.color_jitter: must lie in [0, 1) (got {a.color_jitter})")
-        if a.enabled() and m.image_input == "regions":
-            p.append("data.augment: augments pixels; model.image_input 'regions' reads region features")
+        if a.enabled() and kind is not None and not kind.reads_pixels:
+            p.append(f"data.augment: augments pixels; model.image_input {m.image_input!r} reads region features")
         if a.hflip:
             why = relation_data_reason(d.relation_captions, _local_manifest(d.root))
             if why:

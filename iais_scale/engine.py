@@ -30,10 +30,11 @@ from .data.pipeline import StreamProgress, make_train_stream, train_loader
 from .data.samples import BadSampleCounter
 from .data.shards import resolve_split
 from .data.tokenizer import load_tokenizer
-from .data.transforms import experiment_transform
+from .data.transforms import Augment
 from .metrics import MetricsLogger, Window, all_reduce_record, setup_logging
-from .model import CrossModalModel, config_from_experiment
-from .model.backbone_source import backbone_fields, load_backbone_weights
+from .model import CrossModalConfig, CrossModalModel, config_from_experiment
+from .model.backbone_source import load_backbone_weights
+from .model.image_inputs import image_input_of
 from .model.loading import checkpoint_vocab_size, import_uniter, init_from_bert
 from .objectives import training_loss
 from .preemption import (
@@ -62,7 +63,7 @@ def _manifest(cfg: ExperimentConfig) -> Manifest | None:
 
 def feature_dim(cfg: ExperimentConfig, manifest: Manifest | None) -> int | None:
     """D of the region features: the model config's, else the data set's; None for pixel models."""
-    if cfg.model.image_input != "regions":
+    if image_input_of(cfg.model).reads_pixels:
         return None
     return cfg.model.region_feature_dim or (manifest.feature_dim if manifest else None)
 
@@ -84,7 +85,7 @@ def check_inputs(cfg: ExperimentConfig, world: int, resume: str = "auto") -> lis
         manifest = _manifest(cfg)
     except ValueError as e:
         p.append(f"data.root: {e}")
-    if cfg.model.image_input == "regions" and feature_dim(cfg, manifest) is None:
+    if not image_input_of(cfg.model).reads_pixels and feature_dim(cfg, manifest) is None:
         p.append(f"model.region_feature_dim: unknown (no {storage.join(d.root, 'manifest.json')} gives it); set it")
     specs = [d.split_spec(d.train_split)] if d.mode == "epoch" else [s.path for s in d.sources]
     for spec in specs:
@@ -198,15 +199,19 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int | None, ds_config: dict | None = None) -> CrossModalModel:
-    """The model of an experiment. Under ZeRO-3 it is built inside ``deepspeed.zero.Init`` (through
-    transformers' own integration), so each rank only ever holds its partition of the weights."""
-    hf_cfg = config_from_experiment(
+def model_config(cfg: ExperimentConfig, tokenizer, feature_dim: int | None) -> CrossModalConfig:
+    """The model config (Hugging Face) of an experiment: its size, the tokenizer's ids, the image input."""
+    return config_from_experiment(
         cfg.model, vocab_size=len(tokenizer), region_feature_dim=feature_dim or 1,
         cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id, iais_layers=cfg.objectives.iais.layers,
         max_text_len=cfg.data.max_text_len,
     )
+
+
+def build_model(cfg: ExperimentConfig, hf_cfg: CrossModalConfig, ds_config: dict | None = None) -> CrossModalModel:
+    """The model of an experiment. Under ZeRO-3 it is built inside ``deepspeed.zero.Init`` (through
+    transformers' own integration), so each rank only ever holds its partition of the weights."""
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     if zero3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -226,7 +231,7 @@ def build_model(cfg: ExperimentConfig, tokenizer, feature_dim: int | None, ds_co
             report = import_uniter(model, path, itm_init=cfg.model.uniter_itm_init)
         log.info("initialised from %s: %d tensors loaded, %d missing, %d unexpected",
                  cfg.model.init_from, len(report.loaded), len(report.missing), len(report.unexpected))
-    if cfg.model.image_input == "backbone":
+    if image_input_of(cfg.model).uses_backbone:
         # Built from its config above; its pretrained weights now (under ZeRO-3: gathered, filled,
         # partitioned again).
 
@@ -302,19 +307,17 @@ def _set_rng_state(rng: dict) -> None:
     random.setstate((rng["python_version"], tuple(rng["python"].tolist()), rng["python_gauss"]))
 
 
-def build_collator(cfg: ExperimentConfig, tokenizer, manifest: Manifest | None) -> Collator:
-    """The training batches' collator: text, and region features or pixels (with the backbone's or the
-    patches' transform; a flip is refused for relational captions)."""
-    transform = None
-    if cfg.model.image_input != "regions":
-        why = cfg.data.augment.hflip and relation_data_reason(cfg.data.relation_captions, manifest)
-        if why:
-            raise ConfigError([f"data.augment.hflip: a horizontal flip swaps left and right, and {why}"])
-        # The backbone's data config (size, interpolation, crop, mean/std); patches: the explicit default.
-        transform = experiment_transform(
-            cfg, backbone_fields(cfg.model.backbone) if cfg.model.image_input == "backbone" else None)
-    return Collator(tokenizer, cfg.data.max_text_len, cfg.data.max_regions, image_input=cfg.model.image_input,
-                    image_size=cfg.model.image_size, feature_dim=feature_dim(cfg, manifest), transform=transform)
+def build_collator(cfg: ExperimentConfig, tokenizer, manifest: Manifest | None, hf_cfg: CrossModalConfig) -> Collator:
+    """The training batches' collator: the model's, with the experiment's augmentation (a flip is
+    refused for relational captions)."""
+    a = cfg.data.augment
+    why = a.hflip and relation_data_reason(cfg.data.relation_captions, manifest)
+    if why:
+        raise ConfigError([f"data.augment.hflip: a horizontal flip swaps left and right, and {why}"])
+    augment = Augment(random_resized_crop=a.random_resized_crop, scale=tuple(a.scale), ratio=tuple(a.ratio),
+                      color_jitter=a.color_jitter, hflip=a.hflip)
+    return ev.model_collator(tokenizer, hf_cfg, max_text_len=cfg.data.max_text_len, max_regions=cfg.data.max_regions,
+                             augment=augment, seed=cfg.train.seed)
 
 
 def _before_the_process_group(cfg: ExperimentConfig, resume: str, watchdog: Watchdog) -> None:
@@ -367,10 +370,11 @@ class Trainer:
             self.tokenizer = load_tokenizer(tokenizer_dir(cfg))
         except ValueError as e:
             raise ConfigError([f"data.tokenizer: {e}"]) from None
-        self.collator = build_collator(cfg, self.tokenizer, self.manifest)
+        hf_cfg = model_config(cfg, self.tokenizer, feature_dim(cfg, self.manifest))
+        self.collator = build_collator(cfg, self.tokenizer, self.manifest, hf_cfg)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(cfg, self.tokenizer, feature_dim(cfg, self.manifest), ds_cfg)
+        model = build_model(cfg, hf_cfg, ds_cfg)
         self.optimizer = _optimizer(cfg, model, ds_cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler,

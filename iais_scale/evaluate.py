@@ -23,11 +23,13 @@ from torch import Tensor
 from . import iais
 from .data import storage
 from .data.collate import Collator
+from .data.image_fields import ImageFields, PixelFields, RegionFields
 from .data.pipeline import DEFAULT_IO, IoOptions
 from .data.retrieval import RetrievalSet, SwapGroup, best_region, read_split, swap_groups
-from .data.transforms import ImageTransform
+from .data.transforms import Augment, ImageTransform
 from .metrics import progress
 from .model import CrossModalModel, IaisRequest
+from .model.image_inputs import image_input_of
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +49,9 @@ ISD_BINS = [0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
 
 
 def retrieval_metrics(scores: Tensor, caption_image: Tensor) -> dict[str, float]:
-    """Recall@k of the paper's protocol from a score matrix [n_images, n_captions].
-
-    IR (text query): correct at k when the caption's image ranks within the top k images.
-    TR (image query): correct at k when any of the image's captions ranks within the top k captions.
-    Ties count against the query (a wrong candidate scoring equal ranks ahead), so a constant scorer
-    gets no credit. Values are percentages; RSUM is the sum of the six.
-    """
+    """Recall@k (%) of the paper's protocol from scores [n_images, n_captions]: IR hits when the
+    caption's image is in its top k, TR when any of the image's captions is. Ties count against the
+    query, so a constant scorer gets no credit. RSUM is the sum of the six."""
     n_img, n_txt = scores.shape
     caption_image = caption_image.long()
     if caption_image.shape != (n_txt,):
@@ -109,11 +107,7 @@ def split_metrics(i2t_scores: Tensor, t2i_scores: Tensor, caption_image: Tensor)
 
 
 def winoground_scores(s: Tensor) -> dict[str, float]:
-    """Text, image and group scores (%) from s[g, i, j] = score(caption i, image j) of G groups.
-
-    Text score: each image prefers its own caption; image score: each caption prefers its own
-    image; group score: both (Thrush et al., 2022).
-    """
+    """Winoground's text, image and group scores (%) from s[g, i, j] = score(caption i, image j)."""
     if s.dim() != 3 or s.shape[1:] != (2, 2):
         raise ValueError(f"expected scores of shape [G, 2, 2], got {list(s.shape)}")
     text = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
@@ -139,17 +133,13 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def sharded_map(fn: Callable[[Tensor], Tensor], n: int, batch_size: int, desc: str | None = None) -> Tensor:
-    """``fn`` over rows ``0..n-1`` in micro-batches, each rank an equal slice, gathered on all ranks.
-
-    ``fn(rows)`` maps a [b] long index tensor (CPU) to a [b, ...] tensor on the model's device. The
-    last rank's slice is padded with copies of row n-1 (dropped after the gather), so that every
-    rank runs the same number of forward passes. Returns [n, ...] on the CPU. ``desc``: rank 0
-    shows the progress of its slice (long scorings).
-    """
+    """``fn(rows)`` ([b] long on the CPU -> [b, ...] on the device) over rows ``0..n-1`` in
+    micro-batches, each rank an equal slice, gathered to [n, ...] on the CPU of every rank."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     rank, world = _world()
     per_rank = math.ceil(n / world)
+    # The last slice repeats row n-1 (cut after the gather): every rank runs as many forwards (ZeRO-3).
     mine = torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp_max(max(n - 1, 0))
     starts = range(0, per_rank, batch_size)
     out = [fn(mine[s : s + batch_size]) for s in progress(starts, total=len(starts), desc=desc or "",
@@ -215,12 +205,8 @@ def sharded_itc_embeddings(model: CrossModalModel, texts: dict, images: dict, ba
 
 
 def shortlist(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k candidates of every query from a similarity matrix [n_images, n_captions].
-
-    Returns (captions of each image [n_images, k_t], images of each caption [n_captions, k_i]),
-    k clamped to the number of candidates. Rank 0's choice is broadcast, so that every rank scores
-    the same pairs even if ties were broken differently.
-    """
+    """Top-k candidates of every query from similarities [n_images, n_captions]: (captions of each
+    image [n_images, k_t], images of each caption [n_captions, k_i]), as rank 0 broke the ties."""
     if k < 1:
         raise ValueError(f"rerank k must be at least 1, got {k}")
     n_img, n_txt = sim.shape
@@ -240,12 +226,8 @@ def shortlist(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def rerank_scores(
     model: CrossModalModel, texts: dict, images: dict, sim: Tensor, k: int, batch_size: int
 ) -> tuple[Tensor, Tensor, int]:
-    """Cross-encoder scores of the ITC shortlists: (i2t [n_img, n_txt], t2i [n_img, n_txt], pairs).
-
-    ``i2t`` holds the scores of each image's k shortlisted captions, ``t2i`` those of each caption's
-    k shortlisted images, -inf elsewhere. The union of both shortlists is scored once, in
-    image-major order (so k = all candidates scores exactly the all-pairs batches).
-    """
+    """Cross-encoder scores of the ITC shortlists, -inf elsewhere: (i2t, t2i, pairs scored). The
+    union of both shortlists is scored once, image-major (k = all gives the all-pairs batches)."""
     n_img, n_txt = sim.shape
     i2t_idx, t2i_idx = shortlist(sim, k)
     i2t_mask = torch.zeros(n_img, n_txt, dtype=torch.bool)
@@ -284,13 +266,9 @@ def relation_values(
     batch_size: int,
     word_to_region: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Per matched pair (text i with image i) [n] values of ISD_L/ISD_V per alignment and layer, the
-    normalised entropies of S_L, S_V, A_t2i, A_i2t and, with ``word_to_region``, ISDa; NaN for pairs
-    without a valid word or region. Sharded over ranks like the scoring.
-
-    ``word_to_region`` [n, Lt] (Lt = the collated text length) gives, at each text position, the index
-    of its annotated region among the image's regions, -1 for none (see ``phrase_annotations``).
-    """
+    """[n] values per matched pair (text i, image i): ISD_L/ISD_V per alignment and layer, the
+    normalised entropies of S_L, S_V, A_t2i, A_i2t and, with ``word_to_region`` [n, Lt] (-1: no
+    annotated region), ISDa; NaN for pairs without a valid word or region."""
     n = texts["text_ids"].shape[0]
     layers = model.config.resolved_iais_layers()
     keys = _relation_keys(layers, list(alignments), word_to_region is not None)
@@ -387,7 +365,7 @@ def phrase_annotations(rset: RetrievalSet, collator: Collator) -> Tensor | None:
     annotated phrase's character span maps to the image region whose normalised box has the highest
     IoU with any of the phrase's boxes (docs/data-format.md, ``phrases``).
     """
-    if not any(s.meta.get("phrases") for s in rset.images) or collator.image_input != "regions":
+    if not any(s.meta.get("phrases") for s in rset.images) or not isinstance(collator.image_fields, RegionFields):
         return None
     tok = collator.tokenizer
     if not getattr(tok, "is_fast", False):
@@ -442,13 +420,9 @@ def phrase_annotations(rset: RetrievalSet, collator: Collator) -> Tensor | None:
 
 
 def relation_token_mask(collator: Collator, captions: list[str], spans: list) -> tuple[dict[str, Tensor], Tensor]:
-    """Collated ``captions`` and [n, Lt] bool: the word pieces inside each caption's relation span.
-
-    ``spans[c]`` is ``[start, end]`` (character offsets into caption c, ``caption[start:end]`` the
-    relation phrase, e.g. "left of"), or None. A piece is marked when its characters lie inside the
-    span. Captions without a (valid) span, or whose tokenizer pieces differ from the collated ids
-    (stored ids from another tokenizer), get no mark. Needs a fast tokenizer (character offsets).
-    """
+    """Collated ``captions`` and [n, Lt] bool: the word pieces inside each caption's relation span
+    (``spans[c]``: character offsets ``[start, end]`` of e.g. "left of", or None). Captions whose
+    tokenizer pieces differ from the collated ids get no mark. Needs a fast tokenizer."""
     texts = collator.texts(captions)
     ids, attention = texts["text_ids"], texts["text_attention"]
     mask = torch.zeros(ids.shape, dtype=torch.bool)
@@ -485,15 +459,10 @@ def masked_prediction_hits(logits: Tensor, labels: Tensor, mask: Tensor) -> Tens
 def relation_probe(
     model: CrossModalModel, collator: Collator, captions: list[str], spans: list, images: dict, batch_size: int
 ) -> dict | None:
-    """The relation-word MLM probe: mask every word piece of each caption's relation phrase (all of
-    them at once), encode the caption with its own image (``images`` row c belongs to caption c), and
-    predict the pieces with the MLM head (argmax over the vocabulary).
-
-    ``accuracy``: % of captions whose relation pieces are all predicted; ``token_accuracy``: % of the
-    pieces. It tells whether the encoder's token outputs carry the relation ("the model sees it"),
-    apart from whether the ITM head uses it (the relation-swap scores). None when no caption has a
-    relation span or the tokenizer has no [MASK].
-    """
+    """The relation-word MLM probe: mask each caption's relation pieces at once, encode it with its
+    own image, predict them (argmax). Whether the token outputs carry the relation, apart from
+    whether the ITM head uses it (the swap scores). ``accuracy``: % of captions with every piece
+    right; ``token_accuracy``: % of pieces. None without spans or a [MASK] token."""
     mask_id = getattr(collator.tokenizer, "mask_token_id", None)
     if mask_id is None:
         return None
@@ -544,18 +513,10 @@ def evaluate(
     all_pairs: bool = True,
     relation_probe_enabled: bool = True,
 ) -> dict:
-    """The full report: recall metrics, ISD and entropies, relation-swap scores, throughput.
-
-    The top-level recall metrics are those of all-pairs scoring, or of re-ranking when
-    ``all_pairs=False`` (``report["protocol"]`` says which). With ``rerank_k`` (needs the model's ITC
-    head) the report also holds ``itc`` (retrieval by the ITC similarity alone) and ``rerank``
-    (cross-encoder re-scoring of the top ``rerank_k`` ITC candidates of every query).
-
-    When the evaluation (or relation-swap) captions mark their relation phrase (``relation_spans``
-    meta, e.g. ``data_tools relations``), the report also holds the relation-word MLM probe
-    (``relation_mlm`` on the retrieval captions, ``relation_mlm_swap`` on the swap captions; see
-    ``relation_probe``); ``relation_probe_enabled=False`` skips it.
-    """
+    """The full report: recall metrics (all-pairs, or re-ranking with ``all_pairs=False``:
+    ``report["protocol"]``), ISD and entropies, relation-swap scores, throughput. ``rerank_k`` (an
+    ITC model) adds ``itc`` and ``rerank``; captions with relation spans add the relation-word MLM
+    probe (``relation_mlm``, ``relation_mlm_swap``) unless ``relation_probe_enabled=False``."""
     if not all_pairs and rerank_k is None:
         raise ValueError("all_pairs=False needs rerank_k: there would be nothing to score")
     if rerank_k is not None and not has_itc(model):
@@ -772,27 +733,27 @@ class EvalData:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def eval_collator(tokenizer, config, *, max_text_len: int, max_regions: int | None) -> Collator:
-    """The collator of a trained model: its image input (regions or pixels), feature D, and for pixel
-    models the deterministic transform its config states (size, resampling, crop, mean/std)."""
-    pixels = config.image_input != "regions"
-    return Collator(tokenizer, max_text_len, max_regions or 0, image_input=config.image_input,
-                    image_size=getattr(config, "image_size", 384),
-                    feature_dim=config.region_feature_dim if not pixels else None,
-                    transform=ImageTransform.from_backbone(config) if pixels else None)
+def model_collator(tokenizer, config, *, max_text_len: int, max_regions: int | None = None,
+                   augment: Augment | None = None, seed: int = 0) -> Collator:
+    """The collator of a model (its ``CrossModalConfig``): the samples' image fields follow its image
+    input (``model/image_inputs.py``): region features of its width (at most ``max_regions`` per
+    image; None: no bound), or pixels through the transform its config states (size, resampling,
+    crop, mean/std), with training ``augment`` seeded by ``seed``."""
+    image_input = image_input_of(config)
+    if image_input.reads_pixels:
+        transform = ImageTransform.from_backbone(config, augment, seed)
+        fields: ImageFields = PixelFields(transform, normalise=not image_input.model_normalises)
+    else:
+        fields = RegionFields(max_regions, config.region_feature_dim)
+    return Collator(tokenizer, max_text_len, fields)
 
 
 def build_eval_data(collator: Collator, split: str, swap_split: str | None = None, *, max_images: int | None = None,
                     io: IoOptions = DEFAULT_IO) -> EvalData:
-    """Read an evaluation split (and a relation-swap split) for ``collator``'s model. A collator
-    without a region bound (``max_regions`` 0) takes the largest of the split."""
+    """Read an evaluation split (and a relation-swap split) for ``collator``'s model."""
     skipped: Counter = Counter()
-    kind = dict(max_regions=collator.max_regions or None, image_input=collator.image_input,
-                feature_dim=collator.feature_dim, io=io, counts=skipped)
-    samples = read_split(split, limit=max_images, **kind)
-    swaps = swap_groups(read_split(swap_split, **kind)) if swap_split else None
-    if not collator.max_regions and collator.image_input == "regions":
-        collator.max_regions = max(s.features.shape[0] for s in samples)
+    samples = read_split(split, collator.image_fields, limit=max_images, io=io, counts=skipped)
+    swaps = swap_groups(read_split(swap_split, collator.image_fields, io=io, counts=skipped)) if swap_split else None
     rset = RetrievalSet.from_samples(samples)
     return EvalData(collator, rset, swaps, phrase_annotations(rset, collator), dict(skipped))
 

@@ -1,16 +1,9 @@
 """Training objectives: ranking with hard-negative groups plus IAIS (spec section 5), MLM, MRFR, ITC.
 
-A batch holds B matched pairs (text i belongs to image i). Each anchor gets a group: its positive and
-its hardest negatives, which the cross-encoder picks from candidates scored without gradient. The
-candidates are random pairs of the micro-batch (``mining: cross``, the reference) or the global
-batch's most similar pairs under the ITC embeddings (``mining: itc``). Text-anchored groups (negative
-images) carry IAIS direction L, image-anchored ones (negative texts) direction V; IAIS is computed on
-each group's positive row only.
-
-ITC mining across ranks moves embeddings, not inputs: the gathered embeddings choose each anchor's
-candidates as global row ids, and one all-to-all (``fetch_rows``) brings only those rows' inputs, so
-what a rank receives does not grow with the world size. ``gather_pool`` (every rank's inputs to every
-rank) is the reference it is tested against.
+Each anchor of the B matched pairs gets a group: its positive and the hardest negatives that the
+cross-encoder picks, without gradient, from candidates: random pairs of the micro-batch (``mining:
+cross``) or the global batch's nearest under ITC (``mining: itc``). Text-anchored groups carry IAIS
+direction L, image-anchored ones V; IAIS is computed on each group's positive row only.
 """
 
 from __future__ import annotations
@@ -28,7 +21,7 @@ from torch import Tensor
 
 from . import iais as iais_math
 from .config import IaisConfig, ObjectiveConfig
-from .data.collate import IMAGENET_MEAN, IMAGENET_STD
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .model import CrossModalModel, IaisRequest
 from .model.encoder import IMAGE_TENSOR_KEYS, TEXT_TENSOR_KEYS, image_tensors, select_pairs
 
@@ -66,12 +59,9 @@ def keep_hardest(
     model: CrossModalModel, pool: dict, anchors: Tensor, candidates: Tensor, *, anchor: str, num_hard: int,
     chunk: int = 1024,
 ) -> Tensor:
-    """[A, num_hard] the ``candidates`` [A, C] (rows of ``pool``) that the cross-encoder scores
-    highest against each anchor row, scored without gradient and without dropout. With
-    ``num_hard == C`` all are kept and nothing is scored.
-
-    ``anchor="text"``: candidates are negative images for each text; ``"image"``: negative texts.
-    """
+    """[A, num_hard] of the ``candidates`` [A, C] (rows of ``pool``: negative images of a text anchor,
+    negative texts of an image anchor), those the cross-encoder scores highest, without gradient or
+    dropout. With ``num_hard == C`` all are kept unscored."""
     if num_hard == candidates.shape[1]:
         return candidates
     own = anchors[:, None].expand_as(candidates)
@@ -110,15 +100,9 @@ def hardest_negatives(
 
 
 def gather_pool(batch: dict, group: dist.ProcessGroup | None) -> tuple[dict, int]:
-    """The global batch: every rank's pairs concatenated in rank order, and this rank's offset in it.
-
-    Texts and region sets are padded to the longest on any rank (ids 0, attention off), so that a
-    rank can pair its anchors with any pair of the global batch. ``group=None``: the batch itself.
-
-    The reference exchange of ITC mining (``pool_exchange="all_gather"``), kept for the tests and
-    ``benchmarks/mining_comm.py``: every rank receives every other rank's inputs, (world - 1) x
-    micro-batch rows per step. Training fetches only the chosen rows (``fetch_rows``).
-    """
+    """The global batch (every rank's pairs in rank order, padded to the longest on any rank) and
+    this rank's offset in it. The reference exchange of ITC mining (``pool_exchange="all_gather"``),
+    which ``fetch_rows`` is tested against. ``group=None``: the batch itself."""
     if group is None or dist.get_world_size(group) == 1:
         return batch, 0
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -141,15 +125,8 @@ def gather_pool(batch: dict, group: dist.ProcessGroup | None) -> tuple[dict, int
 
 
 def mining_group(group: dist.ProcessGroup | None, size: int) -> dist.ProcessGroup | None:
-    """The ranks whose micro-batches form this rank's ITC mining pool: ``group`` itself (``size`` 0,
-    or at least its size), else this rank's block of ``size`` consecutive ranks of ``group`` (e.g.
-    the GPUs of one node).
-
-    The blocks are created once per process group, on first use, with ``dist.new_group``: every
-    process creates every block in the same order, so ``group`` must span all processes (the
-    trainer passes the default group) and every rank must get here at the same step (as every rank
-    calls ``training_loss`` for the same steps).
-    """
+    """The ranks whose micro-batches form this rank's ITC mining pool: ``group`` (``size`` 0 or at
+    least its size), else this rank's block of ``size`` consecutive ranks (e.g. one node's GPUs)."""
     if group is None or size <= 0 or size >= dist.get_world_size(group):
         return group
     world = dist.get_world_size(group)
@@ -164,6 +141,7 @@ def mining_group(group: dist.ProcessGroup | None, size: int) -> dist.ProcessGrou
     cached = _MINING_GROUPS.get(key)
     if cached is None or cached[0] is not default:  # none yet, or made under an earlier init_process_group
         me = dist.get_rank()
+        # new_group is collective: every process creates every block, in the same order, at the same step.
         blocks = [dist.new_group(ranks[s : s + size]) for s in range(0, world, size)]
         cached = _MINING_GROUPS[key] = (default, blocks[ranks.index(me) // size])
     return cached[1]
@@ -249,11 +227,8 @@ def _row_bytes(keys: list[str], forms: dict[str, int], like: dict[str, Tensor]) 
 
 @dataclass
 class FetchedRows:
-    """This rank's ITC mining pool after ``fetch_rows``: its own pairs, then the fetched rows.
-
-    Text keys hold [own B + fetched texts] rows and image keys [own B + fetched images] rows (texts
-    and images are indexed apart, as ``select_pairs`` does); rows of the own pairs are 0..B-1.
-    """
+    """This rank's ITC mining pool after ``fetch_rows``: its own B pairs (rows 0..B-1), then the
+    fetched texts (text keys) and images (image keys), indexed apart as ``select_pairs`` does."""
 
     pool: dict
     text_global: Tensor  # [texts in pool]: each text row's row in the mining group's global batch
@@ -263,25 +238,10 @@ class FetchedRows:
 
 
 def fetch_rows(batch: dict, text_rows: Tensor, image_rows: Tensor, group: dist.ProcessGroup | None) -> FetchedRows:
-    """The texts of ``text_rows`` and the images of ``image_rows`` (rows of the global batch: every
-    rank's micro-batch in rank order, as ``gather_pool`` builds it) next to this rank's own pairs,
-    each row fetched once from the rank that owns it.
-
-    One exchange of three ``all_to_all_single`` calls (gloo and NCCL both take uneven splits):
-      1. a header to every rank: how many texts and images this rank wants from it, plus this
-         rank's padded lengths and wire forms (what ``gather_pool``'s per-key all_reduce gives);
-      2. the wanted row ids (local to their owner), texts then images, to each owner;
-      3. the rows themselves: each owner packs every requested row, all keys as bytes, texts padded to
-         the longest text and region sets to the most regions on any rank, as ``gather_pool`` pads.
-    Rows this rank owns and rows asked for twice are not sent. The rows arrive bit for bit as
-    ``gather_pool`` would deliver them; float32 pixels the collator normalised from uint8 travel as
-    uint8 and float32 values that are float16 numbers as float16 (each sender checks that its rows
-    decode exactly and says so in the header, else it sends them as they are).
-
-    Every rank's micro-batch must have the same number of pairs (``gather_pool`` assumes it too).
-    Only the text (``text_ids``, ``text_attention``) and image keys travel: ITC mining and the groups
-    need no other.
-    """
+    """The texts of ``text_rows`` and the images of ``image_rows`` (rows of the global batch, as
+    ``gather_pool`` orders it) next to this rank's own pairs, each fetched once from its owner:
+    what a rank receives does not grow with the world size. The rows arrive bit for bit as
+    ``gather_pool`` delivers them. Every rank's micro-batch must hold the same number of pairs."""
     text_keys = [k for k in TEXT_TENSOR_KEYS if k in batch]
     image_keys = [k for k in IMAGE_TENSOR_KEYS if k in batch]
     b = batch["text_ids"].shape[0]
@@ -395,12 +355,8 @@ def gather_rows(x: Tensor, group: dist.ProcessGroup | None, *, purpose: str = "e
 
 
 def itc_loss(text: Tensor, image: Tensor, logit_scale: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """Symmetric InfoNCE (CLIP/ALBEF) of this rank's pairs against the whole global batch.
-
-    As OpenCLIP's ``local_loss`` with ``gather_with_grad``: each rank scores its own rows against
-    every rank's, gradients flow back through the gather, and DeepSpeed's gradient average over the
-    ranks is then exactly the gradient of the InfoNCE of the whole global batch.
-    """
+    """Symmetric InfoNCE (CLIP) of this rank's pairs against the whole global batch, as OpenCLIP's
+    ``local_loss`` with ``gather_with_grad``: averaged over ranks, exactly the global batch's gradient."""
     return _itc_loss(text, image, logit_scale, group)[0]
 
 
@@ -417,11 +373,7 @@ def _itc_loss(text: Tensor, image: Tensor, logit_scale: Tensor,
 
 
 def itc_hardest(anchor_emb: Tensor, pool_emb: Tensor, positives: Tensor, num_hard: int) -> Tensor:
-    """[A, num_hard] pool rows most similar to each anchor, its own positive row excluded.
-
-    The ITC alternative to cross-encoder mining: one unimodal pass per pair of the pool serves every
-    anchor, where the cross-encoder needs a joint pass per (anchor, candidate).
-    """
+    """[A, num_hard] pool rows most similar to each anchor, its own positive row excluded."""
     sim = anchor_emb.detach() @ pool_emb.detach().T
     sim[torch.arange(sim.shape[0], device=sim.device), positives.to(sim.device)] = -torch.inf
     return sim.topk(num_hard, dim=1).indices
@@ -448,20 +400,16 @@ def mrfr_loss(model: CrossModalModel, batch: dict, prob: float, generator: torch
     # At least one region per image: an image that drew none gets one (only then: the rate stays prob).
     chosen[torch.arange(valid.shape[0], device=valid.device), first] |= valid.any(1) & ~chosen.any(1)
     feats = batch["region_features"].masked_fill(chosen[..., None], 0.0)
-    out = model(batch["text_ids"], batch["text_attention"], feats, batch["region_geometry"], valid)
+    out = model(batch["text_ids"], batch["text_attention"], region_features=feats,
+                region_geometry=batch["region_geometry"], region_attention=valid)
     pred = model.mrfr_predictions(out, batch["text_ids"].shape[1])
     return F.mse_loss(pred[chosen].float(), batch["region_features"][chosen].float())
 
 
 def entropy_excess(rel: iais_math.RelationMatrices, ceiling: float) -> Tensor:
-    """[B] the entropy guard of one IAIS layer (``objectives.iais.entropy_ceiling``), with gradient:
-    the mean over S_L, S_V, A_t2i and A_i2t of relu(H - ``ceiling``), H the matrix's mean normalised
-    row entropy (``iais.attention_entropy``); a matrix without rows of two or more columns adds 0.
-
-    The degenerate minimum of spec section 7 makes all four H about 1: with a ceiling below that, it
-    costs ``1 - ceiling`` per matrix, while attention sharper than the ceiling costs nothing, so the
-    term leaves IAIS alone wherever the relation matrices carry structure.
-    """
+    """[B] the entropy guard of one IAIS layer: the mean over S_L, S_V, A_t2i, A_i2t of
+    relu(H - ``ceiling``), H the mean normalised row entropy (``iais.attention_entropy``). The
+    degenerate minimum of spec section 7 has every H near 1 and pays; structured attention does not."""
     total = 0.0
     for h in iais_math.attention_entropy(rel).values():
         total = total + torch.where(torch.isnan(h), 0.0, F.relu(h - ceiling))
@@ -488,16 +436,10 @@ def group_loss(
     kind: str = "hinge",
     entropy_ceiling: float | None = None,
 ) -> GroupLoss:
-    """Ranking loss of groups [positive, negatives...] for the pairs ``anchors`` [A] of ``pool``
-    (rows of the micro-batch, or of the global batch), negatives [A, k] being rows of ``pool``.
-
-    ``kind``: the reference hinge ``max(0, margin + s_neg - s_pos)`` on sigmoid scores; binary
-    cross-entropy (UNITER's ITM), positives and negatives weighted equally; or the softmax
-    cross-entropy of the positive against its group (a listwise loss with a stronger gradient on
-    hard groups).
-
-    ``entropy_ceiling``: also the entropy guard (``entropy_excess``) of the positives' relation
-    matrices, averaged over the IAIS layers and the pairs, in ``GroupLoss.guard``."""
+    """Ranking loss of the groups [positive, negatives [A, k]...] of the pairs ``anchors`` [A], all
+    rows of ``pool``. ``kind``: the reference hinge ``max(0, margin + s_neg - s_pos)`` on sigmoid
+    scores, UNITER's binary cross-entropy, or the softmax cross-entropy of the positive against its
+    group. ``entropy_ceiling`` adds the positives' entropy guard (``GroupLoss.guard``)."""
     b, k = negatives.shape
     own = anchors[:, None].expand(b, k + 1)
     others = torch.cat([anchors[:, None], negatives], 1)
@@ -589,14 +531,9 @@ def training_loss(
     group: dist.ProcessGroup | None = None,
     pool_exchange: PoolExchange = "fetch",
 ) -> tuple[Tensor, dict[str, float | Tensor]]:
-    """The loss of one micro-batch and its logged parts.
-
-    ``group``: the data-parallel ranks whose micro-batches form the global batch (ITC loss and ITC
-    mining span it, the mining within blocks of ``cfg.mining_group_size`` ranks when set; every rank
-    must then call this for the same steps, as the equal batch counts of ``data.pipeline`` and
-    ``step_tasks`` ensure). ``None``: the micro-batch alone. ``pool_exchange``: how ITC mining gets
-    the candidates' inputs (``mine_negatives``); ``"all_gather"`` is the reference.
-    """
+    """The loss of one micro-batch and its logged parts. ``group``: the data-parallel ranks of the
+    global batch that ITC spans (every rank then calls this for the same steps); None: the
+    micro-batch alone. ``pool_exchange``: how ITC mining gets the candidates' inputs."""
     parts: dict[str, float | Tensor] = {}
     loss = torch.zeros((), device=batch["text_ids"].device)
     tasks = step_tasks(cfg, step)
@@ -656,12 +593,9 @@ def training_loss(
 
 @dataclass
 class MinedGroups:
-    """The groups of one kind: ``anchors`` [A] and ``negatives`` [A, num_hard], rows of ``pool``.
-
-    ``chosen``: the negatives as rows of the candidate pool's global batch (the mining group's
-    micro-batches in rank order; the micro-batch itself for ``mining: cross``), the same whichever
-    exchange built ``pool``.
-    """
+    """The groups of one kind: ``anchors`` [A] and ``negatives`` [A, num_hard], rows of ``pool``;
+    ``chosen``: the negatives as rows of the mining group's global batch (whichever exchange built
+    ``pool``)."""
 
     anchor: str
     pool: dict
@@ -674,16 +608,10 @@ def mine_negatives(
     model: CrossModalModel, batch: dict, cfg: ObjectiveConfig, anchor_kinds: list[str], emb, group, generator, *,
     pool_exchange: PoolExchange = "fetch", gathered: tuple[Tensor, Tensor] | None = None,
 ) -> list[MinedGroups]:
-    """The groups of each anchor kind (``"text"``, ``"image"``) of this micro-batch.
-
-    ``mining: itc``: the candidates come from the micro-batches of this rank's mining group
-    (``mining_group``: ``group``, or blocks of ``objectives.mining_group_size`` ranks), ranked by the
-    ITC embeddings ``emb`` of the micro-batch, gathered over the mining group (``gathered``: those of
-    the whole ``group``, already gathered by the ITC loss, are sliced instead).
-    ``pool_exchange="fetch"`` brings only the rows the groups need (``fetch_rows``, one exchange for
-    all kinds); ``"all_gather"`` is the reference that gathers every rank's inputs (``gather_pool``)
-    and the embeddings once per kind. Both give the same groups, bit for bit.
-    """
+    """The groups of each anchor kind (``"text"``, ``"image"``) of this micro-batch. ``mining: itc``
+    ranks candidates of the rank's mining group by the ITC embeddings ``emb`` (``gathered``: those
+    the ITC loss already gathered over ``group``); ``pool_exchange`` "fetch" and "all_gather" give
+    the same groups, bit for bit."""
     num_anchors = cfg.anchors_per_batch or batch["text_ids"].shape[0]
     if cfg.mining != "itc":
         out = []

@@ -34,7 +34,7 @@ from .checkpoint import load_model
 from .data import format as fmt, storage
 from .data.samples import ImageSample
 from .data.shards import read_shard, resolve_split
-from .evaluate import build_eval_data, eval_collator, experiment_data_config, text_length
+from .evaluate import build_eval_data, experiment_data_config, model_collator, text_length
 from .model import IaisRequest
 
 ALIGNMENTS = iais.ALIGNMENTS
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tokenizer, info = load_model(args.checkpoint, args.model_dir)
     run_data = experiment_data_config(info.run_dir)
     split = storage.join(args.data, args.split)
-    collator = eval_collator(tokenizer, model.config,
+    collator = model_collator(tokenizer, model.config,
                              max_text_len=text_length(args.max_text_len, run_data, tokenizer, model.config),
                              max_regions=run_data.get("max_regions"))
     samples = build_eval_data(collator, split, max_images=max(args.index) + 1).rset.images

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from iais_scale.data.collate import Collator
+from iais_scale.data.image_fields import RegionFields
 from iais_scale.data.retrieval import read_split
 from iais_scale.model import CrossModalConfig, CrossModalModel
 from iais_scale.model.backbone_source import backbone_fields, load_backbone_weights
@@ -123,10 +124,10 @@ def make_model(tokenizer, feature_dim: int) -> CrossModalModel:
 
 def make_batch(tiny_demo, rows: slice) -> dict:
     tok = AutoTokenizer.from_pretrained(str(tiny_demo / "tokenizer"))
-    samples = read_split(tiny_demo / "train", max_regions=8)[rows]
+    samples = read_split(tiny_demo / "train", RegionFields(8))[rows]
     # Caption lengths and region counts differ between the halves, so the ranks pad differently.
     items = [(s, s.captions[0] + " and more words here" if i == 2 else s.captions[0]) for i, s in enumerate(samples, rows.start)]
-    return Collator(tok, 24, 8).pairs(items)
+    return Collator(tok, 24, RegionFields(8)).pairs(items)
 
 
 def backbone_model(source: str, *, trainable: int = 0, max_tokens: int = 0, every: int = 0, load: bool = True,

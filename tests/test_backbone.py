@@ -27,6 +27,7 @@ from PIL import Image
 
 from iais_scale.config import ConfigError, load_config
 from iais_scale.data.collate import Collator
+from iais_scale.data.image_fields import PixelFields, RegionFields
 from iais_scale.data.samples import ImageSample
 from iais_scale.data.transforms import Augment, ImageTransform
 from iais_scale.model import CrossModalConfig, IaisRequest
@@ -286,13 +287,12 @@ def test_backbone_collator_takes_the_backbone_transform(backbones):
     config = CrossModalConfig(image_input="backbone", **backbone_fields(f"hf:{backbones['clip']}"))
     t = ImageTransform.from_backbone(config)
     assert t.size == 32 and t.resample == "bicubic" and t.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
-    c = Collator(None, 8, 4, image_input="backbone", transform=t)
-    assert c.image_input == "patches" and c.model_input == "backbone" and c.needs_pixels
+    c = Collator(None, 8, PixelFields(t, normalise=False))
     img = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    px = c.pixel_values([sample(png(img))])
+    px = c.images([sample(png(img))])["pixel_values"]
     assert px.dtype == torch.uint8 and px.shape == (1, 3, 32, 32)
     # The patches model: the explicit default (ImageNet statistics), normalised by the collator.
-    patches = Collator(None, 8, 4, image_input="patches", image_size=32).pixel_values([sample(png(img))])
+    patches = Collator(None, 8, PixelFields(ImageTransform(32))).images([sample(png(img))])["pixel_values"]
     torch.testing.assert_close(patches, ImageTransform(32).normalise(px))
 
 
@@ -306,14 +306,14 @@ def test_evaluation_is_a_centre_crop_and_training_draws_augment():
     assert t.eval_box(80, 40) == pytest.approx((22.5, 2.5, 57.5, 37.5))
     ev = t.pixels(data)
     assert ev.shape == (16, 16, 3) and ev.max() == 0 and np.array_equal(ev, t.pixels(data))
-    c = Collator(None, 8, 4, image_input="backbone", transform=t)
-    draws = [c.load_pixels(sample(data)) for _ in range(8)]
+    c = Collator(None, 8, PixelFields(t, normalise=False))
+    draws = [c.image_fields.draw(sample(data)) for _ in range(8)]
     assert all(d.shape == (16, 16, 3) for d in draws) and any(d.max() > 0 for d in draws)  # crops reach the strip
-    assert len({c.load_pixels(sample(noise)).tobytes() for _ in range(8)}) == 8
-    again = Collator(None, 8, 4, image_input="backbone", transform=t)
-    assert all(np.array_equal(a, again.load_pixels(sample(data))) for a in draws)  # seeded: reproducible
-    assert len({again.load_pixels(sample(data)).tobytes() for _ in range(8)}) > 1
-    assert np.array_equal(c.pixel_values([sample(data)])[0].permute(1, 2, 0).numpy(), ev)  # evaluation: no augment
+    assert len({c.image_fields.draw(sample(noise)).tobytes() for _ in range(8)}) == 8
+    again = Collator(None, 8, PixelFields(t, normalise=False))
+    assert all(np.array_equal(a, again.image_fields.draw(sample(data))) for a in draws)  # seeded: reproducible
+    assert len({again.image_fields.draw(sample(data)).tobytes() for _ in range(8)}) > 1
+    assert np.array_equal(c.images([sample(data)])["pixel_values"][0].permute(1, 2, 0).numpy(), ev)  # evaluation: no augment
     flip = ImageTransform(16, augment=Augment(hflip=True))
     flipped = {flip.pixels(png(np.tile(np.arange(80, dtype=np.uint8)[None, :, None], (80, 1, 3))), train=True,
                           rng=np.random.default_rng(s))[0, 0, 0] for s in range(10)}
@@ -349,7 +349,7 @@ def test_backbone_config_problems_all_at_once(backbones):
     for needle in ("model.backbone: required", "backbone_trainable_blocks", "backbone_max_tokens", "augment.scale",
                    "unknown target 'mlflow'"):
         assert needle in text, needle
-    with pytest.raises(ConfigError, match="only used with model.image_input 'backbone'"):
+    with pytest.raises(ConfigError, match="only used with a backbone image input"):
         load_config("configs/demo.yaml", [f"model.backbone=hf:{backbones['vit']}"])
 
 
@@ -378,13 +378,13 @@ def test_feature_extraction_writes_grid_features_the_model_would_compute(tiny_de
     verify = subprocess.run([sys.executable, "-m", "data_tools", "verify", str(out)], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    regions = read_split(out / "test", image_input="regions")
-    images = read_split(tiny_demo / "test", image_input="patches")
+    regions = read_split(out / "test", RegionFields())
+    images = read_split(tiny_demo / "test", PixelFields())
     assert [s.key for s in regions] == [s.key for s in images] and regions[0].meta["captions"] == images[0].meta["captions"]
     # The features are the frozen backbone's, pooled to 3 x 3, on the evaluation transform's pixels.
     m = backbone_model(src, max_tokens=9).eval()
-    collator = Collator(None, 8, 4, image_input="backbone", transform=ImageTransform.from_backbone(m.config))
-    feats, geometry = m.image_backbone(collator.pixel_values(images[:4]))
+    collator = Collator(None, 8, PixelFields(ImageTransform.from_backbone(m.config), normalise=False))
+    feats, geometry = m.image_backbone(collator.images(images[:4])["pixel_values"])
     torch.testing.assert_close(torch.from_numpy(np.stack([s.features for s in regions[:4]])), feats, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.from_numpy(regions[0].geometry), geometry)  # square images: crop = image
     # A regions model reads them as it reads detector features.

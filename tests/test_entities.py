@@ -16,6 +16,7 @@ from data_tools.entities import parse_annotation, parse_sentence
 from iais_scale import evaluate as ev
 from iais_scale.data import format as fmt
 from iais_scale.data.collate import Collator
+from iais_scale.data.image_fields import RegionFields
 from iais_scale.data.retrieval import RetrievalSet, best_region, box_iou, read_split
 from iais_scale.data.samples import Caption
 from iais_scale.model import CrossModalConfig, CrossModalModel
@@ -151,7 +152,7 @@ def test_region_choice_by_iou():
 
 def test_word_to_region_matches_a_hand_computed_alignment(annotated, tokenizer):
     rset = RetrievalSet.from_samples(read_split(annotated / "test"))
-    collator = Collator(tokenizer, max_text_len=24, max_regions=3)
+    collator = Collator(tokenizer, 24, RegionFields(3))
     w2r = ev.phrase_annotations(rset, collator)
     texts = collator.texts(rset.captions)
     assert w2r.shape == texts["text_ids"].shape
@@ -188,7 +189,7 @@ def test_evaluation_reports_isda_on_annotated_data(annotated, tokenizer):
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     model = CrossModalModel(config).eval()
-    collator = ev.eval_collator(tokenizer, model.config, max_text_len=24, max_regions=3)
+    collator = ev.model_collator(tokenizer, model.config, max_text_len=24, max_regions=3)
     data = ev.build_eval_data(collator, str(annotated / "test"))
     assert data.word_to_region is not None
     report = ev.evaluate(model, data, batch_size=16, isd_alignments=["singular"])

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from iais_scale import evaluate as ev, iais, viz
 from iais_scale.checkpoint import load_model
 from iais_scale.data.collate import Collator
+from iais_scale.data.image_fields import RegionFields
 from iais_scale.data.retrieval import RetrievalSet, read_split, swap_groups
 from iais_scale.model import CrossModalConfig, CrossModalModel, IaisRequest
 
@@ -43,17 +44,17 @@ def tokenizer(tiny_demo):
 
 @pytest.fixture(scope="module")
 def collator(tokenizer):
-    return Collator(tokenizer, MAX_TEXT_LEN, MAX_REGIONS)
+    return Collator(tokenizer, MAX_TEXT_LEN, RegionFields(MAX_REGIONS))
 
 
 @pytest.fixture(scope="module")
 def test_set(tiny_demo):
-    return RetrievalSet.from_samples(read_split(tiny_demo / "test", max_regions=MAX_REGIONS))
+    return RetrievalSet.from_samples(read_split(tiny_demo / "test", RegionFields(MAX_REGIONS)))
 
 
 @pytest.fixture(scope="module")
 def swaps(tiny_demo):
-    return swap_groups(read_split(tiny_demo / "swap", max_regions=MAX_REGIONS))
+    return swap_groups(read_split(tiny_demo / "swap", RegionFields(MAX_REGIONS)))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 from data_tools.__main__ import main
 from iais_scale.config import DataConfig, ExperimentConfig
 from iais_scale.data import format as fmt
-from iais_scale.data.collate import Collator, box_geometry
+from iais_scale.data.collate import Collator
+from iais_scale.data.image_fields import RegionFields, box_geometry
 from iais_scale.data.pipeline import PairStream, make_train_stream
 from iais_scale.data.retrieval import RetrievalSet, read_split
 from iais_scale.data.samples import Caption
@@ -59,7 +60,7 @@ def test_geometry_only_samples_round_trip_and_feed_the_collator(tmp_path, tokeni
     np.testing.assert_allclose(a.boxes, geometry[:, :4])  # the 1 x 1 frame: boxes are the normalised ones
     assert b.geometry is None and c.geometry is not None
     np.testing.assert_allclose(b.normalised_boxes(), GEOMETRY[:, :4])
-    regions = Collator(tokenizer, 24, 4).images([a, b, c])
+    regions = Collator(tokenizer, 24, RegionFields(4)).images([a, b, c])
     np.testing.assert_array_equal(regions["region_geometry"][0].numpy(), geometry)
     np.testing.assert_allclose(regions["region_geometry"][1].numpy(), GEOMETRY)
     assert main(["verify", str(tmp_path / "test")]) == 0, capsys.readouterr().out
@@ -129,7 +130,7 @@ def test_valid_token_ids_and_phrases():
 
 def test_stored_ids_collate_like_the_tokenizer(tokenizer):
     texts = ["a small red circle left of a large blue square", "a blue square", "a red circle above a square"]
-    collator = Collator(tokenizer, max_text_len=8, max_regions=4)
+    collator = Collator(tokenizer, 8, RegionFields(4))
     plain = collator.texts(texts)
     mixed = [Caption(texts[0], ids_of(tokenizer, texts[0])), texts[1], Caption(texts[2], ids_of(tokenizer, texts[2]))]
     # Training batches truncate to max_text_len exactly as the tokenizer path does.
@@ -174,7 +175,7 @@ def long_short_split(split_dir: Path, tok) -> None:
 
 def test_training_draws_skip_long_captions(tmp_path, tokenizer):
     long_short_split(tmp_path / "train", tokenizer)
-    collator = Collator(tokenizer, max_text_len=40, max_regions=4)
+    collator = Collator(tokenizer, 40, RegionFields(4))
     stream = PairStream(tmp_path / "train", collator, batch_size=4, shuffle_buffer=1, max_caption_tokens=6)
     batches = list(islice(iter(stream), 12))
     assert all(b["text_attention"].sum(1).max() <= 6 + 2 for b in batches)
@@ -192,7 +193,7 @@ def test_training_draws_skip_long_captions(tmp_path, tokenizer):
 
 def test_a_limit_that_keeps_every_caption_keeps_the_draws(tmp_path, tokenizer):
     long_short_split(tmp_path / "train", tokenizer)
-    collator = Collator(tokenizer, max_text_len=40, max_regions=4)
+    collator = Collator(tokenizer, 40, RegionFields(4))
     a, b = (list(islice(iter(PairStream(tmp_path / "train", collator, 4, shuffle_buffer=4, seed=3,
                                         max_caption_tokens=limit)), 10)) for limit in (None, 100))
     for x, y in zip(a, b, strict=True):
@@ -206,5 +207,5 @@ def test_config_field_is_validated_and_reaches_the_stream(tmp_path, tokenizer):
         max_train_caption_tokens=60)).validate())
     long_short_split(tmp_path / "train", tokenizer)
     data = DataConfig(root=str(tmp_path), max_train_caption_tokens=60)
-    stream = make_train_stream(data, Collator(tokenizer, 40, 4), 4, rank=0, world_size=1, seed=0)
+    stream = make_train_stream(data, Collator(tokenizer, 40, RegionFields(4)), 4, rank=0, world_size=1, seed=0)
     assert stream.max_caption_tokens == 60

@@ -26,6 +26,7 @@ from helpers import ROOT, finish, free_port, one_rank, wait_for
 from iais_scale import checkpoint as ckpt
 from iais_scale.config import ConfigError, load_config
 from iais_scale.data import format as fmt
+from iais_scale.data.image_fields import RegionFields
 from iais_scale.data.samples import BadSample, decode_sample
 from iais_scale.data.shards import resolve_split
 from iais_scale.engine import check_inputs
@@ -409,7 +410,7 @@ def raw_sample(**members) -> dict:
 ])
 def test_one_bad_sample_is_a_counted_reason(members, reason):
     with pytest.raises(BadSample) as e:
-        decode_sample(raw_sample(**members), feature_dim=4)
+        decode_sample(raw_sample(**members), RegionFields(feature_dim=4))
     assert e.value.reason == reason
 
 

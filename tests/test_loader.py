@@ -20,10 +20,12 @@ from transformers import AutoTokenizer
 
 from iais_scale.config import ConfigError, DataConfig, SourceConfig, load_config
 from iais_scale.data import format as fmt
-from iais_scale.data.collate import IMAGENET_MEAN, IMAGENET_STD, Collator
+from iais_scale.data.collate import Collator
+from iais_scale.data.image_fields import PixelFields, RegionFields
 from iais_scale.data.pipeline import PairStream, ResampledPairStream, StreamStart, make_train_stream, train_loader
 from iais_scale.data.samples import BadSample, BadSampleCounter, decode_sample
 from iais_scale.data.shards import read_shard, resolve_split
+from iais_scale.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +35,12 @@ def tokenizer(tiny_demo: Path):
 
 @pytest.fixture(scope="module")
 def collator(tokenizer) -> Collator:
-    return Collator(tokenizer, max_text_len=24, max_regions=8)
+    return Collator(tokenizer, 24, RegionFields(8))
 
 
 @pytest.fixture(scope="module")
 def pixel_collator(tokenizer) -> Collator:
-    return Collator(tokenizer, max_text_len=24, max_regions=8, image_input="patches", image_size=32)
+    return Collator(tokenizer, 24, PixelFields(ImageTransform(32)))
 
 
 def write_region_split(split_dir: Path, sizes: list[int], prefix: str = "s") -> list[str]:
@@ -242,11 +244,11 @@ def test_img2dataset_shard_decodes_to_pixel_values(tmp_path, pixel_collator):
     split = resolve_split(str(folder))
     assert (split.urls, split.total) == ([str(folder / "00000.tar")], 6)
     raw = next(read_shard(str(folder / "00000.tar"), 1, 2))
-    s = decode_sample(raw, image_input="patches")
+    s = decode_sample(raw, PixelFields())
     assert (s.key, s.image_id, s.captions, s.width, s.height) == ("000000001", "000000001", ["a photo number 1"], 49, 40)
     assert s.features.shape[0] == 0 and s.image == raw["jpg"]
     with pytest.raises(BadSample, match="missing_features"):
-        decode_sample(raw)  # no region features: only for image_input="patches"
+        decode_sample(raw, RegionFields())  # no region features: only pixels
 
     batch = next(iter(PairStream(folder, pixel_collator, 4, shuffle_buffer=1)))
     assert set(batch) >= {"pixel_values", "text_ids", "text_attention", "keys"} and "region_features" not in batch
@@ -265,7 +267,7 @@ def test_pixels_resize_the_shorter_side_and_crop_the_centre(pixel_collator):
     Image.fromarray(im).save(buf, "PNG")
     raw = {"__key__": "k", "png": buf.getvalue(), "json": fmt.encode_json(
         {"image_id": "k", "split": "train", "width": 120, "height": 60, "captions": ["x"]})}
-    px = pixel_collator.load_pixels(decode_sample(raw, image_input="patches"))
+    px = pixel_collator.image_fields.draw(decode_sample(raw, PixelFields()))
     assert px.shape == (32, 32, 3) and px.dtype == np.uint8 and px.max() < 10  # only the black centre
 
 
@@ -276,7 +278,7 @@ def test_undecodable_images_are_bad_image(tmp_path, pixel_collator):
     write_img2dataset(folder, 10, bad={2: truncated, 5: b"\xff\xd8 not really a jpeg"})
     for data in (truncated, b"\xff\xd8 not really a jpeg", b""):
         with pytest.raises(BadSample) as e:
-            decode_sample({"__key__": "k", "jpg": data, "txt": b"a cat"}, image_input="patches")
+            decode_sample({"__key__": "k", "jpg": data, "txt": b"a cat"}, PixelFields())
         assert e.value.reason == "bad_image"
     batch = next(iter(PairStream(folder, pixel_collator, 8, shuffle_buffer=1)))
     assert len(batch["keys"]) == 8 and not {"000000002", "000000005"} & set(batch["keys"])
@@ -284,15 +286,15 @@ def test_undecodable_images_are_bad_image(tmp_path, pixel_collator):
 
 
 def test_image_failing_at_collation_is_replaced_and_counted(tmp_path, tokenizer):
-    class Flaky(Collator):
-        def load_pixels(self, sample):
+    class Flaky(PixelFields):
+        def draw(self, sample):
             if sample.key == "000000003":
                 raise BadSample("bad_image", sample.key)
-            return super().load_pixels(sample)
+            return super().draw(sample)
 
     folder = tmp_path / "web"
     write_img2dataset(folder, 12)
-    coll = Flaky(tokenizer, 24, 8, image_input="patches", image_size=16)
+    coll = Collator(tokenizer, 24, Flaky(ImageTransform(16)))
     batches = list(islice(iter(PairStream(folder, coll, 4, shuffle_buffer=1)), 3))
     assert [len(b["keys"]) for b in batches] == [4, 4, 4]
     assert batches[0]["keys"] == ["000000000", "000000001", "000000002", "000000004"]

@@ -211,7 +211,8 @@ def test_uniter_import_embeds_as_uniters_formula():
     image = ln(img + pos + sd[e + "token_type_embeddings.weight"][1], i + "LayerNorm.")
     with torch.no_grad():
         torch.testing.assert_close(model.text_embeddings(input_ids=ids), text, rtol=1e-5, atol=1e-5)
-        tokens, valid = model.embed_image(feat, box, batch["region_attention"])
+        tokens, valid = model.embed_image(region_features=feat, region_geometry=box,
+                                          region_attention=batch["region_attention"])
     torch.testing.assert_close(tokens, image, rtol=1e-5, atol=1e-5)
     assert torch.equal(valid, batch["region_attention"])
 

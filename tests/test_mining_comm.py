@@ -18,6 +18,8 @@ from transformers import AutoTokenizer
 from iais_scale import objectives as ob
 from iais_scale.config import ExperimentConfig, ObjectiveConfig
 from iais_scale.data.collate import Collator
+from iais_scale.data.image_fields import PixelFields
+from iais_scale.data.transforms import ImageTransform
 
 
 def cases(world: int) -> dict[str, ObjectiveConfig]:
@@ -164,11 +166,11 @@ def _fetch_worker(rank: int, world: int, init: str, out) -> None:
             "region_attention": torch.rand(b, regions, generator=g) < 0.7,
             "keys": [f"r{rank}-{i}" for i in range(b)],
         }
-        collator = Collator(None, 8, 4, image_input="patches", image_size=8)
+        collator = Collator(None, 8, PixelFields(ImageTransform(8)))
         pixels = [types.SimpleNamespace(pixels=np.asarray(torch.randint(0, 256, (8, 8, 3), generator=g,
                                                                           dtype=torch.uint8))) for _ in range(b)]
         pixel_batch = {"text_ids": regions_batch["text_ids"], "text_attention": regions_batch["text_attention"],
-                       "pixel_values": collator.pixel_values(pixels)}
+                       "pixel_values": collator.images(pixels)["pixel_values"]}
         # Rank 0's pixels are the collator's (uint8 on the wire), the others' are not (float32).
         blurred = {**pixel_batch, "pixel_values": pixel_batch["pixel_values"] + 1e-3 * rank}
         # Rows of the global batch of world x 4 pairs: some twice, some of this rank's own.

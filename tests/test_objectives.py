@@ -381,7 +381,7 @@ def test_mrfr_regresses_the_features_of_the_zeroed_regions(setup, monkeypatch):
 
     def spy(self, *args, **kw):
         out = real_forward(self, *args, **kw)
-        seen["features"], seen["out"] = args[2], out
+        seen["features"], seen["out"] = kw["region_features"], out
         return out
 
     monkeypatch.setattr(type(model), "forward", spy)

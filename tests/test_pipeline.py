@@ -13,7 +13,8 @@ import pytest
 import webdataset as wds
 from transformers import AutoTokenizer
 
-from iais_scale.data.collate import Collator, box_geometry
+from iais_scale.data.collate import Collator
+from iais_scale.data.image_fields import RegionFields, box_geometry
 from iais_scale.data.pipeline import PairStream
 from iais_scale.data.retrieval import RetrievalSet, read_split, swap_groups
 from iais_scale.data.samples import BadSample, BadSampleCounter, decode_sample
@@ -22,7 +23,7 @@ from iais_scale.data.shards import resolve_split
 
 @pytest.fixture(scope="module")
 def collator(tiny_demo: Path) -> Collator:
-    return Collator(AutoTokenizer.from_pretrained(str(tiny_demo / "tokenizer")), max_text_len=24, max_regions=8)
+    return Collator(AutoTokenizer.from_pretrained(str(tiny_demo / "tokenizer")), 24, RegionFields(8))
 
 
 def test_batches_have_the_model_inputs(tiny_demo, collator):
@@ -90,7 +91,7 @@ def test_nothing_is_ever_unpickled(tmp_path):
     buf = io.BytesIO()
     np.save(buf, obj, allow_pickle=True)
     with pytest.raises(BadSample):
-        decode_sample({**_raw(META, np.ones((2, 4), np.float32), BOXES), "feat.npy": buf.getvalue()})
+        decode_sample({**_raw(META, np.ones((2, 4), np.float32), BOXES), "feat.npy": buf.getvalue()}, RegionFields())
     assert not marker.exists()
 
 
@@ -110,7 +111,7 @@ def test_bad_samples_are_named(change, reason):
     raw = _raw(change.get("meta", META), change.get("feat", np.ones((2, 2), np.float32)), change.get("boxes", BOXES))
     raw.pop(change.get("drop", "none"), None)
     with pytest.raises(BadSample) as e:
-        decode_sample(raw, max_regions=8)
+        decode_sample(raw, RegionFields(8))
     assert e.value.reason == reason
 
 

@@ -22,6 +22,7 @@ from iais_scale import evaluate as ev, iais, objectives as ob
 from iais_scale.config import ConfigError, load_config
 from iais_scale.data import relations as rl, scenes as sc
 from iais_scale.data.collate import Collator
+from iais_scale.data.image_fields import RegionFields
 from iais_scale.data.retrieval import read_split, swap_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +213,7 @@ def test_data_tools_relations_command(tmp_path: Path, capsys) -> None:
 
 def test_relation_token_mask_marks_the_relation_pieces(data: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
-    collator = Collator(tok, 24, 8)
+    collator = Collator(tok, 24, RegionFields(8))
     captions = ["a small red circle left of a large blue square", "a large blue square above a small red circle"]
     spans = [[19, 26], [20, 25], None][:2]
     texts, mask = ev.relation_token_mask(collator, captions + ["a small red circle below a large blue square"],
@@ -251,7 +252,7 @@ class _ScriptedMLM(torch.nn.Module):
 
 def test_relation_probe_on_a_hand_made_case(data: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
-    collator = Collator(tok, 24, 8)
+    collator = Collator(tok, 24, RegionFields(8))
     captions = ["a small red circle left of a large blue square", "a large blue square above a small red circle",
                 "a large blue square below a small red circle", "a small red circle right of a large blue square",
                 "a small red circle right of a large blue square"]
@@ -280,7 +281,7 @@ def test_evaluate_reports_the_probe_and_the_degenerate_flag(data: Path) -> None:
     from iais_scale.model import CrossModalConfig, CrossModalModel
 
     tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
-    collator = Collator(tok, 24, 8)
+    collator = Collator(tok, 24, RegionFields(8))
     torch.manual_seed(0)
     model = CrossModalModel(CrossModalConfig(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -378,7 +379,7 @@ def test_training_loss_adds_the_guard_under_the_iais_weight(data: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
     samples = read_split(data / "train")[:8]
-    batch = Collator(tok, 24, 8).pairs([(s, s.captions[0]) for s in samples])
+    batch = Collator(tok, 24, RegionFields(8)).pairs([(s, s.captions[0]) for s in samples])
     batch.pop("keys")
     torch.manual_seed(0)
     model = CrossModalModel(CrossModalConfig(

@@ -42,6 +42,7 @@ from iais_scale.config import load_config
 from iais_scale.data import format as fmt, storage
 from iais_scale.data.collate import Collator
 from iais_scale.data.demo import make_demo
+from iais_scale.data.image_fields import PixelFields, RegionFields
 from iais_scale.data.pipeline import (
     IoOptions,
     PairStream,
@@ -52,6 +53,7 @@ from iais_scale.data.pipeline import (
 )
 from iais_scale.data.samples import BadSample, decode_sample
 from iais_scale.data.shards import IAIS_LAYOUT, IMG2DATASET_LAYOUT, LIST_LAYOUT, read_shard, resolve_split
+from iais_scale.data.transforms import ImageTransform
 from iais_scale.engine import check_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +87,7 @@ def tokenizer(data: Path):
 
 @pytest.fixture(scope="module")
 def collator(tokenizer) -> Collator:
-    return Collator(tokenizer, max_text_len=24, max_regions=8)
+    return Collator(tokenizer, 24, RegionFields(8))
 
 
 def config(*overrides: str):
@@ -571,7 +573,7 @@ def test_verify_stats_and_loader_agree_on_crafted_shards(name, data, server, col
     reasons = {}
     for raw in raws:
         try:
-            decode_sample(raw, max_regions=collator.max_regions, feature_dim=collator.feature_dim)
+            decode_sample(raw, collator.image_fields)
         except BadSample as e:
             loader_bad[raw["__key__"]] += 1
             reasons[raw["__key__"]] = e.reason
@@ -602,7 +604,7 @@ def test_verify_stats_and_loader_agree_on_crafted_shards(name, data, server, col
 
 def _is_bad(raw: dict, collator: Collator) -> bool:
     try:
-        decode_sample(raw, max_regions=collator.max_regions, feature_dim=collator.feature_dim)
+        decode_sample(raw, collator.image_fields)
     except BadSample:
         return True
     return False
@@ -659,7 +661,7 @@ def test_img2dataset_output_trains_as_it_is(data, server, tokenizer, tmp_path):
         with deadline(60):
             assert check_inputs(cfg, 2) == []  # no manifest, no sizes.json: nothing to add
     assert not any(folder.glob("manifest.json")) and not any(folder.glob(fmt.SIZES_FILE))
-    pixels = Collator(tokenizer, max_text_len=24, max_regions=8, image_input="patches", image_size=32)
+    pixels = Collator(tokenizer, 24, PixelFields(ImageTransform(32)))
     for rank in range(2):
         local = batches(PairStream(folder, pixels, 2, rank=rank, world_size=2, seed=1, shuffle_buffer=4), 4)
         assert_same_batches(batches(PairStream(url_list, pixels, 2, rank=rank, world_size=2, seed=1, shuffle_buffer=4), 4),

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from data_tools import uniter
 from data_tools.__main__ import main
 from iais_scale.data.collate import Collator
+from iais_scale.data.image_fields import RegionFields
 from iais_scale.data.retrieval import RetrievalSet, read_split
 from iais_scale.data.tokenizer import train_wordpiece
 
@@ -203,7 +204,7 @@ def test_uniter_dbs_convert_to_exactly_what_uniter_reads(uniter_data, tokenizer,
     assert skipped == {hostile: 1, "bad_text": 3}
     assert not uniter_data["markers"]["converter"].exists()  # the object array was never unpickled
 
-    samples = {s.image_id[-4:]: s for split in ("train", "test") for s in read_split(out / split, max_regions=MAX_BB)}
+    samples = {s.image_id[-4:]: s for split in ("train", "test") for s in read_split(out / split, RegionFields(MAX_BB))}
     assert sorted(samples) == ["1000", "1001", "1002", "1003"]
     for stem, s in samples.items():
         feat, geometry = expected_regions(uniter_data["arrays"][f"flickr30k_00000000{stem}.npz"])
@@ -220,7 +221,7 @@ def test_uniter_dbs_convert_to_exactly_what_uniter_reads(uniter_data, tokenizer,
 
     # End to end through the collator: [CLS] + UNITER's ids + [SEP], and the stored geometry.
     rset = RetrievalSet.from_samples([samples["1002"], samples["1003"]])
-    collator = Collator(tokenizer, max_text_len=40, max_regions=MAX_BB)
+    collator = Collator(tokenizer, 40, RegionFields(MAX_BB))
     texts = collator.texts(rset.captions)
     for row, caption in enumerate(rset.captions):
         want = [tokenizer.cls_token_id, *uniter_data["ids"][caption], tokenizer.sep_token_id]

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import storage
 from .collate import Collator
+from .image_fields import ImageFields
 from .samples import BadSample, ImageSample, decode_sample
 from .shards import MAX_MEMBER_BYTES, Split, read_shard, resolve_split
 
@@ -75,7 +76,7 @@ class _Tally:
         self.bad.clear()
 
 
-def _decode(raws: Iterable[tuple[int, dict]], tally: _Tally, rng: random.Random, decode_kw: dict,
+def _decode(raws: Iterable[tuple[int, dict]], tally: _Tally, rng: random.Random, fields: ImageFields,
             drawable: Callable[[ImageSample], list[str]] | None = None) -> Iterator[tuple]:
     """Good (sample, one caption drawn by ``rng``, position); bad samples are counted and skipped.
 
@@ -85,7 +86,7 @@ def _decode(raws: Iterable[tuple[int, dict]], tally: _Tally, rng: random.Random,
     bad_in_row = 0
     for position, raw in raws:
         try:
-            sample = decode_sample(raw, **decode_kw)
+            sample = decode_sample(raw, fields)
             captions = sample.captions if drawable is None else drawable(sample)
             if not captions:
                 raise BadSample("caption_too_long", f"{sample.key}: every caption is over the word-piece limit")
@@ -95,7 +96,7 @@ def _decode(raws: Iterable[tuple[int, dict]], tally: _Tally, rng: random.Random,
             if bad_in_row >= MAX_BAD_IN_A_ROW:
                 raise RuntimeError(
                     f"{bad_in_row} bad samples in a row (last: {e}; counts since the last batch:"
-                    f" {dict(tally.bad)}); does the data fit image_input={decode_kw.get('image_input')!r}?"
+                    f" {dict(tally.bad)}); do the samples carry {fields.needs}, which the model reads?"
                     " run `python -m data_tools verify` on the shards"
                 ) from None
             continue
@@ -214,8 +215,6 @@ class _BatchStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.start, self.bucket_by_length, self.io = shuffle_buffer, start, bucket_by_length, io
         self.batches_per_epoch = 1  # set by the subclass
-        self._decode_kw = dict(max_regions=collator.max_regions, image_input=collator.image_input,
-                               keep_image=collator.needs_pixels, feature_dim=collator.feature_dim)
         if max_caption_tokens is not None and max_caption_tokens < 1:
             raise ValueError(f"max_caption_tokens: must be at least 1 or None, got {max_caption_tokens}")
         self.max_caption_tokens = max_caption_tokens
@@ -294,13 +293,14 @@ class _BatchStream(IterableDataset):
                 items.close()  # the epoch's readers: streams opened ahead, connections
 
     def _take(self, items: Iterator, count: int, load: bool, tally: _Tally) -> list:
-        """The next ``count`` usable items; with ``load`` the pixels are decoded and failures replaced."""
+        """The next ``count`` usable items; with ``load`` each is prepared for its batch (pixels decoded)
+        and failures replaced."""
         out: list = []
         while len(out) < count:
             item = next(items)
             if load:
                 try:
-                    item[0].pixels = self.collator.load_pixels(item[0])
+                    self.collator.image_fields.prepare(item[0])
                 except BadSample as e:
                     tally.good -= 1  # counted good by its header check; it is bad after all
                     tally.bad[e.reason] += 1
@@ -314,7 +314,7 @@ class _BatchStream(IterableDataset):
         window = max(1, self.shuffle_buffer // bs) if self.bucket_by_length else 1
         for first in range(0, n, window):
             nb = min(window, n - first)
-            load = self.collator.needs_pixels and first + nb > skip  # skipped batches: no pixels
+            load = first + nb > skip  # skipped batches: no pixels
             chunk = self._take(items, nb * bs, load, tally)
             if self.bucket_by_length:
                 chunk.sort(key=_length)
@@ -379,10 +379,10 @@ class PairStream(_BatchStream):
         mine = self.chunk(epoch, worker, n_workers)
         captions = random.Random(f"captions:{tag}")
         drawable = self._drawable()
-        main = _decode(reader.read(_runs(mine)), tally, captions, self._decode_kw, drawable)
+        main = _decode(reader.read(_runs(mine)), tally, captions, self.collator.image_fields, drawable)
         # Wrap rule: a chunk short of usable samples goes on with the positions after it.
         after = (mine[-1] + 1) if len(mine) else 0
-        extra = _decode(reader.read([(after, None)]), tally, captions, self._decode_kw, drawable)
+        extra = _decode(reader.read([(after, None)]), tally, captions, self.collator.image_fields, drawable)
         try:
             yield from itertools.chain(_shuffled(main, self.shuffle_buffer, random.Random(f"shuffle:{tag}")), extra)
         finally:
@@ -446,7 +446,7 @@ class ResampledPairStream(_BatchStream):
         captions = random.Random(f"captions:{tag}")
         drawable = self._drawable()
         streams = [_decode(self._draws(split, random.Random(f"shards:{i}:{tag}"), tally.bad), tally, captions,
-                           self._decode_kw, drawable) for i, split in enumerate(self.splits)]
+                           self.collator.image_fields, drawable) for i, split in enumerate(self.splits)]
         cum = list(itertools.accumulate(self.weights))
         mix = random.Random(f"mix:{tag}")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .image_fields import ImageFields, RegionFields
 from .pipeline import DEFAULT_IO, IoOptions
 from .samples import BadSample, ImageSample, decode_sample
 from .shards import read_shard, resolve_split
@@ -18,15 +19,16 @@ log = logging.getLogger(__name__)
 
 
 def read_split(
-    spec: str | Path, *, max_regions: int | None = None, limit: int | None = None, image_input: str = "regions",
-    feature_dim: int | None = None, io: IoOptions = DEFAULT_IO, counts: Counter | None = None,
+    spec: str | Path, fields: ImageFields | None = None, *, limit: int | None = None, io: IoOptions = DEFAULT_IO,
+    counts: Counter | None = None,
 ) -> list[ImageSample]:
     """Every good sample of a split (a folder, URL or shard list), in shard order.
 
     Bad samples and repeated keys or image ids (a shard copied twice) are skipped, counted into
     ``counts`` and logged: an image listed twice would turn its own duplicate into a wrong answer.
-    ``image_input="patches"`` keeps each sample's image bytes for the collator to decode.
+    ``fields`` takes what each sample carries for the image (default: region features, no bound).
     """
+    fields = fields or RegionFields()
     split = resolve_split(str(spec), need_sizes=False)
     bad: Counter[str] = counts if counts is not None else Counter()
     samples: list[ImageSample] = []
@@ -39,8 +41,7 @@ def read_split(
             if limit is not None and len(samples) >= limit:
                 break
             try:
-                sample = decode_sample(raw, max_regions=max_regions, image_input=image_input,
-                                       keep_image=image_input == "patches", feature_dim=feature_dim)
+                sample = decode_sample(raw, fields)
             except BadSample as e:
                 bad[e.reason] += 1
                 log.warning("%s: skipped %s", spec, e)

@@ -19,11 +19,8 @@ from PIL import Image
 
 from . import format as fmt
 
-IMAGE_MODES = ("regions", "patches")  # what the model consumes: region features or pixels
 TEXT_EXT = "txt"  # img2dataset's caption member
 
-_EMPTY_FEATURES = np.zeros((0, 0), np.float32)
-_EMPTY_BOXES = np.zeros((0, 4), np.float32)
 
 
 class Caption(str):
@@ -64,9 +61,9 @@ class BadSample(ValueError):
 class ImageSample:
     """One image with all its captions, its region features and/or its encoded image.
 
-    ``features``/``boxes`` are empty (``[0, 0]``/``[0, 4]``) for samples decoded for the ``patches``
-    input. ``image`` holds the encoded file bytes (decoded lazily by the collator); ``pixels`` is the
-    collator's ``[S, S, 3]`` uint8 result once the pipeline has decoded it for a batch.
+    ``features``/``boxes`` are empty (``[0, 0]``/``[0, 4]``) for samples decoded for pixels
+    (``image_fields.PixelFields``). ``image`` holds the encoded file bytes (decoded lazily);
+    ``pixels`` is the ``[S, S, 3]`` uint8 result once the stream has decoded it for a batch.
     """
 
     key: str
@@ -220,44 +217,24 @@ def load_regions(raw: dict, meta: dict, *, feature_dim: int | None = None,
     return features.astype(np.float32), boxes.astype(np.float32), geometry
 
 
-def decode_sample(
-    raw: dict, *, max_regions: int | None = None, image_input: str = "regions", keep_image: bool = False,
-    feature_dim: int | None = None,
-) -> ImageSample:
+def decode_sample(raw: dict, fields) -> ImageSample:
     """Turn the raw members of one sample (``{"__key__", "json", "feat.npy", ...}``) into a sample.
 
-    ``image_input="regions"`` needs region features (of dimension ``feature_dim`` when given) and
-    keeps the image bytes only when ``keep_image``; ``"patches"`` needs a valid image and keeps its
-    bytes. Any failure raises ``BadSample``: one bad sample never stops a run.
+    ``fields`` (``image_fields.RegionFields`` or ``PixelFields``) takes the image members it needs.
+    Any failure raises ``BadSample``: one bad sample never stops a run.
     """
-    if image_input not in IMAGE_MODES:
-        raise ValueError(f"image_input: one of {IMAGE_MODES}, got {image_input!r}")
     key = raw.get("__key__", "?")
     try:
-        return _decode(raw, key, max_regions, image_input, keep_image, feature_dim)
+        if "__too_large__" in raw:
+            raise BadSample("member_too_large", f"{key}: members {raw['__too_large__']} over the size limit")
+        meta = sample_meta(raw)
+        image_ext = next((ext for ext in fmt.IMAGE_EXTS if ext in raw), None)
+        image = raw[image_ext] if image_ext is not None else None
+        return fields.sample(raw, key, meta, image, captions_of(meta))
     except BadSample:
         raise
     except Exception as e:  # anything a hostile sample provokes is that sample's problem only
         raise BadSample("undecodable", f"{key}: {type(e).__name__}: {str(e)[:200]}") from None
-
-
-def _decode(raw: dict, key: str, max_regions: int | None, image_input: str, keep_image: bool,
-            feature_dim: int | None) -> ImageSample:
-    if "__too_large__" in raw:
-        raise BadSample("member_too_large", f"{key}: members {raw['__too_large__']} over the size limit")
-    meta = sample_meta(raw)
-    image_ext = next((ext for ext in fmt.IMAGE_EXTS if ext in raw), None)
-    image = raw[image_ext] if image_ext is not None else None
-    if image_input == "patches":
-        if image is None:
-            raise BadSample("missing_image", key)
-        width, height = check_image(image, key)
-        return ImageSample(key=key, image_id=meta["image_id"], captions=captions_of(meta), width=width,
-                           height=height, features=_EMPTY_FEATURES, boxes=_EMPTY_BOXES, meta=meta, image=image)
-    features, boxes, geometry = load_regions(raw, meta, feature_dim=feature_dim, max_regions=max_regions)
-    return ImageSample(key=key, image_id=meta["image_id"], captions=captions_of(meta), width=meta["width"],
-                       height=meta["height"], features=features, boxes=boxes, meta=meta,
-                       image=image if keep_image else None, geometry=geometry)
 
 
 NOT_SAMPLES = frozenset({"bad_shard"})  # counts of shards: their samples are counted as lost_samples

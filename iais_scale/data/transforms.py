@@ -212,22 +212,6 @@ class ImageTransform:
         return normalise_u8(u8, self.mean, self.std)
 
 
-def experiment_transform(cfg, backbone: dict | None = None) -> ImageTransform:
-    """The pixel transform of an experiment (``iais_scale.config.ExperimentConfig``): a backbone
-    model's from its backbone's data config (``backbone``: the model config fields that
-    ``model.backbone_source.backbone_fields`` reads), a patches model's the explicit default
-    (``model.image_size``, ImageNet mean/std, bicubic, whole shorter side); training augmentation from
-    ``data.augment``, seeded by ``train.seed``."""
-    from types import SimpleNamespace
-
-    a = cfg.data.augment
-    augment = Augment(random_resized_crop=a.random_resized_crop, scale=tuple(a.scale), ratio=tuple(a.ratio),
-                      color_jitter=a.color_jitter, hflip=a.hflip)
-    if backbone is not None:
-        return ImageTransform.from_backbone(SimpleNamespace(**backbone), augment, seed=cfg.train.seed)
-    return ImageTransform(size=cfg.model.image_size, augment=augment, seed=cfg.train.seed)
-
-
 def normalise_u8(u8: Tensor, mean, std) -> Tensor:
     """``[P, 3, S, S]`` uint8 -> float32 ``(x / 255 - mean) / std`` (as ``x * scale + shift``)."""
     std_t = torch.tensor(std, dtype=torch.float32, device=u8.device).view(1, 3, 1, 1)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from transformers import BertConfig
 
-IMAGE_INPUTS = ("regions", "patches", "backbone")
 BACKBONE_LIBRARIES = ("transformers", "timm")
 
 
@@ -27,8 +26,9 @@ class CrossModalConfig(BertConfig):
     ``iais_layers`` lists the layers (negative indices count from the end) whose self-attention
     yields the IAIS relation matrices; ``cls_token_id``/``sep_token_id`` locate the words.
 
-    Image inputs: ``regions`` (detector features + box geometry), ``patches`` (a ViLT-style patch
-    projection of ``image_size`` pixels) or ``backbone``: a vision backbone, described by
+    ``image_input`` names one of ``image_inputs.IMAGE_INPUTS`` (checked when the model is built):
+    ``regions`` (detector features + box geometry), ``patches`` (a ViLT-style patch projection of
+    ``image_size`` pixels) or ``backbone``: a vision backbone, described by
     ``vision_backbone`` (``{"library": "transformers", "config": <its config dict>}`` or
     ``{"library": "timm", "name": ..., "kwargs": {...}}``), whose output tokens (a ViT's patch
     tokens or a CNN's grid cells, average-pooled to at most ``backbone_max_tokens`` when > 0) enter
@@ -65,15 +65,6 @@ class CrossModalConfig(BertConfig):
         kwargs.setdefault("type_vocab_size", 2)  # 0: text, 1: image tokens (as in UNITER)
         kwargs.setdefault("attn_implementation", "sdpa")
         super().__init__(**kwargs)
-        if image_input not in IMAGE_INPUTS:
-            raise ValueError(f"image_input must be one of {IMAGE_INPUTS}, got {image_input!r}")
-        if image_input == "patches" and image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-        if image_input == "backbone":
-            library = (vision_backbone or {}).get("library")
-            if library not in BACKBONE_LIBRARIES:
-                raise ValueError(f"image_input 'backbone' needs vision_backbone with library in {BACKBONE_LIBRARIES},"
-                                 f" got {vision_backbone!r}")
         if backbone_trainable_blocks < -1:
             raise ValueError(f"backbone_trainable_blocks: 0 (frozen), N > 0 or -1 (all), got {backbone_trainable_blocks}")
         if backbone_max_tokens < 0:

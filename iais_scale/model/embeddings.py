@@ -1,4 +1,4 @@
-"""Image-token embeddings: UNITER's region embedding and ViLT's patch embedding."""
+"""Image-token embeddings: UNITER's region embedding (and its feature regression head) and ViLT's patch embedding."""
 
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ class Float32LayerNorm(nn.LayerNorm):
         return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
-
 class PatchEmbeddings(nn.Module):
     """ViLT-style: non-overlapping patches projected by a strided convolution, plus learned 2-d
     (row, column) position embeddings and the image type, LayerNorm, dropout. No detector needed."""
@@ -67,3 +66,17 @@ class PatchEmbeddings(nn.Module):
         idx = torch.arange(self.grid, device=x.device)
         pos = (self.row_embeddings(idx)[:, None, :] + self.col_embeddings(idx)[None, :, :]).flatten(0, 1)
         return self.dropout(self.norm(x + pos + type_embedding))
+
+
+class RegionFeatureRegression(nn.Module):
+    """UNITER's masked-region feature regression head. Its output layer reuses (transposed) the
+    region feature projection ``feature_weight`` [d, F] passed in, as UNITER ties them."""
+
+    def __init__(self, config: CrossModalConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.net = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d, eps=config.layer_norm_eps))
+        self.bias = nn.Parameter(torch.zeros(config.region_feature_dim))
+
+    def forward(self, hidden: Tensor, feature_weight: Tensor) -> Tensor:
+        return nn.functional.linear(self.net(hidden), feature_weight.t(), self.bias)

@@ -25,16 +25,12 @@ from transformers.models.bert.modeling_bert import (
 )
 
 from .. import iais
-from .backbone import VisionBackbone
 from .configuration import CrossModalConfig
-from .embeddings import PatchEmbeddings, RegionEmbeddings
+from .image_inputs import IMAGE_TENSOR_KEYS, image_input_of
 
 # Set by ``iais_scale.model`` (hub.write_remote_code): ``save_pretrained`` also writes the modelling
 # code and ``auto_map``, so that a saved folder loads with ``trust_remote_code=True`` anywhere.
 REMOTE_CODE_WRITER = None
-
-IMAGE_TENSOR_KEYS = ("region_features", "region_geometry", "region_attention", "pixel_values")
-
 
 TEXT_TENSOR_KEYS = ("text_ids", "text_attention")
 
@@ -87,15 +83,9 @@ class CrossModalModel(BertPreTrainedModel):
     def __init__(self, config: CrossModalConfig):
         super().__init__(config)
         self.text_embeddings = BertEmbeddings(config)
-        if config.image_input == "regions":
-            self.region_embeddings = RegionEmbeddings(config)
-            self.mrfr = RegionFeatureRegression(config)
-        elif config.image_input == "backbone":
-            # Grid cells enter like regions: their features and their cell geometry.
-            self.image_backbone = VisionBackbone(config)
-            self.region_embeddings = RegionEmbeddings(config)
-        else:
-            self.patch_embeddings = PatchEmbeddings(config)
+        self.image_input = image_input_of(config)  # model/image_inputs.py: the image side's modules
+        self.image_input.check(config)
+        self.image_input.build(self, config)
         self.layers = nn.ModuleList(BertLayer(config, layer_idx=i) for i in range(config.num_hidden_layers))
         self.pooler = BertPooler(config)
         self.itm = nn.Linear(config.hidden_size, 1)  # UNITER's rank/ITM score on the pooled [CLS]
@@ -107,8 +97,7 @@ class CrossModalModel(BertPreTrainedModel):
             self.itc_logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self._iais_layers = set(config.resolved_iais_layers())
         self.post_init()
-        if config.image_input == "backbone":  # post_init does not touch requires_grad; keep it explicit
-            self.image_backbone.set_trainable(config.backbone_trainable_blocks)
+        self.image_input.after_init(self, config)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' ``save_pretrained``, plus the modelling code and ``auto_map`` in the folder
@@ -119,44 +108,23 @@ class CrossModalModel(BertPreTrainedModel):
 
     # ------------------------------------------------------------------ embeddings
 
-    def embed_image(
-        self,
-        region_features: Tensor | None = None,
-        region_geometry: Tensor | None = None,
-        region_attention: Tensor | None = None,
-        pixel_values: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Image tokens [P, Li, d] and their validity [P, Li] from regions or from pixels (a backbone's
-        grid cells, or patches)."""
+    def embed_image(self, **tensors: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Image tokens [P, Li, d] and their validity [P, Li] from the collated image tensors (none:
+        zero image tokens, the text-only pass of ITC)."""
         image_type = self.text_embeddings.token_type_embeddings.weight[1]
-        given = [x for x in (region_features, region_geometry, region_attention, pixel_values) if x is not None]
-        if not given:  # text alone (the text-only pass of ITC)
+        given = {k: v for k, v in tensors.items() if v is not None}
+        if not given:
             return image_type.new_zeros(0, 0, image_type.shape[0]), torch.zeros(0, 0, dtype=torch.bool)
-        if self.config.image_input == "regions":
-            if region_features is None or region_geometry is None or region_attention is None:
-                raise ValueError("a regions model needs region_features, region_geometry and region_attention")
-            dtype = image_type.dtype
-            tokens = self.region_embeddings(region_features.to(dtype), region_geometry.to(dtype), image_type)
-            return tokens, region_attention.bool()
-        if pixel_values is None:
-            raise ValueError(f"a {self.config.image_input} model needs pixel_values")
-        if self.config.image_input == "backbone":
-            features, geometry = self.image_backbone(pixel_values)
-            dtype = image_type.dtype
-            boxes = geometry.to(dtype).expand(features.shape[0], -1, -1)
-            tokens = self.region_embeddings(features.to(dtype), boxes, image_type)
-            return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        tokens = self.patch_embeddings(pixel_values, image_type)
-        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        unknown = sorted(set(given) - set(self.image_input.tensors))
+        if unknown:
+            raise ValueError(f"a {self.image_input.name} model reads {', '.join(self.image_input.tensors)};"
+                             f" got {', '.join(unknown)}")
+        return self.image_input.embed(self, image_type, **given)
 
     def image_tokens_per_image(self) -> int:
-        """Image tokens of one pixel input (patches: the grid; a backbone: its pooled grid, known once
-        it has run); 0 for region models, whose count is in their attention mask."""
-        if self.config.image_input == "patches":
-            return (self.config.image_size // self.config.patch_size) ** 2
-        if self.config.image_input == "backbone":
-            return getattr(self.image_backbone, "tokens_per_image", 0)
-        return 0
+        """Image tokens of one image when the input fixes them (patches, a backbone's pooled grid);
+        0 for region models, whose count is in their attention mask."""
+        return self.image_input.tokens_per_image(self)
 
     def word_mask(self, text_ids: Tensor, text_attention: Tensor) -> Tensor:
         """Valid word positions: attended text tokens other than [CLS] and [SEP]."""
@@ -205,17 +173,16 @@ class CrossModalModel(BertPreTrainedModel):
         self,
         text_ids: Tensor,
         text_attention: Tensor,
-        region_features: Tensor | None = None,
-        region_geometry: Tensor | None = None,
-        region_attention: Tensor | None = None,
-        pixel_values: Tensor | None = None,
+        *,
         iais_request: IaisRequest | None = None,
+        **image: Tensor | None,
     ) -> EncoderOutput:
-        """Encode P image-text pairs: text [P, Lt] with regions ([P, Lr, F], [P, Lr, 7], [P, Lr])
-        or pixels [P, 3, S, S] (a backbone model: uint8, or floats normalised by its mean and std).
-        Zero image tokens (Lr = 0) encode the text alone."""
+        """Encode P image-text pairs: text [P, Lt] with the image tensors of the model's input
+        (``image_inputs.py``: regions ``region_features`` [P, Lr, F], ``region_geometry`` [P, Lr, 7],
+        ``region_attention`` [P, Lr]; pixels ``pixel_values`` [P, 3, S, S]). No image tensors, or
+        zero image tokens, encode the text alone."""
         text = self.text_embeddings(input_ids=text_ids)
-        image, image_valid = self.embed_image(region_features, region_geometry, region_attention, pixel_values)
+        image, image_valid = self.embed_image(**image)
         if image.shape[0] == 0:  # no image given: zero image tokens
             image, image_valid = text[:, :0], text_attention.bool()[:, :0]
         hidden = torch.cat([text, image], dim=1)
@@ -286,17 +253,3 @@ class CrossModalModel(BertPreTrainedModel):
         ids = ids.expand(first.shape[0], 2)
         cls = self(ids, torch.ones_like(ids, dtype=torch.bool), **image).hidden[:, 0]
         return nn.functional.normalize(self.itc_image_proj(cls).float(), dim=-1)
-
-
-class RegionFeatureRegression(nn.Module):
-    """UNITER's masked-region feature regression head. Its output layer reuses (transposed) the
-    region feature projection ``feature_weight`` [d, F] passed in, as UNITER ties them."""
-
-    def __init__(self, config: CrossModalConfig):
-        super().__init__()
-        d = config.hidden_size
-        self.net = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d, eps=config.layer_norm_eps))
-        self.bias = nn.Parameter(torch.zeros(config.region_feature_dim))
-
-    def forward(self, hidden: Tensor, feature_weight: Tensor) -> Tensor:
-        return nn.functional.linear(self.net(hidden), feature_weight.t(), self.bias)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .backbone_source import backbone_fields
 from .configuration import MODEL_SIZES, CrossModalConfig
+from .image_inputs import image_input_of
 
 
 def config_from_experiment(
@@ -29,11 +30,12 @@ def config_from_experiment(
         patch_size=model.patch_size,
         region_feature_dim=model.region_feature_dim or region_feature_dim,
     )
-    if model.image_input == "backbone":
+    image_input = image_input_of(model)
+    if image_input.uses_backbone:
         kw.update(backbone_fields(model.backbone))
         kw.update(backbone_trainable_blocks=model.backbone_trainable_blocks,
                   backbone_max_tokens=model.backbone_max_tokens or 0)
-    return CrossModalConfig(
+    config = CrossModalConfig(
         vocab_size=vocab_size,
         hidden_size=model.hidden_size or hidden,
         num_hidden_layers=model.num_layers or layers,
@@ -51,3 +53,5 @@ def config_from_experiment(
         itc_dim=model.itc_dim,
         **kw,
     )
+    image_input.check(config)
+    return config

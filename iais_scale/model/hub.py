@@ -3,7 +3,8 @@
 * :func:`register_auto_classes` (run on ``import iais_scale.model``): ``AutoConfig`` and
   ``AutoModel`` know ``model_type: iais_single_stream``.
 * :func:`write_remote_code`: copies the modelling code into a model folder -- ``iais.py`` (pure
-  torch), ``configuration_iais.py``, ``embeddings.py``, ``backbone.py`` and ``modeling_iais.py``, their
+  torch), ``configuration_iais.py``, ``embeddings.py``, ``backbone.py``, ``image_inputs.py`` and
+  ``modeling_iais.py``, their
   package-relative imports rewritten to folder-relative ones -- and records ``auto_map`` in its
   ``config.json``, so that ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` works
   where this package is not installed (the code needs torch and transformers; timm backbones also
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from .configuration import CrossModalConfig
 from .encoder import CrossModalModel
+from .image_inputs import IMAGE_INPUTS
 
 PACKAGE = Path(__file__).resolve().parents[1]  # iais_scale/
 CONFIG_MODULE = "configuration_iais"
@@ -29,6 +31,7 @@ EXPORTED = {
     f"{CONFIG_MODULE}.py": "model/configuration.py",
     "embeddings.py": "model/embeddings.py",
     "backbone.py": "model/backbone.py",
+    "image_inputs.py": "model/image_inputs.py",
     f"{MODEL_MODULE}.py": "model/encoder.py",
 }
 AUTO_MAP = {"AutoConfig": f"{CONFIG_MODULE}.CrossModalConfig", "AutoModel": f"{MODEL_MODULE}.CrossModalModel"}
@@ -99,13 +102,12 @@ def image_processor_config(config: dict) -> dict | None:
     to ``S / crop_pct``, centre ``S x S`` crop, its mean/std), or None for region models.
     ``AutoImageProcessor.from_pretrained(folder)`` then gives the model's normalised float pixels
     (the collator's own path gives uint8 pixels, which a backbone model normalises itself)."""
-    kind = config.get("image_input")
-    if kind not in ("patches", "backbone"):
+    kind = IMAGE_INPUTS.get(config.get("image_input"))
+    if kind is None or not kind.reads_pixels:
         return None
     size = int(config.get("image_size") or 384)
-    crop_pct = float(config.get("image_crop_pct") or 1.0) if kind == "backbone" else 1.0
-    mean = config.get("image_mean") if kind == "backbone" else None
-    std = config.get("image_std") if kind == "backbone" else None
+    crop_pct = float(config.get("image_crop_pct") or 1.0)
+    mean, std = config.get("image_mean"), config.get("image_std")  # None: the ImageNet default
     return {
         "image_processor_type": "CLIPImageProcessor",
         "do_convert_rgb": True,
