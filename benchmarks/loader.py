@@ -47,10 +47,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from iais_scale.data.collate import Collator  # noqa: E402
 from iais_scale.data.demo import make_demo  # noqa: E402
 from iais_scale.data.format import ShardWriter  # noqa: E402
-from iais_scale.data.image_fields import PixelFields, RegionFields
+from iais_scale.data.image_fields import PixelFields, RegionFields  # noqa: E402
 from iais_scale.data.pipeline import DEFAULT_IO, PairStream  # noqa: E402
 from iais_scale.data.tokenizer import load_tokenizer  # noqa: E402
-from iais_scale.data.transforms import ImageTransform
+from iais_scale.data.transforms import ImageTransform  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

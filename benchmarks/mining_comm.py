@@ -78,7 +78,7 @@ def make_batch(args, image_input: str, rank: int) -> dict:
     return batch
 
 
-class _Pixels:  # what Collator.pixel_values reads of a sample
+class _Pixels:  # what PixelFields.collate reads of a drawn sample
     def __init__(self, pixels):
         self.pixels = pixels
 

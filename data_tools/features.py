@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from iais_scale.data.format import MANIFEST_FILE, TOKENIZER_DIR, Manifest, normalised_geometry, relation_data_reason
-from iais_scale.data.image_fields import PixelFields
 from iais_scale.data.samples import decode_sample
 from iais_scale.data.shards import read_shard, resolve_split
 
@@ -187,7 +186,7 @@ def extract_backbone_features(
     # The model and torch only here: the converters and `--help` start without them (seconds).
     import torch
 
-    from iais_scale.data.transforms import ImageTransform
+    from iais_scale.data import image_fields, transforms
     from iais_scale.model import backbone as vision, backbone_source
 
     if batch_size < 1 or shard_size < 1:
@@ -220,14 +219,14 @@ def extract_backbone_features(
     report = backbone_source.load_backbone_weights(model, backbone, weights)
     out(f"backbone {report}")
     model = model.to(dev, dtype).eval()
-    transform = ImageTransform.from_backbone(config)
+    transform = transforms.ImageTransform.from_backbone(config)
     out(f"transform: {transform.size} px, {transform.resample}, crop {transform.crop_pct}, mean {list(transform.mean)},"
         f" std {list(transform.std)}; {dev}, {dtype}")
 
     counts: dict[str, int] = {}
     skipped: dict[str, dict[str, int]] = {}
     total_images, t0 = 0, time.perf_counter()
-    job = _Extraction(model, transform, dev, params, int(fields["region_feature_dim"]), feature_dtype, batch_size,
+    job = _Extraction(model, image_fields.PixelFields(transform), dev, params, int(fields["region_feature_dim"]), feature_dtype, batch_size,
                       shard_size, keep_images, overwrite)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for name, folder in sources.items():
@@ -260,9 +259,10 @@ class _Extraction:
     """One ``extract_backbone_features`` run: the backbone, its transform, the output parameters. Each
     split is written by ``convert.write_split`` (resumable, issues logged per shard) from ``_load``."""
 
-    def __init__(self, model, transform, device, params: dict, dim: int, feature_dtype: str, batch_size: int,
+    def __init__(self, model, pixels, device, params: dict, dim: int, feature_dtype: str, batch_size: int,
                  shard_size: int, keep_images: bool, overwrite: bool) -> None:
-        self.model, self.transform, self.device, self.params, self.dim = model, transform, device, params, dim
+        self.model, self.pixels, self.device, self.params, self.dim = model, pixels, device, params, dim
+        self.transform = pixels.transform
         self.feature_dtype, self.batch_size, self.shard_size = feature_dtype, batch_size, shard_size
         self.keep_images, self.overwrite = keep_images, overwrite
 
@@ -314,7 +314,7 @@ class _Extraction:
         if raw is None:
             return index, None, None, issue("unreadable_image", None, where, "the shard ended or broke before it")
         try:
-            sample = decode_sample(raw, PixelFields(self.transform))
+            sample = decode_sample(raw, self.pixels)
             return index, sample, self.transform.pixels(sample.image, key=sample.key), None
         except Exception as e:  # BadSample, BadImage
             kind = "missing_image" if getattr(e, "reason", "") == "missing_image" else "unreadable_image"

@@ -173,7 +173,7 @@ def _check_sample(
         report.images += 1
         ext = images[0]
         try:
-            check_image(raw[ext], key)  # what the loader checks for image_input=patches
+            check_image(raw[ext], key)  # what the loader checks for a pixel input (PixelFields)
         except BadSample as e:
             bad(f".{ext}: {_problem_text(e, key)}")
         else:

@@ -372,7 +372,6 @@ class Trainer:
             raise ConfigError([f"data.tokenizer: {e}"]) from None
         hf_cfg = model_config(cfg, self.tokenizer, feature_dim(cfg, self.manifest))
         self.collator = build_collator(cfg, self.tokenizer, self.manifest, hf_cfg)
-
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg, hf_cfg, ds_cfg)
         self.optimizer = _optimizer(cfg, model, ds_cfg)
@@ -726,8 +725,10 @@ def _sum_counts(counts: dict[str, int], world: int) -> dict[str, int]:
 
 def _pair_tokens(batch: dict, module: CrossModalModel) -> torch.Tensor:
     """Text and image tokens of a batch's pairs (CPU tensors: no device sync)."""
-    image_tokens = batch["region_attention"].sum() if "region_attention" in batch else (
-        batch["pixel_values"].shape[0] * module.image_tokens_per_image())
+    if "region_attention" in batch:  # regions: each image has its own count
+        image_tokens = batch["region_attention"].sum()
+    else:  # a fixed count per image (a backbone's is known once it has run: 0 before)
+        image_tokens = batch["text_attention"].shape[0] * module.image_tokens_per_image()
     return batch["text_attention"].sum() + image_tokens
 
 

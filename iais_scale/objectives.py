@@ -23,7 +23,7 @@ from . import iais as iais_math
 from .config import IaisConfig, ObjectiveConfig
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .model import CrossModalModel, IaisRequest
-from .model.encoder import IMAGE_TENSOR_KEYS, TEXT_TENSOR_KEYS, image_tensors, select_pairs
+from .model.encoder import TEXT_TENSOR_KEYS, image_tensors, select_pairs
 
 # Bytes (and rows) this process has received from other ranks in the pool and embedding exchanges,
 # by name; counted from the tensors the collectives filled, this rank's own part left out (an
@@ -243,7 +243,7 @@ def fetch_rows(batch: dict, text_rows: Tensor, image_rows: Tensor, group: dist.P
     what a rank receives does not grow with the world size. The rows arrive bit for bit as
     ``gather_pool`` delivers them. Every rank's micro-batch must hold the same number of pairs."""
     text_keys = [k for k in TEXT_TENSOR_KEYS if k in batch]
-    image_keys = [k for k in IMAGE_TENSOR_KEYS if k in batch]
+    image_keys = list(image_tensors(batch))
     b = batch["text_ids"].shape[0]
     if group is None or dist.get_world_size(group) == 1:
         rows = torch.arange(b, device=batch["text_ids"].device)

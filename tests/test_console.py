@@ -45,10 +45,14 @@ def test_a_run_logged_to_a_file_reads_line_by_line(tiny_demo, tmp_path):
 
 def test_help_is_quick_enough_to_read_as_a_test_of_imports():
     """``--help`` parses before torch, DeepSpeed or transformers are imported (timings belong in a
-    benchmark; this checks the imports themselves)."""
-    for launcher in ("launchers/train.py", "launchers/evaluate.py"):
+    benchmark; this checks the imports themselves); the data tools never need them but for
+    ``features --backbone``."""
+    runs = {"launchers/train.py": "runpy.run_path('launchers/train.py', run_name='__main__')",
+            "launchers/evaluate.py": "runpy.run_path('launchers/evaluate.py', run_name='__main__')",
+            "data_tools": "runpy.run_module('data_tools', run_name='__main__')"}
+    for launcher, run in runs.items():
         code = ("import runpy, sys; sys.argv = ['x', '--help']\n"
-                f"try:\n    runpy.run_path({launcher!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                f"try:\n    {run}\nexcept SystemExit:\n    pass\n"
                 "heavy = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]\n"
                 "print('HEAVY', heavy)")
         t0 = time.monotonic()

@@ -18,6 +18,7 @@ from iais_scale.engine import build_model, model_config
 from iais_scale.model import CrossModalConfig, CrossModalModel
 from iais_scale.model.backbone import grid_geometry
 from iais_scale.model.embeddings import RegionEmbeddings
+from iais_scale.model.encoder import image_tensors, select_pairs
 from iais_scale.model.hub import image_processor_config
 from iais_scale.model.image_inputs import IMAGE_INPUTS, ImageInput
 from iais_scale.objectives import training_loss
@@ -130,3 +131,15 @@ def test_a_model_refuses_the_tensors_of_another_input():
         CrossModalModel(CrossModalConfig(**kw, image_input="grid"))
     with pytest.raises(ValueError, match="image_size 40 is not a multiple of patch_size 16"):
         CrossModalModel(CrossModalConfig(**kw, image_input="patches", image_size=40, patch_size=16))
+
+
+def test_a_registered_input_s_own_tensors_travel_with_the_batch(monkeypatch):
+    class Cells(ColourGrid):
+        name, tensors = "cells", ("colour_cells",)
+
+    monkeypatch.setitem(IMAGE_INPUTS, Cells.name, Cells)
+    batch = {"text_ids": torch.zeros(2, 3, dtype=torch.long), "text_attention": torch.ones(2, 3, dtype=torch.bool),
+             "colour_cells": torch.tensor([[0.0], [1.0]]), "keys": ["a", "b"]}
+    assert set(image_tensors(batch)) == {"colour_cells"}
+    pairs = select_pairs(batch, batch, torch.tensor([0, 1]), torch.tensor([1, 1]))
+    assert torch.equal(pairs["colour_cells"], torch.tensor([[1.0], [1.0]])) and "keys" not in pairs

@@ -26,7 +26,7 @@ from transformers.models.bert.modeling_bert import (
 
 from .. import iais
 from .configuration import CrossModalConfig
-from .image_inputs import IMAGE_TENSOR_KEYS, image_input_of
+from .image_inputs import image_input_of, image_tensor_keys
 
 # Set by ``iais_scale.model`` (hub.write_remote_code): ``save_pretrained`` also writes the modelling
 # code and ``auto_map``, so that a saved folder loads with ``trust_remote_code=True`` anywhere.
@@ -37,7 +37,7 @@ TEXT_TENSOR_KEYS = ("text_ids", "text_attention")
 
 def image_tensors(batch: dict) -> dict[str, Tensor]:
     """The image inputs a batch carries: region features or pixels."""
-    return {k: batch[k] for k in IMAGE_TENSOR_KEYS if k in batch}
+    return {k: batch[k] for k in image_tensor_keys() if k in batch}
 
 
 def select_pairs(texts: dict, images: dict, text_idx: Tensor, image_idx: Tensor) -> dict[str, Tensor]:

@@ -158,8 +158,11 @@ class Backbone(ImageInput):
 
 
 IMAGE_INPUTS: dict[str, type[ImageInput]] = {kind.name: kind for kind in (Regions, Patches, Backbone)}
-# Every image tensor any input reads: what a batch's image part is made of.
-IMAGE_TENSOR_KEYS = tuple(dict.fromkeys(k for kind in IMAGE_INPUTS.values() for k in kind.tensors))
+
+
+def image_tensor_keys() -> tuple[str, ...]:
+    """Every image tensor a registered input reads: what a batch's image part is made of."""
+    return tuple(dict.fromkeys(k for kind in IMAGE_INPUTS.values() for k in kind.tensors))
 
 
 def image_input_of(config) -> type[ImageInput]:
