@@ -18,6 +18,7 @@ import json
 import re
 from pathlib import Path
 
+from .backbone import DEFAULT_MEAN, DEFAULT_STD
 from .configuration import CrossModalConfig
 from .encoder import CrossModalModel
 from .image_inputs import IMAGE_INPUTS
@@ -119,8 +120,8 @@ def image_processor_config(config: dict) -> dict | None:
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": list(mean or (0.485, 0.456, 0.406)),
-        "image_std": list(std or (0.229, 0.224, 0.225)),
+        "image_mean": list(mean or DEFAULT_MEAN),
+        "image_std": list(std or DEFAULT_STD),
     }
 
 
